@@ -1,0 +1,119 @@
+// CPU kernels of the transformer: the math of each layer's forward and backward pass.
+//
+// Everything works on contiguous row-major float32 buffers given as raw pointers plus sizes; the
+// runtime (Tensor, Transformer) owns the memory and calls these. Conventions shared by all kernels:
+//  - N is a number of rows (tokens), C a channel count. `out` buffers are overwritten.
+//  - Backward kernels ACCUMULATE (+=) into parameter gradients (dweight, dbias, dwte, ...) so that
+//    gradient accumulation over micro-batches is free; input gradients (dinp) are overwritten
+//    unless the comment says "accumulates".
+//  - Kernels parallelise with OpenMP over rows/heads and are deterministic for a fixed thread
+//    count (parameter-gradient reductions use per-thread partial sums in a fixed order).
+//  - Inputs are trusted: token ids and positions are validated by the runtime before the call.
+// The CUDA twins in kernels/cuda/ keep the same signatures.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tandem::cpu {
+
+// ---- BLAS (blas.cpp) ----------------------------------------------------------------------
+// Row-major C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C through OpenBLAS.
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc);
+// OpenBLAS threading model: 0 = single-threaded build, 1 = pthreads, 2 = OpenMP.
+int blas_parallel_mode();
+// Throws std::runtime_error unless the linked OpenBLAS is the OpenMP build (mode 2): the pthread
+// build oversubscribes the cores next to our OpenMP loops and runs 1.6-2x slower.
+void check_blas_is_openmp();
+// Threads OpenMP (and so OpenBLAS) uses.
+int num_threads();
+void set_num_threads(int n);
+
+// ---- Linear layers (gemm.cpp) -------------------------------------------------------------
+// How a weight matrix is stored. GPT-2's Conv1D keeps [in, out]; nn.Linear (Llama, LM heads)
+// keeps [out, in]. Weights are used in the layout the checkpoint has, so loading is a copy.
+enum class WeightLayout { kInOut, kOutIn };
+// out[M,N] = inp[M,K] * W + bias (bias may be null). M == 1 takes the sgemv path.
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M,
+                    int K, int N, WeightLayout layout);
+// dinp[M,K] = dout * W^T (overwritten; skipped when dinp is null); dweight += (accumulates);
+// dbias += column sums of dout (skipped when null).
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                     const float* inp, const float* weight, int M, int K, int N,
+                     WeightLayout layout);
+
+// ---- Embedding (embedding.cpp) ------------------------------------------------------------
+// out[n,:] = wte[tokens[n],:] (+ wpe[positions[n],:] when wpe is not null).
+void embedding_forward(float* out, const int32_t* tokens, const int32_t* positions,
+                       const float* wte, const float* wpe, int N, int C);
+// dwte[tokens[n],:] += dout[n,:]; dwpe likewise when not null. Parallel over channels: no races.
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                        const int32_t* positions, int N, int C);
+
+// ---- Normalisation (layernorm.cpp, rmsnorm.cpp) --------------------------------------------
+// mean/rstd [N] are saved for backward. dinp ACCUMULATES (it is the residual stream's gradient).
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, int N, int C, float eps);
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                        const float* inp, const float* weight, const float* mean,
+                        const float* rstd, int N, int C);
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C,
+                     float eps);
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
+                      const float* weight, const float* rstd, int N, int C);
+
+// ---- Activations (gelu.cpp, swiglu.cpp) ----------------------------------------------------
+// GELU, tanh approximation (GPT-2's "gelu_new").
+void gelu_forward(float* out, const float* inp, size_t n);
+void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n);
+// inp [N, 2F] holds gate (first F columns) then up; out [N, F] = silu(gate) * up.
+void swiglu_forward(float* out, const float* inp, int N, int F);
+void swiglu_backward(float* dinp, const float* dout, const float* inp, int N, int F);
+
+// ---- Rotary position embedding (rope.cpp) --------------------------------------------------
+// Hugging Face "rotate half" convention: pairs (i, i + D/2) rotate by pos * theta^(-2i/D).
+// cos/sin tables are [max_positions, D/2].
+void rope_tables(float* cos_table, float* sin_table, int max_positions, int head_dim, float theta);
+// Rotates, in place, n_heads heads of head_dim values in each of N rows; row n starts at
+// x + n * row_stride and is at position positions[n].
+void rope_forward(float* x, const int32_t* positions, const float* cos_table,
+                  const float* sin_table, int N, int n_heads, int head_dim, int row_stride);
+// The inverse rotation applied to the gradient (rotation is orthogonal).
+void rope_backward(float* dx, const int32_t* positions, const float* cos_table,
+                   const float* sin_table, int N, int n_heads, int head_dim, int row_stride);
+
+// ---- Causal self-attention (attention.cpp) -------------------------------------------------
+// qkv [B, T, (H + 2*KV) * D]: per token the H query heads, then KV key heads, then KV value heads.
+// Query head h reads kv head h / (H / KV) (grouped-query attention). Online softmax over key
+// tiles: no T x T matrix is stored; lse [B, H, T] (log-sum-exp of each row's scaled scores) is
+// saved for backward, which recomputes the probabilities from it.
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int H, int KV,
+                       int D);
+// dqkv is overwritten. out and lse are the forward's results.
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                        const float* lse, int B, int T, int H, int KV, int D);
+
+// ---- Softmax + cross-entropy (cross_entropy.cpp) -------------------------------------------
+// losses[n] = lse_n - logits[n, targets[n]]; rows with targets[n] < 0 are ignored (loss 0).
+// lse [N] is saved for backward. Returns the number of rows with a target.
+int cross_entropy_forward(float* losses, float* lse, const float* logits, const int32_t* targets,
+                          int N, int V);
+// dlogits = (softmax(logits) - onehot(target)) * dloss for rows with a target, 0 otherwise.
+// dlogits may alias logits (the model does this to save a [N, V] buffer).
+void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
+                            const int32_t* targets, float dloss, int N, int V);
+
+// ---- Elementwise (residual.cpp) -------------------------------------------------------------
+void add(float* out, const float* a, const float* b, size_t n);   // out = a + b
+void add_inplace(float* acc, const float* x, size_t n);           // acc += x
+void scale_inplace(float* x, float s, size_t n);                  // x *= s
+
+// ---- Optimizer math (adamw.cpp) --------------------------------------------------------------
+// One AdamW step (decoupled weight decay) over n parameters; step is 1-based (bias correction).
+void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, float lr,
+                float beta1, float beta2, float eps, float weight_decay, long step);
+// Sum of squares in double precision (for the global gradient norm).
+double sum_squares(const float* x, size_t n);
+
+}  // namespace tandem::cpu

@@ -1,0 +1,47 @@
+// Device discovery and memory: thin RAII-friendly wrappers over the CUDA runtime.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cuda/cuda.h"
+
+namespace tandem::cuda {
+
+namespace {
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(status));
+  }
+}
+}  // namespace
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return count;
+}
+
+void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+
+void* malloc_device(size_t bytes) {
+  void* ptr = nullptr;
+  check(cudaMalloc(&ptr, bytes), "cudaMalloc");
+  return ptr;
+}
+
+void free_device(void* ptr) noexcept { cudaFree(ptr); }
+
+void copy(void* dst, const void* src, size_t bytes, int kind) {
+  const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice
+                           : kind == 1 ? cudaMemcpyDeviceToHost
+                                       : cudaMemcpyDeviceToDevice;
+  check(cudaMemcpy(dst, src, bytes, k), "cudaMemcpy");
+}
+
+void synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+}  // namespace tandem::cuda

@@ -1,0 +1,24 @@
+// Saving and loading models as Hugging Face style directories: config.json (the family's own
+// keys) + model.safetensors (the family's names and layouts). Files are written atomically.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "runtime/dtype.h"
+#include "runtime/transformer.h"
+
+namespace tandem {
+
+// Writes dir/config.json and dir/model.safetensors (dtype F32, BF16 or F16); creates dir.
+void save_pretrained(const Transformer& model, const std::string& dir, DType dtype = DType::kF32);
+// Reads dir/config.json and dir/model.safetensors.
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir);
+ModelConfig load_config(const std::string& config_json_path);
+// Copies every parameter of `model` from a safetensors file. Errors name the file and tensor:
+// a missing tensor, a wrong shape or dtype, or an unexpected tensor (other than known buffers
+// such as attn.bias / rotary_emb.inv_freq). GPT-2 names without the "transformer." prefix (as in
+// the original gpt2 upload) are accepted.
+void load_weights(Transformer& model, const std::string& safetensors_path);
+
+}  // namespace tandem

@@ -1,0 +1,399 @@
+#include "runtime/transformer.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/cpu/kernels.h"
+#include "runtime/random.h"
+
+namespace tandem {
+
+using cpu::WeightLayout;
+
+// Activations saved by forward for backward, plus backward scratch. Sized for one (B, T).
+struct Transformer::Activations {
+  int B = 0, T = 0;
+  std::vector<int32_t> tokens, targets, positions;
+  bool has_targets = false;
+  int num_targets = 0;
+  Tensor residual;   // [L+1, N, C]: input of each layer, then the final residual stream
+  Tensor residual_mid;  // [L, N, C]: after attention
+  Tensor ln1, ln2;   // [L, N, C]
+  Tensor ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;  // [L, N]
+  Tensor qkv;        // [L, N, (H + 2 KV) D] (q and k after RoPE)
+  Tensor att;        // [L, N, H D]
+  Tensor att_lse;    // [L, B, H, T]
+  Tensor fc_pre;     // [L, N, F] (GPT-2) or [L, N, 2F] (gate|up, Llama)
+  Tensor fc_act;     // [L, N, F]
+  Tensor lnf, lnf_mean, lnf_rstd;  // [N, C], [N], [N]
+  Tensor logits;     // [N, V]; holds dlogits after backward
+  Tensor ce_lse, losses;  // [N]
+  // Backward scratch, reused across layers.
+  Tensor d_residual, d_ln, d_qkv, d_att, d_fc_pre, d_fc_act, scratch;
+};
+
+Transformer::Transformer(const ModelConfig& config) : config_(config) {
+  config_.validate();
+  build_layout();
+  params_ = Tensor::zeros({layout_.total_numel()});
+  if (config_.is_llama()) {
+    const int half = config_.head_dim() / 2;
+    rope_cos_.resize(static_cast<size_t>(config_.max_seq_len) * half);
+    rope_sin_.resize(rope_cos_.size());
+    cpu::rope_tables(rope_cos_.data(), rope_sin_.data(), config_.max_seq_len, config_.head_dim(),
+                     config_.rope_theta);
+  }
+}
+
+void Transformer::build_layout() {
+  const ModelConfig& c = config_;
+  const int64_t C = c.n_embd, V = c.vocab_size, F = c.ffn_hidden, D = c.head_dim();
+  const int64_t Q = c.n_head * D, KVD = c.n_kv_head * D;
+  auto off = [&](const std::string& name) { return layout_.at(name).offset; };
+  layers_.resize(c.n_layer);
+  if (!c.is_llama()) {
+    layout_.add("transformer.wte.weight", {V, C}, ParamKind::kEmbedding, 0);
+    layout_.add("transformer.wpe.weight", {c.max_seq_len, C}, ParamKind::kEmbedding);
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string p = "transformer.h." + std::to_string(l) + ".";
+      layout_.add(p + "ln_1.weight", {C}, ParamKind::kNorm);
+      layout_.add(p + "ln_1.bias", {C}, ParamKind::kBias);
+      layout_.add(p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::kMatrix, 1);
+      layout_.add(p + "attn.c_attn.bias", {3 * C}, ParamKind::kBias, 0);
+      layout_.add(p + "attn.c_proj.weight", {C, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "attn.c_proj.bias", {C}, ParamKind::kBias);
+      layout_.add(p + "ln_2.weight", {C}, ParamKind::kNorm);
+      layout_.add(p + "ln_2.bias", {C}, ParamKind::kBias);
+      layout_.add(p + "mlp.c_fc.weight", {C, F}, ParamKind::kMatrix, 1);
+      layout_.add(p + "mlp.c_fc.bias", {F}, ParamKind::kBias, 0);
+      layout_.add(p + "mlp.c_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "mlp.c_proj.bias", {C}, ParamKind::kBias);
+      layers_[l] = {off(p + "ln_1.weight"), off(p + "ln_1.bias"), off(p + "attn.c_attn.weight"),
+                    off(p + "attn.c_attn.bias"), off(p + "attn.c_proj.weight"),
+                    off(p + "attn.c_proj.bias"), off(p + "ln_2.weight"), off(p + "ln_2.bias"),
+                    off(p + "mlp.c_fc.weight"), off(p + "mlp.c_fc.bias"),
+                    off(p + "mlp.c_proj.weight"), off(p + "mlp.c_proj.bias")};
+    }
+    layout_.add("transformer.ln_f.weight", {C}, ParamKind::kNorm);
+    layout_.add("transformer.ln_f.bias", {C}, ParamKind::kBias);
+    wte_ = off("transformer.wte.weight");
+    wpe_ = off("transformer.wpe.weight");
+    lnf_w_ = off("transformer.ln_f.weight");
+    lnf_b_ = off("transformer.ln_f.bias");
+  } else {
+    layout_.add("model.embed_tokens.weight", {V, C}, ParamKind::kEmbedding, 0);
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      layout_.add(p + "input_layernorm.weight", {C}, ParamKind::kNorm);
+      // q, k, v (and gate, up) are adjacent so the forward runs them as one fused GEMM.
+      layout_.add(p + "self_attn.q_proj.weight", {Q, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "self_attn.k_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "self_attn.v_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "self_attn.o_proj.weight", {C, Q}, ParamKind::kMatrix, 1);
+      layout_.add(p + "post_attention_layernorm.weight", {C}, ParamKind::kNorm);
+      layout_.add(p + "mlp.gate_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "mlp.up_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      layout_.add(p + "mlp.down_proj.weight", {C, F}, ParamKind::kMatrix, 1);
+      layers_[l] = {off(p + "input_layernorm.weight"), -1, off(p + "self_attn.q_proj.weight"), -1,
+                    off(p + "self_attn.o_proj.weight"), -1,
+                    off(p + "post_attention_layernorm.weight"), -1, off(p + "mlp.gate_proj.weight"),
+                    -1, off(p + "mlp.down_proj.weight"), -1};
+    }
+    layout_.add("model.norm.weight", {C}, ParamKind::kNorm);
+    wte_ = off("model.embed_tokens.weight");
+    lnf_w_ = off("model.norm.weight");
+  }
+  if (c.tie_embeddings) {
+    lm_head_ = wte_;
+  } else {
+    layout_.add("lm_head.weight", {V, C}, ParamKind::kMatrix, 0);
+    lm_head_ = off("lm_head.weight");
+  }
+}
+
+Tensor& Transformer::grads() {
+  if (!grads_.defined()) grads_ = Tensor::zeros({layout_.total_numel()});
+  return grads_;
+}
+
+Tensor Transformer::param(const std::string& name) const {
+  const ParamSpec& s = layout_.at(name);
+  return params_.flat_view(s.offset, s.shape);
+}
+
+Tensor Transformer::grad(const std::string& name) {
+  const ParamSpec& s = layout_.at(name);
+  return grads().flat_view(s.offset, s.shape);
+}
+
+void Transformer::init_weights(uint64_t seed) {
+  Rng rng(seed);
+  const float residual_std = config_.init_std / std::sqrt(2.0f * config_.n_layer);
+  float* p = params_.data<float>();
+  for (const ParamSpec& s : layout_.specs()) {
+    float* w = p + s.offset;
+    switch (s.kind) {
+      case ParamKind::kNorm:
+        std::fill(w, w + s.numel, 1.0f);
+        break;
+      case ParamKind::kBias:
+        std::fill(w, w + s.numel, 0.0f);
+        break;
+      default: {
+        const bool residual_out = s.name.ends_with("attn.c_proj.weight") ||
+                                  s.name.ends_with("mlp.c_proj.weight") ||
+                                  s.name.ends_with("o_proj.weight") ||
+                                  s.name.ends_with("down_proj.weight");
+        rng.fill_normal(w, s.numel, 0.0f, residual_out ? residual_std : config_.init_std);
+      }
+    }
+  }
+}
+
+void Transformer::ensure_activations(int B, int T) {
+  if (acts_ && acts_->B == B && acts_->T == T) return;
+  const ModelConfig& c = config_;
+  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, C = c.n_embd, V = c.vocab_size;
+  const int64_t D = c.head_dim(), QKV = (c.n_head + 2LL * c.n_kv_head) * D, HD = c.n_head * D;
+  const int64_t UP = c.is_llama() ? 2LL * c.ffn_hidden : c.ffn_hidden, F = c.ffn_hidden;
+  acts_.reset();  // free the old set before allocating the new one
+  auto a = std::make_shared<Activations>();
+  a->B = B;
+  a->T = T;
+  a->tokens.resize(N);
+  a->targets.resize(N);
+  a->positions.resize(N);
+  for (int64_t i = 0; i < N; ++i) a->positions[i] = static_cast<int32_t>(i % T);
+  a->residual = Tensor::empty({L + 1, N, C});
+  a->residual_mid = Tensor::empty({L, N, C});
+  a->ln1 = Tensor::empty({L, N, C});
+  a->ln2 = Tensor::empty({L, N, C});
+  a->ln1_mean = Tensor::empty({L, N});
+  a->ln1_rstd = Tensor::empty({L, N});
+  a->ln2_mean = Tensor::empty({L, N});
+  a->ln2_rstd = Tensor::empty({L, N});
+  a->qkv = Tensor::empty({L, N, QKV});
+  a->att = Tensor::empty({L, N, HD});
+  a->att_lse = Tensor::empty({L, B, c.n_head, T});
+  a->fc_pre = Tensor::empty({L, N, UP});
+  a->fc_act = Tensor::empty({L, N, F});
+  a->lnf = Tensor::empty({N, C});
+  a->lnf_mean = Tensor::empty({N});
+  a->lnf_rstd = Tensor::empty({N});
+  a->logits = Tensor::empty({N, V});
+  a->ce_lse = Tensor::empty({N});
+  a->losses = Tensor::empty({N});
+  a->d_residual = Tensor::empty({N, C});
+  a->d_ln = Tensor::empty({N, C});
+  a->d_qkv = Tensor::empty({N, QKV});
+  a->d_att = Tensor::empty({N, HD});
+  a->d_fc_pre = Tensor::empty({N, UP});
+  a->d_fc_act = Tensor::empty({N, F});
+  a->scratch = Tensor::empty({N, C});
+  acts_ = std::move(a);
+}
+
+void Transformer::norm_forward(float* out, float* mean, float* rstd, const float* inp,
+                               const float* p, int64_t w, int64_t b, int N) const {
+  if (config_.is_llama()) {
+    cpu::rmsnorm_forward(out, rstd, inp, p + w, N, config_.n_embd, config_.norm_eps);
+  } else {
+    cpu::layernorm_forward(out, mean, rstd, inp, p + w, p + b, N, config_.n_embd, config_.norm_eps);
+  }
+}
+
+void Transformer::norm_backward(float* dinp, const float* dout, const float* inp,
+                                const float* mean, const float* rstd, int64_t w, int64_t b, int N) {
+  const float* p = params_.data<float>();
+  float* g = grads_.data<float>();
+  if (config_.is_llama()) {
+    cpu::rmsnorm_backward(dinp, g + w, dout, inp, p + w, rstd, N, config_.n_embd);
+  } else {
+    cpu::layernorm_backward(dinp, g + w, g + b, dout, inp, p + w, mean, rstd, N, config_.n_embd);
+  }
+}
+
+float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B, int T) {
+  const ModelConfig& c = config_;
+  require(B > 0 && T > 0, "forward: batch size and sequence length must be > 0 (got B=", B,
+          ", T=", T, ")");
+  require(T <= c.max_seq_len, "forward: sequence length ", T, " exceeds the model's maximum ",
+          c.max_seq_len);
+  const int N = B * T;
+  for (int i = 0; i < N; ++i) {
+    require(tokens[i] >= 0 && tokens[i] < c.vocab_size, "forward: token id ", tokens[i],
+            " at position ", i, " is outside the vocabulary [0, ", c.vocab_size, ")");
+    if (targets != nullptr) {
+      require(targets[i] >= -1 && targets[i] < c.vocab_size, "forward: target id ", targets[i],
+              " at position ", i, " is outside the vocabulary [0, ", c.vocab_size, ") (-1 = ignore)");
+    }
+  }
+  ensure_activations(B, T);
+  Activations& a = *acts_;
+  std::memcpy(a.tokens.data(), tokens, sizeof(int32_t) * N);
+  a.has_targets = targets != nullptr;
+  if (a.has_targets) std::memcpy(a.targets.data(), targets, sizeof(int32_t) * N);
+
+  const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
+  const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
+  const bool llama = c.is_llama();
+  const WeightLayout wl = llama ? WeightLayout::kOutIn : WeightLayout::kInOut;
+  const int UP = llama ? 2 * F : F;
+  const float* p = params_.data<float>();
+  auto bias = [&](int64_t off) { return off >= 0 ? p + off : nullptr; };
+  const size_t NC = static_cast<size_t>(N) * C;
+
+  cpu::embedding_forward(a.residual.data<float>(), a.tokens.data(), a.positions.data(), p + wte_,
+                         llama ? nullptr : p + wpe_, N, C);
+  for (int l = 0; l < c.n_layer; ++l) {
+    const LayerOffsets& o = layers_[l];
+    float* x = a.residual.data<float>() + l * NC;
+    float* x_mid = a.residual_mid.data<float>() + l * NC;
+    float* x_out = a.residual.data<float>() + (l + 1) * NC;
+    float* ln1 = a.ln1.data<float>() + l * NC;
+    float* ln2 = a.ln2.data<float>() + l * NC;
+    float* qkv = a.qkv.data<float>() + static_cast<size_t>(l) * N * QKV;
+    float* att = a.att.data<float>() + static_cast<size_t>(l) * N * HD;
+    float* lse = a.att_lse.data<float>() + static_cast<size_t>(l) * N * H;
+    float* fc_pre = a.fc_pre.data<float>() + static_cast<size_t>(l) * N * UP;
+    float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
+    float* scratch = a.scratch.data<float>();
+
+    norm_forward(ln1, a.ln1_mean.data<float>() + l * N, a.ln1_rstd.data<float>() + l * N, x, p,
+                 o.ln1_w, o.ln1_b, N);
+    cpu::matmul_forward(qkv, ln1, p + o.qkv_w, bias(o.qkv_b), N, C, QKV, wl);
+    if (llama) {
+      cpu::rope_forward(qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D, QKV);
+      cpu::rope_forward(qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV, D, QKV);
+    }
+    cpu::attention_forward(att, lse, qkv, B, T, H, KV, D);
+    cpu::matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
+    cpu::add(x_mid, x, scratch, NC);
+
+    norm_forward(ln2, a.ln2_mean.data<float>() + l * N, a.ln2_rstd.data<float>() + l * N, x_mid,
+                 p, o.ln2_w, o.ln2_b, N);
+    cpu::matmul_forward(fc_pre, ln2, p + o.up_w, bias(o.up_b), N, C, UP, wl);
+    if (llama) {
+      cpu::swiglu_forward(fc_act, fc_pre, N, F);
+    } else {
+      cpu::gelu_forward(fc_act, fc_pre, static_cast<size_t>(N) * F);
+    }
+    cpu::matmul_forward(scratch, fc_act, p + o.down_w, bias(o.down_b), N, F, C, wl);
+    cpu::add(x_out, x_mid, scratch, NC);
+  }
+  const float* x_final = a.residual.data<float>() + c.n_layer * NC;
+  norm_forward(a.lnf.data<float>(), a.lnf_mean.data<float>(), a.lnf_rstd.data<float>(), x_final,
+               p, lnf_w_, lnf_b_, N);
+  cpu::matmul_forward(a.logits.data<float>(), a.lnf.data<float>(), p + lm_head_, nullptr, N, C,
+                      c.vocab_size, WeightLayout::kOutIn);
+  if (!a.has_targets) {
+    a.num_targets = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  a.num_targets = cpu::cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
+                                             a.logits.data<float>(), a.targets.data(), N, c.vocab_size);
+  if (a.num_targets == 0) return std::numeric_limits<float>::quiet_NaN();
+  double total = 0.0;
+  const float* losses = a.losses.data<float>();
+  for (int i = 0; i < N; ++i) total += losses[i];
+  return static_cast<float>(total / a.num_targets);
+}
+
+void Transformer::backward() {
+  require(acts_ && acts_->has_targets, "backward: call forward with targets first");
+  Activations& a = *acts_;
+  const ModelConfig& c = config_;
+  const int B = a.B, T = a.T, N = B * T;
+  const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
+  const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
+  const bool llama = c.is_llama();
+  const WeightLayout wl = llama ? WeightLayout::kOutIn : WeightLayout::kInOut;
+  const int UP = llama ? 2 * F : F;
+  const size_t NC = static_cast<size_t>(N) * C;
+  grads();
+  const float* p = params_.data<float>();
+  float* g = grads_.data<float>();
+  auto gbias = [&](int64_t off) { return off >= 0 ? g + off : nullptr; };
+
+  float* dlogits = a.logits.data<float>();  // overwritten in place
+  const float dloss = a.num_targets > 0 ? 1.0f / a.num_targets : 0.0f;
+  cpu::cross_entropy_backward(dlogits, a.logits.data<float>(), a.ce_lse.data<float>(),
+                              a.targets.data(), dloss, N, c.vocab_size);
+  float* d_ln = a.d_ln.data<float>();
+  float* d_res = a.d_residual.data<float>();
+  cpu::matmul_backward(d_ln, g + lm_head_, nullptr, dlogits, a.lnf.data<float>(), p + lm_head_, N,
+                       C, c.vocab_size, WeightLayout::kOutIn);
+  a.d_residual.zero();
+  norm_backward(d_res, d_ln, a.residual.data<float>() + c.n_layer * NC, a.lnf_mean.data<float>(),
+                a.lnf_rstd.data<float>(), lnf_w_, lnf_b_, N);
+
+  float* d_qkv = a.d_qkv.data<float>();
+  float* d_att = a.d_att.data<float>();
+  float* d_fc_pre = a.d_fc_pre.data<float>();
+  float* d_fc_act = a.d_fc_act.data<float>();
+  for (int l = c.n_layer - 1; l >= 0; --l) {
+    const LayerOffsets& o = layers_[l];
+    const float* x = a.residual.data<float>() + l * NC;
+    const float* x_mid = a.residual_mid.data<float>() + l * NC;
+    const float* ln1 = a.ln1.data<float>() + l * NC;
+    const float* ln2 = a.ln2.data<float>() + l * NC;
+    const float* qkv = a.qkv.data<float>() + static_cast<size_t>(l) * N * QKV;
+    const float* att = a.att.data<float>() + static_cast<size_t>(l) * N * HD;
+    const float* lse = a.att_lse.data<float>() + static_cast<size_t>(l) * N * H;
+    const float* fc_pre = a.fc_pre.data<float>() + static_cast<size_t>(l) * N * UP;
+    const float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
+
+    // MLP block: x_out = x_mid + down(act(up(norm2(x_mid)))); d_res holds d x_out.
+    cpu::matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N,
+                         F, C, wl);
+    if (llama) {
+      cpu::swiglu_backward(d_fc_pre, d_fc_act, fc_pre, N, F);
+    } else {
+      cpu::gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
+    }
+    cpu::matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
+    norm_backward(d_res, d_ln, x_mid, a.ln2_mean.data<float>() + l * N,
+                  a.ln2_rstd.data<float>() + l * N, o.ln2_w, o.ln2_b, N);
+
+    // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
+    cpu::matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att,
+                         p + o.attn_out_w, N, HD, C, wl);
+    cpu::attention_backward(d_qkv, d_att, qkv, att, lse, B, T, H, KV, D);
+    if (llama) {
+      cpu::rope_backward(d_qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D, QKV);
+      cpu::rope_backward(d_qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV,
+                         D, QKV);
+    }
+    cpu::matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV, wl);
+    norm_backward(d_res, d_ln, x, a.ln1_mean.data<float>() + l * N,
+                  a.ln1_rstd.data<float>() + l * N, o.ln1_w, o.ln1_b, N);
+  }
+  cpu::embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data(),
+                          a.positions.data(), N, C);
+  a.has_targets = false;  // the logits buffer now holds gradients
+}
+
+void Transformer::zero_grad() { grads().zero(); }
+
+Tensor Transformer::logits() const {
+  require(acts_ != nullptr, "logits: no forward pass has run");
+  return acts_->logits;
+}
+
+double Transformer::flops_per_step(int B, int T) const {
+  const ModelConfig& c = config_;
+  // Parameters that take part in matmuls: everything but norms, biases and position embeddings;
+  // the tied embedding counts once (as the LM head; the lookup is not a matmul).
+  double matmul_params = 0;
+  for (const ParamSpec& s : layout_.specs()) {
+    if (s.kind == ParamKind::kMatrix) matmul_params += static_cast<double>(s.numel);
+  }
+  if (c.tie_embeddings) matmul_params += static_cast<double>(c.vocab_size) * c.n_embd;
+  const double tokens = static_cast<double>(B) * T;
+  // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
+  const double attention = 3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (T * (T + 1) / 2.0) * c.head_dim();
+  return 6.0 * matmul_params * tokens + attention;
+}
+
+}  // namespace tandem

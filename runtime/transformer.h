@@ -1,0 +1,76 @@
+// Transformer: one decoder-only language model for the GPT-2 and Llama families, with an
+// explicit backward pass (no autograd).
+//
+// Parameters and gradients each live in one flat F32 buffer described by `layout()` (Hugging Face
+// names). `forward` saves the activations `backward` needs; buffers are sized for the last (B, T)
+// and reallocated when it changes. `backward` ACCUMULATES into grads() (call zero_grad() between
+// optimizer steps) and reuses the logits buffer for the logits' gradient, so logits() is only
+// meaningful between forward and backward. Not thread-safe: one forward/backward at a time
+// (the kernels inside use all OpenMP threads).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/model_config.h"
+#include "runtime/parameters.h"
+#include "runtime/tensor.h"
+
+namespace tandem {
+
+class Transformer {
+ public:
+  explicit Transformer(const ModelConfig& config);
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  Tensor& params() { return params_; }
+  const Tensor& params() const { return params_; }
+  Tensor& grads();  // allocated on first use
+  // A named parameter (or its gradient) as a view of the flat buffer.
+  Tensor param(const std::string& name) const;
+  Tensor grad(const std::string& name);
+  int64_t num_parameters() const { return layout_.total_numel(); }
+
+  // GPT-2 / Llama initialisation: N(0, init_std) for matrices and embeddings, residual output
+  // projections scaled by 1/sqrt(2 * n_layer), norms to one, biases to zero.
+  void init_weights(uint64_t seed);
+
+  // tokens and targets are [B*T] (row-major [B, T]); targets may be null (then no loss) and a
+  // target of -1 is ignored. Returns the mean loss over targets (NaN without targets). Throws
+  // tandem::Error on out-of-range tokens/targets or T > max_seq_len.
+  float forward(const int32_t* tokens, const int32_t* targets, int B, int T);
+  // d(mean loss)/d(params), accumulated into grads(). Needs a forward with targets just before.
+  void backward();
+  void zero_grad();
+
+  // [B*T, vocab] logits of the last forward.
+  Tensor logits() const;
+  // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
+  double flops_per_step(int B, int T) const;
+
+ private:
+  struct LayerOffsets {
+    int64_t ln1_w, ln1_b, qkv_w, qkv_b, attn_out_w, attn_out_b;
+    int64_t ln2_w, ln2_b, up_w, up_b, down_w, down_b;
+  };
+  struct Activations;
+
+  void build_layout();
+  void ensure_activations(int B, int T);
+  void norm_forward(float* out, float* mean, float* rstd, const float* inp, const float* p,
+                    int64_t w, int64_t b, int N) const;
+  void norm_backward(float* dinp, const float* dout, const float* inp, const float* mean,
+                     const float* rstd, int64_t w, int64_t b, int N);
+
+  ModelConfig config_;
+  ParamLayout layout_;
+  Tensor params_;
+  Tensor grads_;
+  std::vector<LayerOffsets> layers_;
+  int64_t wte_ = 0, wpe_ = -1, lnf_w_ = 0, lnf_b_ = -1, lm_head_ = 0;
+  std::vector<float> rope_cos_, rope_sin_;
+  std::shared_ptr<Activations> acts_;
+};
+
+}  // namespace tandem

@@ -1,0 +1,297 @@
+#include "training/prepare.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <span>
+#include <sstream>
+#include <system_error>
+#include <utility>
+
+#include "runtime/error.h"
+#include "training/token_shard.h"
+
+namespace tandem {
+namespace {
+
+namespace fs = std::filesystem;
+
+void validate_options(const PrepareOptions& options) {
+  require(!options.inputs.empty(), "prepare: no input paths given");
+  require(static_cast<bool>(options.encode), "prepare: no encoder given");
+  require(options.vocab_size >= 1 &&
+              static_cast<uint64_t>(options.vocab_size) <= kMaxTokenShardVocabSize,
+          "prepare: vocab_size must be in [1, ", kMaxTokenShardVocabSize, "], got ",
+          options.vocab_size);
+  require(options.eot_token >= 0 && options.eot_token < options.vocab_size, "prepare: eot_token ",
+          options.eot_token, " is outside [0, ", options.vocab_size, ")");
+  require(std::isfinite(options.val_fraction) && options.val_fraction >= 0.0 &&
+              options.val_fraction <= 0.5,
+          "prepare: val_fraction must be in [0, 0.5], got ", options.val_fraction);
+  require(options.shard_tokens >= 1, "prepare: shard_tokens must be >= 1, got ",
+          options.shard_tokens);
+  require(!options.out_dir.empty(), "prepare: out_dir is empty");
+}
+
+std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs) {
+  std::vector<std::string> files;
+  for (const std::string& input : inputs) {
+    std::error_code error;
+    const fs::file_status status = fs::status(input, error);
+    require(fs::exists(status), "prepare: input path ", input, " does not exist");
+    if (fs::is_regular_file(status)) {
+      files.push_back(input);
+      continue;
+    }
+    require(fs::is_directory(status), "prepare: input path ", input,
+            " is neither a regular file nor a directory");
+    std::vector<std::string> found;
+    fs::recursive_directory_iterator it(input, error);
+    require(!error, "prepare: cannot list input directory ", input, ": ", error.message());
+    for (; it != fs::recursive_directory_iterator(); it.increment(error)) {
+      std::error_code type_error;
+      if (it->is_regular_file(type_error)) found.push_back(it->path().string());
+    }
+    require(!error, "prepare: cannot list input directory ", input, ": ", error.message());
+    std::sort(found.begin(), found.end());
+    files.insert(files.end(), found.begin(), found.end());
+  }
+  require(!files.empty(), "prepare: no input files found under the ", inputs.size(),
+          " input path(s) starting with ", inputs.front());
+  return files;
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream stream(path, std::ios::binary);
+  require(stream.good(), "prepare: cannot open input file ", path, ": ", std::strerror(errno));
+  std::ostringstream contents;
+  contents << stream.rdbuf();
+  require(!stream.bad(), "prepare: cannot read input file ", path);
+  return contents.str();
+}
+
+bool is_prepared_output(const std::string& name) {
+  auto matches = [&](const std::string& prefix) {
+    return name.size() >= prefix.size() + 4 && name.compare(0, prefix.size(), prefix) == 0 &&
+           name.compare(name.size() - 4, 4, ".bin") == 0;
+  };
+  return name == kPrepareSummaryFileName || matches("train_") || matches("val_");
+}
+
+void prepare_output_directory(const std::string& out_dir) {
+  std::error_code error;
+  fs::create_directories(out_dir, error);
+  require(!error, "prepare: cannot create output directory ", out_dir, ": ", error.message());
+  require(fs::is_directory(out_dir, error), "prepare: output path ", out_dir,
+          " is not a directory");
+  fs::directory_iterator it(out_dir, error);
+  require(!error, "prepare: cannot list output directory ", out_dir, ": ", error.message());
+  for (; it != fs::directory_iterator(); it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    require(!is_prepared_output(name), "prepare: output directory ", out_dir,
+            " already holds prepared data (", name, "); remove it or choose an empty directory");
+  }
+}
+
+// A directory inside out_dir holding files until they are complete; removed on destruction.
+class StagingDirectory {
+ public:
+  explicit StagingDirectory(const std::string& out_dir) {
+    std::string name = (fs::path(out_dir) / ".prepare-XXXXXX").string();
+    std::vector<char> buffer(name.begin(), name.end());
+    buffer.push_back('\0');
+    require(::mkdtemp(buffer.data()) != nullptr, "prepare: output directory ", out_dir,
+            " is not writable: ", std::strerror(errno));
+    path_ = buffer.data();
+  }
+  StagingDirectory(const StagingDirectory&) = delete;
+  StagingDirectory& operator=(const StagingDirectory&) = delete;
+  ~StagingDirectory() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Streams one split's tokens into staged shards of at most shard_tokens each.
+class SplitShardWriter {
+ public:
+  SplitShardWriter(std::string split, std::string staging_dir, uint64_t shard_tokens,
+                   uint64_t vocab_size)
+      : split_(std::move(split)),
+        staging_dir_(std::move(staging_dir)),
+        shard_tokens_(shard_tokens),
+        vocab_size_(vocab_size) {}
+
+  void append(std::span<const int32_t> tokens) {
+    while (!tokens.empty()) {
+      const uint64_t room = shard_tokens_ - buffer_.size();
+      const auto take = static_cast<size_t>(std::min<uint64_t>(room, tokens.size()));
+      buffer_.insert(buffer_.end(), tokens.begin(), tokens.begin() + take);
+      tokens = tokens.subspan(take);
+      total_tokens_ += take;
+      if (buffer_.size() == shard_tokens_) flush();
+    }
+  }
+
+  void flush() {
+    if (buffer_.empty()) return;
+    char name[64];
+    std::snprintf(name, sizeof(name), "%s_%06zu.bin", split_.c_str(), shard_names_.size());
+    write_token_shard((fs::path(staging_dir_) / name).string(), buffer_, vocab_size_);
+    shard_names_.emplace_back(name);
+    buffer_.clear();
+  }
+
+  const std::vector<std::string>& shard_names() const { return shard_names_; }
+  uint64_t total_tokens() const { return total_tokens_; }
+
+ private:
+  std::string split_;
+  std::string staging_dir_;
+  uint64_t shard_tokens_;
+  uint64_t vocab_size_;
+  std::vector<int32_t> buffer_;
+  std::vector<std::string> shard_names_;
+  uint64_t total_tokens_ = 0;
+};
+
+void write_text_file_synced(const std::string& path, const std::string& text) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  require(fd >= 0, "prepare: cannot create ", path, ": ", std::strerror(errno));
+  size_t written = 0;
+  while (written < text.size()) {
+    ssize_t n = ::write(fd, text.data() + written, text.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int error = errno;
+      ::close(fd);
+      throw Error(cat("prepare: cannot write ", path, ": ", std::strerror(error)));
+    }
+    written += static_cast<size_t>(n);
+  }
+  int sync_result = ::fsync(fd);
+  int sync_error = errno;
+  int close_result = ::close(fd);
+  require(sync_result == 0 && close_result == 0, "prepare: cannot sync ", path, ": ",
+          std::strerror(sync_result != 0 ? sync_error : errno));
+}
+
+nlohmann::json summary_to_json(const PrepareOptions& options, const PrepareSummary& summary,
+                               const std::vector<std::string>& train_names,
+                               const std::vector<std::string>& val_names) {
+  return nlohmann::json{
+      {"version", 1},
+      {"vocab_size", summary.vocab_size},
+      {"eot_token", summary.eot_token},
+      {"val_fraction", options.val_fraction},
+      {"shard_tokens", options.shard_tokens},
+      {"files", summary.files},
+      {"train", {{"num_tokens", summary.train_tokens}, {"shards", train_names}}},
+      {"val", {{"num_tokens", summary.val_tokens}, {"shards", val_names}}},
+  };
+}
+
+// Everything after the output directory exists; on error the staging directory takes the
+// partial shards with it.
+void write_prepared_outputs(const PrepareOptions& options, PrepareSummary& summary) {
+  StagingDirectory staging(options.out_dir);
+  const auto vocab_size = static_cast<uint64_t>(options.vocab_size);
+  const auto shard_tokens = static_cast<uint64_t>(options.shard_tokens);
+  SplitShardWriter train("train", staging.path(), shard_tokens, vocab_size);
+  SplitShardWriter val("val", staging.path(), shard_tokens, vocab_size);
+  const int32_t eot[1] = {options.eot_token};
+
+  for (const std::string& file : summary.files) {
+    const std::string text = read_text_file(file);
+    const std::vector<int32_t> tokens = options.encode(text);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      require(tokens[i] >= 0 && tokens[i] < options.vocab_size, "prepare: input file ", file,
+              ": encoder produced token ", tokens[i], " at offset ", i, ", outside [0, ",
+              options.vocab_size, ")");
+    }
+    if (tokens.empty()) continue;
+    const auto val_count = std::min<size_t>(
+        tokens.size(), static_cast<size_t>(std::llround(static_cast<double>(tokens.size()) *
+                                                        options.val_fraction)));
+    const size_t train_count = tokens.size() - val_count;
+    const std::span<const int32_t> all(tokens);
+    if (train_count > 0) {
+      train.append(all.first(train_count));
+      train.append(eot);
+    }
+    if (val_count > 0) {
+      val.append(all.subspan(train_count));
+      val.append(eot);
+    }
+  }
+  train.flush();
+  val.flush();
+  require(train.total_tokens() > 0, "prepare: the ", summary.files.size(),
+          " input file(s) starting with ", summary.files.front(), " produced no tokens");
+  summary.train_tokens = train.total_tokens();
+  summary.val_tokens = val.total_tokens();
+
+  // Publish: summary staged first, then shards moved, summary last so its presence means done.
+  const std::string staged_summary = (fs::path(staging.path()) / kPrepareSummaryFileName).string();
+  write_text_file_synced(
+      staged_summary,
+      summary_to_json(options, summary, train.shard_names(), val.shard_names()).dump(2) + "\n");
+
+  std::vector<std::string> published;
+  try {
+    auto publish = [&](const std::string& name) {
+      const std::string from = (fs::path(staging.path()) / name).string();
+      const std::string to = (fs::path(options.out_dir) / name).string();
+      require(::rename(from.c_str(), to.c_str()) == 0, "prepare: cannot move ", from, " to ", to,
+              ": ", std::strerror(errno));
+      published.push_back(to);
+      return to;
+    };
+    for (const std::string& name : train.shard_names())
+      summary.train_shards.push_back(publish(name));
+    for (const std::string& name : val.shard_names()) summary.val_shards.push_back(publish(name));
+    publish(kPrepareSummaryFileName);
+  } catch (...) {
+    for (const std::string& path : published) ::unlink(path.c_str());
+    throw;
+  }
+  int dir_fd = ::open(options.out_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0) {
+    ::fsync(dir_fd);  // best effort: every file is already synced; this makes the renames durable
+    ::close(dir_fd);
+  }
+}
+
+}  // namespace
+
+PrepareSummary prepare_corpus(const PrepareOptions& options) {
+  validate_options(options);
+  PrepareSummary summary;
+  summary.vocab_size = options.vocab_size;
+  summary.eot_token = options.eot_token;
+  summary.files = collect_input_files(options.inputs);
+  std::error_code error;
+  const bool out_dir_existed = fs::exists(options.out_dir, error);
+  prepare_output_directory(options.out_dir);
+  try {
+    write_prepared_outputs(options, summary);
+  } catch (...) {
+    if (!out_dir_existed) fs::remove(options.out_dir, error);  // only removes it when empty
+    throw;
+  }
+  return summary;
+}
+
+}  // namespace tandem

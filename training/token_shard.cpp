@@ -1,0 +1,328 @@
+#include "training/token_shard.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+#include <vector>
+
+#include "runtime/error.h"
+
+namespace tandem {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "token shards are little-endian and read without byte swapping");
+
+std::string errno_text(int error) {
+  return std::strerror(error);
+}
+
+// Closes a file descriptor on scope exit unless released.
+class FileDescriptor {
+ public:
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  // Closes now and reports failure (close can surface delayed write errors).
+  int close_now() {
+    int result = ::close(fd_);
+    fd_ = -1;
+    return result;
+  }
+
+ private:
+  int fd_;
+};
+
+void write_all(int fd, const void* data, size_t bytes, const std::string& path) {
+  const auto* cursor = static_cast<const unsigned char*>(data);
+  while (bytes > 0) {
+    ssize_t written = ::write(fd, cursor, bytes);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      throw Error(cat("cannot write token shard ", path, ": ", errno_text(errno)));
+    }
+    cursor += written;
+    bytes -= static_cast<size_t>(written);
+  }
+}
+
+template <typename Stored>
+void write_tokens_as(int fd, std::span<const int32_t> tokens, const std::string& path) {
+  constexpr size_t kChunkTokens = size_t{1} << 16;
+  std::vector<Stored> chunk;
+  chunk.reserve(std::min(kChunkTokens, tokens.size()));
+  for (size_t begin = 0; begin < tokens.size(); begin += kChunkTokens) {
+    size_t end = std::min(tokens.size(), begin + kChunkTokens);
+    chunk.clear();
+    for (size_t i = begin; i < end; ++i) chunk.push_back(static_cast<Stored>(tokens[i]));
+    write_all(fd, chunk.data(), chunk.size() * sizeof(Stored), path);
+  }
+}
+
+void put_u32(unsigned char* out, uint32_t value) {
+  std::memcpy(out, &value, sizeof(value));
+}
+void put_u64(unsigned char* out, uint64_t value) {
+  std::memcpy(out, &value, sizeof(value));
+}
+uint32_t get_u32(const unsigned char* in) {
+  uint32_t value;
+  std::memcpy(&value, in, sizeof(value));
+  return value;
+}
+uint64_t get_u64(const unsigned char* in) {
+  uint64_t value;
+  std::memcpy(&value, in, sizeof(value));
+  return value;
+}
+
+// Makes a completed rename durable. Some filesystems refuse fsync on directories (EINVAL);
+// that is not an error of ours.
+void fsync_directory(const std::string& dir, const std::string& path) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  FileDescriptor guard(fd);
+  if (::fsync(fd) != 0 && errno != EINVAL && errno != EROFS) {
+    throw Error(cat("cannot sync directory of token shard ", path, ": ", errno_text(errno)));
+  }
+}
+
+}  // namespace
+
+void write_token_shard(const std::string& path, std::span<const int32_t> tokens,
+                       uint64_t vocab_size) {
+  require(vocab_size >= 1 && vocab_size <= kMaxTokenShardVocabSize, "token shard ", path,
+          ": vocab_size must be in [1, ", kMaxTokenShardVocabSize, "], got ", vocab_size);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    require(tokens[i] >= 0 && static_cast<uint64_t>(tokens[i]) < vocab_size, "token shard ", path,
+            ": token ", tokens[i], " at offset ", i, " is outside [0, ", vocab_size, ")");
+  }
+
+  std::filesystem::path target(path);
+  std::string dir = target.parent_path().empty() ? "." : target.parent_path().string();
+  std::string temp_name = dir + "/." + target.filename().string() + ".tmpXXXXXX";
+  std::vector<char> temp_buffer(temp_name.begin(), temp_name.end());
+  temp_buffer.push_back('\0');
+  int fd = ::mkstemp(temp_buffer.data());
+  if (fd < 0) {
+    int error = errno;
+    if (error == ENOENT || error == ENOTDIR) {
+      throw Error(cat("cannot write token shard ", path, ": directory '", dir,
+                      "' does not exist or is not a directory"));
+    }
+    throw Error(cat("cannot write token shard ", path, ": directory '", dir, "' is not writable (",
+                    errno_text(error), ")"));
+  }
+  std::string temp_path(temp_buffer.data());
+  FileDescriptor file(fd);
+  try {
+    ::fchmod(fd, 0644);  // mkstemp creates 0600; shards are meant to be shared read-only
+    const uint32_t token_bytes = vocab_size <= 65536 ? 2 : 4;
+    unsigned char header[kTokenShardHeaderBytes] = {};
+    std::memcpy(header, kTokenShardMagic, sizeof(kTokenShardMagic));
+    put_u32(header + 8, kTokenShardVersion);
+    put_u32(header + 12, token_bytes);
+    put_u64(header + 16, tokens.size());
+    put_u64(header + 24, vocab_size);
+    write_all(fd, header, sizeof(header), path);
+    if (token_bytes == 2) {
+      write_tokens_as<uint16_t>(fd, tokens, path);
+    } else {
+      write_tokens_as<uint32_t>(fd, tokens, path);
+    }
+    if (::fsync(fd) != 0) {
+      throw Error(cat("cannot sync token shard ", path, ": ", errno_text(errno)));
+    }
+    if (file.close_now() != 0) {
+      throw Error(cat("cannot close token shard ", path, ": ", errno_text(errno)));
+    }
+    if (::rename(temp_path.c_str(), path.c_str()) != 0) {
+      throw Error(
+          cat("cannot rename ", temp_path, " to token shard ", path, ": ", errno_text(errno)));
+    }
+  } catch (...) {
+    ::unlink(temp_path.c_str());
+    throw;
+  }
+  fsync_directory(dir, path);
+}
+
+TokenShard TokenShard::open(const std::string& path, std::optional<uint64_t> expected_vocab_size) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw Error(cat("cannot open token shard ", path, ": ", errno_text(errno)));
+  }
+  FileDescriptor file(fd);
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    throw Error(cat("cannot stat token shard ", path, ": ", errno_text(errno)));
+  }
+  require(S_ISREG(info.st_mode), "token shard ", path, ": not a regular file");
+  const auto file_bytes = static_cast<uint64_t>(info.st_size);
+  require(file_bytes >= kTokenShardHeaderBytes, "token shard ", path,
+          ": truncated header: expected at least ", kTokenShardHeaderBytes, " bytes, found ",
+          file_bytes);
+
+  unsigned char header[kTokenShardHeaderBytes];
+  size_t header_read = 0;
+  while (header_read < sizeof(header)) {
+    ssize_t got = ::pread(fd, header + header_read, sizeof(header) - header_read,
+                          static_cast<off_t>(header_read));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      throw Error(cat("cannot read header of token shard ", path, ": ",
+                      got < 0 ? errno_text(errno) : std::string("unexpected end of file")));
+    }
+    header_read += static_cast<size_t>(got);
+  }
+
+  require(std::memcmp(header, kTokenShardMagic, sizeof(kTokenShardMagic)) == 0, "token shard ",
+          path, ": bad magic (expected \"TANDEMTK\"); not a Tandem token shard");
+  const uint32_t version = get_u32(header + 8);
+  require(version == kTokenShardVersion, "token shard ", path, ": unknown version ", version,
+          " (this build reads version ", kTokenShardVersion, ")");
+  const uint32_t token_bytes = get_u32(header + 12);
+  require(token_bytes == 2 || token_bytes == 4, "token shard ", path, ": token_bytes is ",
+          token_bytes, ", expected 2 or 4");
+  const uint64_t num_tokens = get_u64(header + 16);
+  const uint64_t vocab_size = get_u64(header + 24);
+  require(vocab_size >= 1 && vocab_size <= kMaxTokenShardVocabSize, "token shard ", path,
+          ": vocab_size ", vocab_size, " is outside [1, ", kMaxTokenShardVocabSize, "]");
+  const uint64_t max_tokens = (UINT64_MAX - kTokenShardHeaderBytes) / token_bytes;
+  require(num_tokens <= max_tokens, "token shard ", path, ": num_tokens ", num_tokens,
+          " is impossibly large");
+  const uint64_t expected_bytes = kTokenShardHeaderBytes + num_tokens * token_bytes;
+  require(file_bytes == expected_bytes, "token shard ", path, ": truncated: expected ",
+          expected_bytes, " bytes, found ", file_bytes,
+          file_bytes > expected_bytes ? " (file is longer than its header says)" : "");
+  if (expected_vocab_size) {
+    require(vocab_size == *expected_vocab_size, "token shard ", path, ": vocab_size is ",
+            vocab_size, ", expected ", *expected_vocab_size);
+  }
+
+  void* mapping = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (mapping == MAP_FAILED) {
+    throw Error(cat("cannot map token shard ", path, ": ", errno_text(errno)));
+  }
+  TokenShard shard;
+  shard.path_ = path;
+  shard.mapping_ = static_cast<const unsigned char*>(mapping);
+  shard.mapping_bytes_ = file_bytes;
+  shard.num_tokens_ = num_tokens;
+  shard.vocab_size_ = vocab_size;
+  shard.token_bytes_ = token_bytes;
+  return shard;
+}
+
+TokenShard::TokenShard(TokenShard&& other) noexcept
+    : path_(std::move(other.path_)),
+      mapping_(other.mapping_),
+      mapping_bytes_(other.mapping_bytes_),
+      num_tokens_(other.num_tokens_),
+      vocab_size_(other.vocab_size_),
+      token_bytes_(other.token_bytes_) {
+  other.mapping_ = nullptr;
+  other.mapping_bytes_ = 0;
+  other.num_tokens_ = 0;
+}
+
+TokenShard& TokenShard::operator=(TokenShard&& other) noexcept {
+  if (this != &other) {
+    release();
+    path_ = std::move(other.path_);
+    mapping_ = other.mapping_;
+    mapping_bytes_ = other.mapping_bytes_;
+    num_tokens_ = other.num_tokens_;
+    vocab_size_ = other.vocab_size_;
+    token_bytes_ = other.token_bytes_;
+    other.mapping_ = nullptr;
+    other.mapping_bytes_ = 0;
+    other.num_tokens_ = 0;
+  }
+  return *this;
+}
+
+TokenShard::~TokenShard() {
+  release();
+}
+
+void TokenShard::release() noexcept {
+  if (mapping_ != nullptr) {
+    ::munmap(const_cast<unsigned char*>(mapping_), mapping_bytes_);
+    mapping_ = nullptr;
+    mapping_bytes_ = 0;
+  }
+}
+
+int32_t TokenShard::token(uint64_t i) const {
+  if (i >= num_tokens_) {
+    throw std::out_of_range(
+        cat("token shard ", path_, ": token index ", i, " is past the end (", num_tokens_, ")"));
+  }
+  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
+  if (token_bytes_ == 2) {
+    uint16_t value;
+    std::memcpy(&value, data + i * 2, sizeof(value));
+    return static_cast<int32_t>(value);
+  }
+  uint32_t value;
+  std::memcpy(&value, data + i * 4, sizeof(value));
+  return static_cast<int32_t>(value);
+}
+
+void TokenShard::copy(uint64_t begin, uint64_t count, int32_t* out) const {
+  if (begin > num_tokens_ || count > num_tokens_ - begin) {
+    throw std::out_of_range(cat("token shard ", path_, ": range [", begin, ", ", begin, " + ",
+                                count, ") is past the end (", num_tokens_, ")"));
+  }
+  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
+  if (token_bytes_ == 2) {
+    for (uint64_t i = 0; i < count; ++i) {
+      uint16_t value;
+      std::memcpy(&value, data + (begin + i) * 2, sizeof(value));
+      out[i] = static_cast<int32_t>(value);
+    }
+  } else {
+    for (uint64_t i = 0; i < count; ++i) {
+      uint32_t value;
+      std::memcpy(&value, data + (begin + i) * 4, sizeof(value));
+      out[i] = static_cast<int32_t>(value);
+    }
+  }
+}
+
+void TokenShard::validate_tokens() const {
+  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
+  auto reject = [&](uint64_t offset, uint64_t value) {
+    throw Error(cat("token shard ", path_, ": token id ", value, " at offset ", offset,
+                    " is >= vocab_size ", vocab_size_));
+  };
+  if (token_bytes_ == 2) {
+    if (vocab_size_ >= 65536) return;  // every u16 is in range
+    for (uint64_t i = 0; i < num_tokens_; ++i) {
+      uint16_t value;
+      std::memcpy(&value, data + i * 2, sizeof(value));
+      if (value >= vocab_size_) reject(i, value);
+    }
+  } else {
+    for (uint64_t i = 0; i < num_tokens_; ++i) {
+      uint32_t value;
+      std::memcpy(&value, data + i * 4, sizeof(value));
+      if (value >= vocab_size_) reject(i, value);
+    }
+  }
+}
+
+}  // namespace tandem
