@@ -374,7 +374,9 @@ void Transformer::backward() {
   a.has_targets = false;  // the logits buffer now holds gradients
 }
 
-void Transformer::zero_grad() { grads().zero(); }
+void Transformer::zero_grad() {
+  cpu::fill_zero(grads().data<float>(), static_cast<size_t>(grads_.numel()));
+}
 
 Tensor Transformer::logits() const {
   require(acts_ != nullptr, "logits: no forward pass has run");

@@ -8,18 +8,22 @@ namespace tandem::cpu {
 
 void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, float lr,
                 float beta1, float beta2, float eps, float weight_decay, long step) {
-  const float bias1 = 1.0f - static_cast<float>(std::pow(beta1, static_cast<double>(step)));
-  const float bias2 = 1.0f - static_cast<float>(std::pow(beta2, static_cast<double>(step)));
+  // Bias corrections folded into two constants: m_hat / (sqrt(v_hat) + eps)
+  //   = (m * c1) / (sqrt(v) * c2 + eps), c1 = 1 / (1 - beta1^t), c2 = 1 / sqrt(1 - beta2^t).
+  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step))));
+  const float c2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step))));
+  float* __restrict p = param;
+  const float* __restrict g = grad;
+  float* __restrict mm = m;
+  float* __restrict vv = v;
 #pragma omp parallel for simd schedule(static)
   for (size_t i = 0; i < n; ++i) {
-    const float g = grad[i];
-    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    const float m_hat = mi / bias1;
-    const float v_hat = vi / bias2;
-    param[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * param[i]);
+    const float gi = g[i];
+    const float mi = beta1 * mm[i] + (1.0f - beta1) * gi;
+    const float vi = beta2 * vv[i] + (1.0f - beta2) * gi * gi;
+    mm[i] = mi;
+    vv[i] = vi;
+    p[i] -= lr * (mi * c1 / (std::sqrt(vi) * c2 + eps) + weight_decay * p[i]);
   }
 }
 

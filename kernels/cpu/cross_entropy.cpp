@@ -1,6 +1,7 @@
 // Fused softmax + cross-entropy over the vocabulary.
 #include <cmath>
 
+#include "kernels/cpu/detail/vec_math.h"
 #include "kernels/cpu/kernels.h"
 
 namespace tandem::cpu {
@@ -16,7 +17,7 @@ int cross_entropy_forward(float* losses, float* lse, const float* logits, const 
     for (int v = 0; v < V; ++v) m = x[v] > m ? x[v] : m;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int v = 0; v < V; ++v) sum += std::exp(x[v] - m);
+    for (int v = 0; v < V; ++v) sum += detail::fast_exp(x[v] - m);
     const float row_lse = m + std::log(sum);
     lse[n] = row_lse;
     if (targets[n] >= 0) {
@@ -43,7 +44,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
     }
     const float row_lse = lse[n];
 #pragma omp simd
-    for (int v = 0; v < V; ++v) dx[v] = std::exp(x[v] - row_lse) * dloss;
+    for (int v = 0; v < V; ++v) dx[v] = detail::fast_exp(x[v] - row_lse) * dloss;
     dx[target] -= dloss;
   }
 }

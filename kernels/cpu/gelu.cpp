@@ -1,6 +1,7 @@
 // GELU with the tanh approximation (GPT-2's "gelu_new").
 #include <cmath>
 
+#include "kernels/cpu/detail/vec_math.h"
 #include "kernels/cpu/kernels.h"
 
 namespace tandem::cpu {
@@ -15,7 +16,7 @@ void gelu_forward(float* out, const float* inp, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const float x = inp[i];
     const float u = kSqrt2OverPi * (x + kCoeff * x * x * x);
-    out[i] = 0.5f * x * (1.0f + std::tanh(u));
+    out[i] = 0.5f * x * (1.0f + detail::fast_tanh(u));
   }
 }
 
@@ -24,7 +25,7 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const float x = inp[i];
     const float u = kSqrt2OverPi * (x + kCoeff * x * x * x);
-    const float t = std::tanh(u);
+    const float t = detail::fast_tanh(u);
     const float sech2 = 1.0f - t * t;
     const float local = 0.5f * (1.0f + t) + 0.5f * x * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kCoeff * x * x);
     dinp[i] = local * dout[i];

@@ -108,6 +108,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
 void add(float* out, const float* a, const float* b, size_t n);   // out = a + b
 void add_inplace(float* acc, const float* x, size_t n);           // acc += x
 void scale_inplace(float* x, float s, size_t n);                  // x *= s
+void fill_zero(float* x, size_t n);                               // x = 0, all threads
 
 // ---- Optimizer math (adamw.cpp) --------------------------------------------------------------
 // One AdamW step (decoupled weight decay) over n parameters; step is 1-based (bias correction).

@@ -1,6 +1,7 @@
 // SwiGLU (Llama MLP): out = silu(gate) * up, with gate and up side by side in one [N, 2F] row.
 #include <cmath>
 
+#include "kernels/cpu/detail/vec_math.h"
 #include "kernels/cpu/kernels.h"
 
 namespace tandem::cpu {
@@ -14,7 +15,7 @@ void swiglu_forward(float* out, const float* inp, int N, int F) {
 #pragma omp simd
     for (int f = 0; f < F; ++f) {
       const float g = gate[f];
-      o[f] = g / (1.0f + std::exp(-g)) * up[f];
+      o[f] = g * detail::fast_sigmoid(g) * up[f];
     }
   }
 }
@@ -30,7 +31,7 @@ void swiglu_backward(float* dinp, const float* dout, const float* inp, int N, in
 #pragma omp simd
     for (int f = 0; f < F; ++f) {
       const float x = gate[f];
-      const float sig = 1.0f / (1.0f + std::exp(-x));
+      const float sig = detail::fast_sigmoid(x);
       const float silu = x * sig;
       dup[f] = g[f] * silu;
       dgate[f] = g[f] * up[f] * sig * (1.0f + x * (1.0f - sig));
