@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <vector>
 
-#include "bench/sgemm_peak.h"
 #include "kernels/cpu/kernels.h"
 
 namespace tandem::cpu {
@@ -73,7 +72,7 @@ BENCHMARK(BM_Attention)->ArgNames({"B", "T", "H", "KV", "D", "bwd"})
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
-  const double peak = tandem::bench::measure_sgemm_peak_gflops();
+  const double peak = tandem::cpu::measure_sgemm_gflops(2048, 12);
   std::printf("sgemm peak (2048^3, %d threads): %.1f GFLOP/s -- compare each GFLOP/s below with it\n",
               tandem::cpu::num_threads(), peak);
   benchmark::AddCustomContext("sgemm_peak_gflops", std::to_string(peak));

@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "bench/sgemm_peak.h"
 #include "kernels/cpu/kernels.h"
 #include "runtime/random.h"
 #include "runtime/transformer.h"
@@ -42,7 +41,7 @@ int main(int argc, char** argv) {
   }
   tandem::cpu::set_num_threads(threads);
   tandem::cpu::check_blas_is_openmp();
-  const double peak = tandem::bench::measure_sgemm_peak_gflops();
+  const double peak = tandem::cpu::measure_sgemm_gflops(2048, 12);
 
   tandem::Transformer model(tandem::ModelConfig::preset(model_name));
   model.init_weights(1);

@@ -10,7 +10,7 @@ packages=(
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev
-  bible-kjv-text
+  bible-kjv-text bible-kjv
 
 )
 

@@ -2,7 +2,10 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <chrono>
 #include <stdexcept>
+#include <vector>
 #include <string>
 
 #include "kernels/cpu/kernels.h"
@@ -28,6 +31,18 @@ void check_blas_is_openmp() {
         ", expected 2): install libopenblas-openmp-dev and rebuild (it is linked by RPATH from "
         "/usr/lib/x86_64-linux-gnu/openblas-openmp)");
   }
+}
+
+double measure_sgemm_gflops(int n, int reps) {
+  std::vector<float> a(static_cast<size_t>(n) * n, 0.5f), b(a.size(), 0.25f), c(a.size());
+  double best = 0.0;
+  for (int r = 0; r <= reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    gemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, 2.0 * n * n * n / s / 1e9);  // r == 0 warms up
+  }
+  return best;
 }
 
 int num_threads() { return omp_get_max_threads(); }

@@ -26,6 +26,9 @@ int blas_parallel_mode();
 // Throws std::runtime_error unless the linked OpenBLAS is the OpenMP build (mode 2): the pthread
 // build oversubscribes the cores next to our OpenMP loops and runs 1.6-2x slower.
 void check_blas_is_openmp();
+// Best sgemm rate of `reps` n x n x n products (after one warm-up), in GFLOP/s, with the
+// current thread count: the reference for MFU figures.
+double measure_sgemm_gflops(int n, int reps);
 // Threads OpenMP (and so OpenBLAS) uses.
 int num_threads();
 void set_num_threads(int n);

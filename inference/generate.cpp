@@ -1,0 +1,32 @@
+#include "inference/generate.h"
+
+#include <algorithm>
+
+#include "runtime/error.h"
+
+namespace tandem {
+
+std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
+                              const GenerateOptions& options) {
+  require(!prompt.empty(), "generate: the prompt is empty");
+  require(options.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0");
+  options.sampling.validate();
+  const int vocab = model.config().vocab_size;
+  const int window = model.config().max_seq_len;
+  std::vector<int32_t> context = prompt;
+  std::vector<int32_t> out;
+  Rng rng(options.seed);
+  for (int i = 0; i < options.max_new_tokens; ++i) {
+    const int start = std::max(0, static_cast<int>(context.size()) - window);
+    const int T = static_cast<int>(context.size()) - start;
+    model.forward(context.data() + start, nullptr, 1, T);
+    const float* last = model.logits().data<float>() + static_cast<size_t>(T - 1) * vocab;
+    const int32_t next = sample_token(last, vocab, options.sampling, rng);
+    out.push_back(next);
+    if (next == options.stop_token) break;
+    context.push_back(next);
+  }
+  return out;
+}
+
+}  // namespace tandem

@@ -1,0 +1,122 @@
+// The tandem CLI on bad input: one clear error line on stderr, a non-zero exit, nothing written.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "runtime/file_io.h"
+#include "training/token_shard.h"
+
+namespace tandem {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int status = -1;
+  std::string err;
+};
+
+Result run(const std::string& args) {
+  const std::string err_file = ::testing::TempDir() + "/tandem_cli_stderr.txt";
+  const std::string cmd = std::string(TANDEM_BINARY_DIR) + "/tandem " + args + " >/dev/null 2>" + err_file;
+  const int raw = std::system(cmd.c_str());
+  Result r;
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  std::ifstream in(err_file);
+  r.err.assign(std::istreambuf_iterator<char>(in), {});
+  return r;
+}
+
+void expect_one_line_error(const Result& r, const std::string& needle) {
+  EXPECT_NE(r.status, 0);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("tandem: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr '" << r.err << "' should name '" << needle << "'";
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           ("tandem_cli_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "data");
+    std::vector<int32_t> tokens(4000);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i % 31);
+    write_token_shard((dir_ / "data" / "train_000000.bin").string(), tokens, 32);
+    write_token_shard((dir_ / "data" / "val_000000.bin").string(), tokens, 32);
+    write_file_atomic((dir_ / "data" / "prepare.json").string(), R"({"vocab_size": 32, "eot_token": 31})");
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string config(const std::string& body) {
+    const std::string path = (dir_ / "config.json").string();
+    write_file_atomic(path, body);
+    return path;
+  }
+  std::string base() const {
+    return " --data.dir=" + (dir_ / "data").string() + " --checkpoint.dir=" + (dir_ / "run").string() +
+           " --train.steps=2 --data.batch_size=2 --data.seq_len=8 --model.max_seq_len=8 --model.n_layer=1"
+           " --model.n_embd=16 --model.n_head=2 --model.ffn_hidden=32 --eval.sample_tokens=0";
+  }
+  fs::path dir_;
+};
+
+TEST_F(CliTest, UnknownConfigKey) {
+  expect_one_line_error(run("train --config " + config(R"({"optim": {"lr": 0.1, "betta1": 0.9}})") + base()),
+                        "optim.betta1");
+}
+
+TEST_F(CliTest, MistypedValue) {
+  expect_one_line_error(run("train --config " + config(R"({"optim": {"lr": "fast"}})") + base()), "optim.lr");
+}
+
+TEST_F(CliTest, NegativeSize) { expect_one_line_error(run("train" + base() + " --model.n_layer=-2"), "model.n_layer"); }
+
+TEST_F(CliTest, HeadsNotDividingWidth) {
+  expect_one_line_error(run("train" + base() + " --model.n_head=3"), "n_head");
+}
+
+TEST_F(CliTest, MissingShards) {
+  fs::remove(dir_ / "data" / "train_000000.bin");
+  expect_one_line_error(run("train" + base()), "train");
+  EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
+}
+
+TEST_F(CliTest, CorruptShard) {
+  fs::resize_file(dir_ / "data" / "val_000000.bin", 70);
+  expect_one_line_error(run("train" + base()), "val_000000.bin");
+}
+
+TEST_F(CliTest, TokenIdsAboveVocab) {
+  write_file_atomic((dir_ / "data" / "prepare.json").string(), R"({"vocab_size": 16, "eot_token": 15})");
+  expect_one_line_error(run("train" + base()), "train_000000.bin");
+}
+
+TEST_F(CliTest, UnwritableOutputDirectory) {
+  write_file_atomic((dir_ / "file").string(), "keep");
+  expect_one_line_error(run("train" + base() + " --checkpoint.dir=" + (dir_ / "file" / "run").string()),
+                        "checkpoint.dir");
+  EXPECT_EQ(read_file((dir_ / "file").string()), "keep");
+}
+
+TEST_F(CliTest, ExistingRunIsNotOverwritten) {
+  ASSERT_EQ(run("train" + base()).status, 0);
+  const std::string metrics = read_file((dir_ / "run" / "metrics.jsonl").string());
+  expect_one_line_error(run("train" + base()), "already holds a run");
+  EXPECT_EQ(read_file((dir_ / "run" / "metrics.jsonl").string()), metrics);
+  EXPECT_EQ(run("train" + base() + " --checkpoint.resume=true --train.steps=3").status, 0);
+}
+
+TEST_F(CliTest, UnknownFlagsAndCommands) {
+  expect_one_line_error(run("generate --modle x"), "--modle");
+  EXPECT_EQ(run("frobnicate").status, 2);
+  expect_one_line_error(run("generate --model " + (dir_ / "nothing").string()), "config.json");
+}
+
+}  // namespace
+}  // namespace tandem

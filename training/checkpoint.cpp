@@ -1,0 +1,136 @@
+#include "training/checkpoint.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+
+#include "runtime/error.h"
+#include "runtime/file_io.h"
+#include "runtime/model_io.h"
+#include "runtime/safetensors.h"
+
+namespace tandem {
+
+namespace fs = std::filesystem;
+
+namespace {
+constexpr const char* kPrefix = "step_";
+
+std::string step_name(long step) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%s%08ld", kPrefix, step);
+  return buf;
+}
+
+bool is_checkpoint_name(const std::string& name) {
+  if (!name.starts_with(kPrefix) || name.size() == std::string(kPrefix).size()) return false;
+  return std::all_of(name.begin() + 5, name.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+}
+
+void copy_file_atomic(const fs::path& from, const fs::path& to) {
+  write_file_atomic(to.string(), read_file(from.string()));
+}
+}  // namespace
+
+std::vector<std::string> list_checkpoints(const std::string& run_dir) {
+  std::vector<std::string> out;
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return out;
+  for (const auto& entry : fs::directory_iterator(root, ec)) {
+    if (entry.is_directory() && is_checkpoint_name(entry.path().filename().string())) {
+      out.push_back(entry.path().string());
+    }
+  }
+  std::sort(out.begin(), out.end());  // zero-padded step numbers sort by step
+  return out;
+}
+
+std::string save_checkpoint(const std::string& run_dir, long step, const CheckpointSave& save,
+                            int keep_last) {
+  require(save.model != nullptr && save.optimizer != nullptr, "save_checkpoint: model and optimizer are required");
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  require(!ec && fs::is_directory(root), "cannot create checkpoint directory ", root.string(), ": ",
+          ec ? ec.message() : "not a directory");
+  const fs::path final_dir = root / step_name(step);
+  const fs::path tmp_dir = root / (".tmp." + step_name(step) + "." + std::to_string(::getpid()));
+  fs::remove_all(tmp_dir, ec);
+  fs::create_directories(tmp_dir, ec);
+  require(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
+  try {
+    save_pretrained(*save.model, tmp_dir.string());
+    save.optimizer->save((tmp_dir / "optimizer.safetensors").string());
+    if (!save.tokenizer_dir.empty()) {
+      for (const char* name : {"encoder.json", "vocab.bpe"}) {
+        const fs::path src = fs::path(save.tokenizer_dir) / name;
+        if (fs::exists(src)) copy_file_atomic(src, tmp_dir / name);
+      }
+    }
+    write_file_atomic((tmp_dir / "trainer_state.json").string(), save.trainer_state.dump(2) + "\n");
+    fsync_directory(tmp_dir.string());
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step replaces it
+    fs::rename(tmp_dir, final_dir);
+    fsync_directory(root.string());
+  } catch (...) {
+    fs::remove_all(tmp_dir, ec);
+    throw;
+  }
+  std::vector<std::string> all = list_checkpoints(run_dir);
+  for (size_t i = 0; i + keep_last < all.size(); ++i) fs::remove_all(all[i], ec);
+  return final_dir.string();
+}
+
+namespace {
+// Checks that every file of a checkpoint opens and parses; throws naming the first bad file.
+void validate_checkpoint(const fs::path& dir) {
+  for (const char* name : {"trainer_state.json", "config.json", "model.safetensors", "optimizer.safetensors"}) {
+    require(fs::exists(dir / name), (dir / name).string(), ": missing");
+  }
+  const std::string state_path = (dir / "trainer_state.json").string();
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(read_file(state_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(cat(state_path, ": invalid JSON: ", e.what()));
+  }
+  require(state.contains("step") && state["step"].is_number_integer(), state_path, ": no integer 'step'");
+  load_config((dir / "config.json").string());
+  SafetensorsFile::open((dir / "model.safetensors").string());
+  SafetensorsFile::open((dir / "optimizer.safetensors").string());
+}
+}  // namespace
+
+std::optional<std::string> find_latest_valid_checkpoint(const std::string& run_dir,
+                                                        std::vector<std::string>* skipped) {
+  std::vector<std::string> all = list_checkpoints(run_dir);
+  for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    try {
+      validate_checkpoint(*it);
+      return *it;
+    } catch (const Error& e) {
+      if (skipped) skipped->push_back(cat("skipping invalid checkpoint ", *it, ": ", e.what()));
+    }
+  }
+  return std::nullopt;
+}
+
+nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer) {
+  const fs::path d(dir);
+  validate_checkpoint(d);
+  const ModelConfig saved = load_config((d / "config.json").string());
+  const ModelConfig& want = model.config();
+  require(saved.family == want.family && saved.vocab_size == want.vocab_size && saved.n_embd == want.n_embd &&
+              saved.n_layer == want.n_layer && saved.n_head == want.n_head && saved.n_kv_head == want.n_kv_head &&
+              saved.ffn_hidden == want.ffn_hidden && saved.max_seq_len == want.max_seq_len &&
+              saved.tie_embeddings == want.tie_embeddings,
+          (d / "config.json").string(), ": the checkpoint's model does not match the configured model");
+  load_weights(model, (d / "model.safetensors").string());
+  optimizer.load((d / "optimizer.safetensors").string());
+  return nlohmann::json::parse(read_file((d / "trainer_state.json").string()));
+}
+
+}  // namespace tandem

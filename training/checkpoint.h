@@ -1,0 +1,47 @@
+// Training checkpoints: one directory per step under a run directory,
+//
+//   <run>/checkpoints/step_00000100/
+//       config.json  model.safetensors      (Hugging Face names: loads in HF tools)
+//       optimizer.safetensors                (AdamW moments + step)
+//       trainer_state.json                   (step, lr, data position, RNG, metrics, config)
+//       encoder.json  vocab.bpe              (the tokenizer, when the data has one)
+//
+// A checkpoint is built in a temporary sibling directory and renamed into place only when every
+// file is written and fsynced, so a crash leaves no partial `step_*` directory. Older ones are
+// pruned to keep the last K. Resuming picks the newest checkpoint that validates, reporting (not
+// deleting) any that do not.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/transformer.h"
+#include "training/optimizer.h"
+
+namespace tandem {
+
+struct CheckpointSave {
+  const Transformer* model = nullptr;
+  const AdamW* optimizer = nullptr;
+  nlohmann::json trainer_state;      // must contain "step"
+  std::string tokenizer_dir;         // copied in when non-empty and it has the two files
+};
+
+// Writes <run_dir>/checkpoints/step_<step>; returns its path. Keeps the newest keep_last.
+std::string save_checkpoint(const std::string& run_dir, long step, const CheckpointSave& save,
+                            int keep_last);
+
+// Checkpoint directories under run_dir/checkpoints, oldest first.
+std::vector<std::string> list_checkpoints(const std::string& run_dir);
+
+// The newest checkpoint whose files all validate; each skipped one is described in `skipped`.
+std::optional<std::string> find_latest_valid_checkpoint(const std::string& run_dir,
+                                                        std::vector<std::string>* skipped);
+
+// Loads weights and optimizer state into existing objects and returns trainer_state.json.
+// Throws tandem::Error naming the file at fault.
+nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer);
+
+}  // namespace tandem

@@ -1,0 +1,82 @@
+#include "training/optimizer.h"
+
+#include <cmath>
+
+#include "kernels/cpu/kernels.h"
+#include "runtime/safetensors.h"
+
+namespace tandem {
+
+AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config) : config_(config) {
+  for (const ParamSpec& s : layout.specs()) {
+    const float wd = decay_for(s);
+    if (!segments_.empty() && segments_.back().weight_decay == wd &&
+        segments_.back().offset + segments_.back().numel == s.offset) {
+      segments_.back().numel += s.numel;
+    } else {
+      segments_.push_back({s.offset, s.numel, wd});
+    }
+  }
+  numel_ = layout.total_numel();
+  m_ = Tensor::zeros({numel_});
+  v_ = Tensor::zeros({numel_});
+}
+
+float AdamW::decay_for(const ParamSpec& spec) const {
+  switch (spec.kind) {
+    case ParamKind::kMatrix: return config_.weight_decay;
+    case ParamKind::kEmbedding: return config_.decay_embeddings ? config_.weight_decay : 0.0f;
+    default: return config_.decay_norms_and_biases ? config_.weight_decay : 0.0f;
+  }
+}
+
+void AdamW::step(float* params, const float* grads, float lr) {
+  ++step_;
+  float* m = m_.data<float>();
+  float* v = v_.data<float>();
+  for (const Segment& s : segments_) {
+    cpu::adamw_step(params + s.offset, grads + s.offset, m + s.offset, v + s.offset,
+                    static_cast<size_t>(s.numel), lr, config_.beta1, config_.beta2, config_.eps,
+                    s.weight_decay, step_);
+  }
+}
+
+void AdamW::save(const std::string& path) const {
+  write_safetensors(path,
+                    {{"exp_avg", DType::kF32, {numel_}, m_.raw_data()},
+                     {"exp_avg_sq", DType::kF32, {numel_}, v_.raw_data()}},
+                    {{"step", std::to_string(step_)}, {"optimizer", "adamw"}});
+}
+
+void AdamW::load(const std::string& path) {
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  f.read_f32("exp_avg", {numel_}, m_.data<float>());
+  f.read_f32("exp_avg_sq", {numel_}, v_.data<float>());
+  auto it = f.metadata().find("step");
+  require(it != f.metadata().end(), path, ": missing metadata 'step'");
+  try {
+    step_ = std::stol(it->second);
+  } catch (const std::exception&) {
+    throw Error(cat(path, ": metadata 'step' is not a number: ", it->second));
+  }
+  require(step_ >= 0, path, ": metadata 'step' is negative");
+}
+
+float LrSchedule::at(long step) const {
+  if (warmup_steps > 0 && step < warmup_steps) {
+    return max_lr * static_cast<float>(step + 1) / static_cast<float>(warmup_steps);
+  }
+  if (decay == LrDecay::kConstant || total_steps <= warmup_steps) return max_lr;
+  double ratio = static_cast<double>(step - warmup_steps) / static_cast<double>(total_steps - warmup_steps);
+  ratio = ratio < 0.0 ? 0.0 : (ratio > 1.0 ? 1.0 : ratio);
+  const double coeff = decay == LrDecay::kCosine ? 0.5 * (1.0 + std::cos(M_PI * ratio)) : 1.0 - ratio;
+  return static_cast<float>(min_lr + coeff * (max_lr - min_lr));
+}
+
+float clip_grad_norm(float* grads, size_t n, float max_norm) {
+  const float norm = static_cast<float>(std::sqrt(cpu::sum_squares(grads, n)));
+  if (max_norm > 0.0f && norm > max_norm) cpu::scale_inplace(grads, max_norm / (norm + 1e-6f), n);
+  return norm;
+}
+
+}  // namespace tandem

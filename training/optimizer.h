@@ -1,0 +1,69 @@
+// AdamW over the flat parameter buffer, learning-rate schedules and global-norm clipping.
+//
+// AdamW keeps fp32 first/second moments as two flat buffers laid out like the parameters, so
+// ZeRO sharding and checkpointing are slicing. Weight decay is decoupled (Loshchilov & Hutter)
+// and, by default, applies to weight matrices only: not to embeddings, norms or biases.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "runtime/parameters.h"
+#include "runtime/tensor.h"
+
+namespace tandem {
+
+struct AdamWConfig {
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.1f;
+  bool decay_embeddings = false;
+  bool decay_norms_and_biases = false;
+};
+
+class AdamW {
+ public:
+  AdamW(const ParamLayout& layout, const AdamWConfig& config);
+  // One update with learning rate lr; increments step_count() first (bias correction uses it).
+  void step(float* params, const float* grads, float lr);
+  long step_count() const { return step_; }
+  const AdamWConfig& config() const { return config_; }
+  // Weight decay applied to a parameter under this config.
+  float decay_for(const ParamSpec& spec) const;
+
+  // optimizer.safetensors: tensors "exp_avg" and "exp_avg_sq" (flat) + metadata "step".
+  void save(const std::string& path) const;
+  // Throws naming the file if it does not match this optimizer's parameter count.
+  void load(const std::string& path);
+
+ private:
+  struct Segment {
+    int64_t offset, numel;
+    float weight_decay;
+  };
+  AdamWConfig config_;
+  std::vector<Segment> segments_;  // contiguous runs with the same decay
+  int64_t numel_ = 0;
+  Tensor m_, v_;
+  long step_ = 0;
+};
+
+enum class LrDecay { kCosine, kLinear, kConstant };
+
+// Linear warmup from max_lr / warmup_steps to max_lr over warmup_steps, then decay to min_lr at
+// total_steps (cosine or linear) or stay at max_lr (constant). Steps are 0-based.
+struct LrSchedule {
+  float max_lr = 3e-4f;
+  float min_lr = 0.0f;
+  long warmup_steps = 0;
+  long total_steps = 1;
+  LrDecay decay = LrDecay::kCosine;
+  float at(long step) const;
+};
+
+// Scales grads so that their global L2 norm is at most max_norm (no-op when max_norm <= 0).
+// Returns the norm before clipping.
+float clip_grad_norm(float* grads, size_t n, float max_norm);
+
+}  // namespace tandem

@@ -1,0 +1,288 @@
+#include "training/train_config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <map>
+
+#include "runtime/error.h"
+#include "runtime/file_io.h"
+
+namespace tandem {
+
+namespace {
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string suggestion(const std::string& key, const std::vector<std::string>& known) {
+  std::string best;
+  size_t best_d = 3;  // only suggest close matches
+  for (const auto& k : known) {
+    const size_t d = edit_distance(key, k);
+    if (d < best_d) {
+      best_d = d;
+      best = k;
+    }
+  }
+  return best.empty() ? "" : cat(" (did you mean '", best, "'?)");
+}
+
+// Reads one section with a table of typed setters; unknown keys are errors.
+class SectionReader {
+ public:
+  SectionReader(const nlohmann::json& j, std::string section, std::string source)
+      : j_(j), section_(std::move(section)), source_(std::move(source)) {
+    require(j_.is_object(), source_, ": '", section_, "' must be an object");
+  }
+
+  template <typename T>
+  SectionReader& field(const std::string& key, T& out, std::function<bool(const T&)> valid = nullptr,
+                       const char* expectation = "") {
+    known_.push_back(key);
+    auto it = j_.find(key);
+    if (it == j_.end()) return *this;
+    T value;
+    try {
+      if constexpr (std::is_same_v<T, bool>) {
+        require(it->is_boolean(), "");
+      } else if constexpr (std::is_integral_v<T>) {
+        require(it->is_number_integer(), "");
+      } else if constexpr (std::is_floating_point_v<T>) {
+        require(it->is_number(), "");
+      } else {
+        require(it->is_string(), "");
+      }
+      value = it->get<T>();
+    } catch (const std::exception&) {
+      throw Error(cat(source_, ": ", section_, ".", key, " = ", it->dump(), " has the wrong type (expected ",
+                      type_name<T>(), ")"));
+    }
+    require(!valid || valid(value), source_, ": ", section_, ".", key, " = ", it->dump(), " is invalid",
+            expectation[0] ? cat(" (expected ", expectation, ")") : std::string());
+    out = value;
+    return *this;
+  }
+
+  bool has(const std::string& key) const { return j_.contains(key); }
+
+  void finish() const {
+    for (auto it = j_.begin(); it != j_.end(); ++it) {
+      if (std::find(known_.begin(), known_.end(), it.key()) == known_.end()) {
+        throw Error(cat(source_, ": unknown key '", section_, ".", it.key(), "'", suggestion(it.key(), known_)));
+      }
+    }
+  }
+
+ private:
+  template <typename T>
+  static const char* type_name() {
+    if constexpr (std::is_same_v<T, bool>) return "true or false";
+    else if constexpr (std::is_integral_v<T>) return "an integer";
+    else if constexpr (std::is_floating_point_v<T>) return "a number";
+    else return "a string";
+  }
+  const nlohmann::json& j_;
+  std::string section_, source_;
+  std::vector<std::string> known_;
+};
+
+template <typename T>
+std::function<bool(const T&)> positive() {
+  return [](const T& v) { return v > 0; };
+}
+template <typename T>
+std::function<bool(const T&)> non_negative() {
+  return [](const T& v) { return v >= 0; };
+}
+std::function<bool(const float&)> in_unit_interval() {
+  return [](const float& v) { return v >= 0.0f && v < 1.0f; };
+}
+
+const nlohmann::json kEmpty = nlohmann::json::object();
+
+const nlohmann::json& section(const nlohmann::json& j, const char* name) {
+  auto it = j.find(name);
+  return it == j.end() ? kEmpty : *it;
+}
+
+}  // namespace
+
+TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source) {
+  require(j.is_object(), source, ": the config must be a JSON object");
+  const std::vector<std::string> sections = {"model", "data", "train", "optim", "eval", "checkpoint", "log"};
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    require(std::find(sections.begin(), sections.end(), it.key()) != sections.end(), source,
+            ": unknown section '", it.key(), "'", suggestion(it.key(), sections),
+            " (known: model, data, train, optim, eval, checkpoint, log)");
+  }
+  TrainConfig c;
+
+  // model: a preset, then any ModelConfig field on top.
+  {
+    const nlohmann::json& m = section(j, "model");
+    SectionReader r(m, "model", source);
+    std::string preset = "gpt2-tiny", family;
+    r.field<std::string>("preset", preset);
+    try {
+      c.model = ModelConfig::preset(preset);
+    } catch (const Error& e) {
+      throw Error(cat(source, ": model.preset: ", e.what()));
+    }
+    r.field<std::string>("family", family, [](const std::string& f) { return f == "gpt2" || f == "llama"; },
+                         "\"gpt2\" or \"llama\"");
+    if (!family.empty()) c.model.family = family == "llama" ? ModelFamily::kLlama : ModelFamily::kGpt2;
+    const bool kv_given = m.contains("n_kv_head");
+    r.field<int>("vocab_size", c.model.vocab_size, positive<int>(), "> 0")
+        .field<int>("max_seq_len", c.model.max_seq_len, positive<int>(), "> 0")
+        .field<int>("n_embd", c.model.n_embd, positive<int>(), "> 0")
+        .field<int>("n_layer", c.model.n_layer, positive<int>(), "> 0")
+        .field<int>("n_head", c.model.n_head, positive<int>(), "> 0")
+        .field<int>("n_kv_head", c.model.n_kv_head, positive<int>(), "> 0")
+        .field<int>("ffn_hidden", c.model.ffn_hidden, positive<int>(), "> 0")
+        .field<float>("norm_eps", c.model.norm_eps, positive<float>(), "> 0")
+        .field<float>("rope_theta", c.model.rope_theta, positive<float>(), "> 0")
+        .field<bool>("tie_embeddings", c.model.tie_embeddings)
+        .field<float>("init_std", c.model.init_std, positive<float>(), "> 0");
+    r.finish();
+    if (!kv_given && !c.model.is_llama()) c.model.n_kv_head = c.model.n_head;
+    if (!kv_given && c.model.is_llama() && c.model.n_head % c.model.n_kv_head != 0) c.model.n_kv_head = c.model.n_head;
+    c.vocab_size_from_data = !m.contains("vocab_size");
+    try {
+      c.model.validate();
+    } catch (const Error& e) {
+      throw Error(cat(source, ": model: ", e.what()));
+    }
+  }
+  {
+    SectionReader r(section(j, "data"), "data", source);
+    r.field<std::string>("dir", c.data_dir)
+        .field<int>("batch_size", c.batch_size, positive<int>(), "> 0")
+        .field<int>("seq_len", c.seq_len, positive<int>(), "> 0");
+    r.finish();
+  }
+  {
+    SectionReader r(section(j, "train"), "train", source);
+    r.field<long>("steps", c.steps, positive<long>(), "> 0")
+        .field<int>("grad_accum", c.grad_accum, positive<int>(), "> 0")
+        .field<uint64_t>("seed", c.seed)
+        .field<int>("threads", c.threads, non_negative<int>(), ">= 0");
+    r.finish();
+  }
+  {
+    SectionReader r(section(j, "optim"), "optim", source);
+    std::string schedule = "cosine";
+    bool min_lr_given = section(j, "optim").contains("min_lr");
+    r.field<float>("lr", c.schedule.max_lr, positive<float>(), "> 0")
+        .field<float>("min_lr", c.schedule.min_lr, non_negative<float>(), ">= 0")
+        .field<long>("warmup_steps", c.schedule.warmup_steps, non_negative<long>(), ">= 0")
+        .field<std::string>("schedule", schedule,
+                            [](const std::string& s) { return s == "cosine" || s == "linear" || s == "constant"; },
+                            "\"cosine\", \"linear\" or \"constant\"")
+        .field<float>("weight_decay", c.adamw.weight_decay, non_negative<float>(), ">= 0")
+        .field<float>("beta1", c.adamw.beta1, in_unit_interval(), "in [0, 1)")
+        .field<float>("beta2", c.adamw.beta2, in_unit_interval(), "in [0, 1)")
+        .field<float>("eps", c.adamw.eps, positive<float>(), "> 0")
+        .field<bool>("decay_embeddings", c.adamw.decay_embeddings)
+        .field<bool>("decay_norms_and_biases", c.adamw.decay_norms_and_biases)
+        .field<float>("grad_clip", c.grad_clip, non_negative<float>(), ">= 0 (0 = off)");
+    r.finish();
+    c.schedule.decay = schedule == "cosine" ? LrDecay::kCosine : schedule == "linear" ? LrDecay::kLinear : LrDecay::kConstant;
+    if (!min_lr_given) c.schedule.min_lr = 0.1f * c.schedule.max_lr;
+    require(c.schedule.min_lr <= c.schedule.max_lr, source, ": optim.min_lr = ", c.schedule.min_lr,
+            " is larger than optim.lr = ", c.schedule.max_lr);
+  }
+  {
+    SectionReader r(section(j, "eval"), "eval", source);
+    r.field<long>("every", c.eval_every, non_negative<long>(), ">= 0")
+        .field<int>("batches", c.eval_batches, positive<int>(), "> 0")
+        .field<int>("sample_tokens", c.sample_tokens, non_negative<int>(), ">= 0")
+        .field<std::string>("sample_prompt", c.sample_prompt)
+        .field<float>("sample_temperature", c.sample_temperature, non_negative<float>(), ">= 0")
+        .field<int>("sample_top_k", c.sample_top_k, non_negative<int>(), ">= 0");
+    r.finish();
+  }
+  {
+    SectionReader r(section(j, "checkpoint"), "checkpoint", source);
+    r.field<std::string>("dir", c.out_dir, [](const std::string& s) { return !s.empty(); }, "a directory")
+        .field<long>("every", c.checkpoint_every, non_negative<long>(), ">= 0")
+        .field<int>("keep_last", c.keep_last, positive<int>(), "> 0")
+        .field<bool>("resume", c.resume);
+    r.finish();
+  }
+  {
+    SectionReader r(section(j, "log"), "log", source);
+    r.field<std::string>("metrics_file", c.metrics_file)
+        .field<long>("progress_every", c.progress_every, positive<long>(), "> 0");
+    r.finish();
+  }
+  require(!c.data_dir.empty(), source, ": data.dir is required (a directory made by 'tandem prepare')");
+  require(c.seq_len <= c.model.max_seq_len, source, ": data.seq_len = ", c.seq_len,
+          " exceeds model.max_seq_len = ", c.model.max_seq_len);
+  c.schedule.total_steps = c.steps;
+  return c;
+}
+
+TrainConfig load_train_config(const std::string& file, const std::vector<std::string>& overrides) {
+  nlohmann::json j = nlohmann::json::object();
+  if (!file.empty()) {
+    try {
+      j = nlohmann::json::parse(read_file(file), nullptr, true, /*ignore_comments=*/true);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(cat(file, ": invalid JSON: ", e.what()));
+    }
+    require(j.is_object(), file, ": the config must be a JSON object");
+  }
+  for (const std::string& o : overrides) {
+    const size_t eq = o.find('=');
+    const size_t dot = o.find('.');
+    require(eq != std::string::npos && dot != std::string::npos && dot < eq, "override '--", o,
+            "' must look like --section.key=value (e.g. --optim.lr=3e-4)");
+    const std::string sec = o.substr(0, dot), key = o.substr(dot + 1, eq - dot - 1), text = o.substr(eq + 1);
+    nlohmann::json value;
+    try {
+      value = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception&) {
+      value = text;  // a bare string such as --data.dir=data/kjv
+    }
+    if (!j.contains(sec)) j[sec] = nlohmann::json::object();
+    require(j[sec].is_object(), "override '--", o, "': '", sec, "' is not a section");
+    j[sec][key] = value;
+  }
+  return parse_train_config(j, file.empty() ? std::string("command line") : file);
+}
+
+nlohmann::json TrainConfig::to_json() const {
+  const char* decay = schedule.decay == LrDecay::kCosine ? "cosine" : schedule.decay == LrDecay::kLinear ? "linear" : "constant";
+  return {
+      {"model", {{"family", family_name(model.family)}, {"vocab_size", model.vocab_size},
+                 {"max_seq_len", model.max_seq_len}, {"n_embd", model.n_embd}, {"n_layer", model.n_layer},
+                 {"n_head", model.n_head}, {"n_kv_head", model.n_kv_head}, {"ffn_hidden", model.ffn_hidden},
+                 {"norm_eps", model.norm_eps}, {"rope_theta", model.rope_theta},
+                 {"tie_embeddings", model.tie_embeddings}, {"init_std", model.init_std}}},
+      {"data", {{"dir", data_dir}, {"batch_size", batch_size}, {"seq_len", seq_len}}},
+      {"train", {{"steps", steps}, {"grad_accum", grad_accum}, {"seed", seed}, {"threads", threads}}},
+      {"optim", {{"lr", schedule.max_lr}, {"min_lr", schedule.min_lr}, {"warmup_steps", schedule.warmup_steps},
+                 {"schedule", decay}, {"weight_decay", adamw.weight_decay}, {"beta1", adamw.beta1},
+                 {"beta2", adamw.beta2}, {"eps", adamw.eps}, {"decay_embeddings", adamw.decay_embeddings},
+                 {"decay_norms_and_biases", adamw.decay_norms_and_biases}, {"grad_clip", grad_clip}}},
+      {"eval", {{"every", eval_every}, {"batches", eval_batches}, {"sample_tokens", sample_tokens},
+                {"sample_prompt", sample_prompt}, {"sample_temperature", sample_temperature},
+                {"sample_top_k", sample_top_k}}},
+      {"checkpoint", {{"dir", out_dir}, {"every", checkpoint_every}, {"keep_last", keep_last}, {"resume", resume}}},
+      {"log", {{"metrics_file", metrics_file}, {"progress_every", progress_every}}}};
+}
+
+}  // namespace tandem

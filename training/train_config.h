@@ -1,0 +1,69 @@
+// TrainConfig: everything `tandem train` needs, read from a JSON file plus `--section.key=value`
+// overrides, validated with errors that name the bad key, its value and the file.
+//
+//   {
+//     "model":      {"preset": "gpt2-tiny", "n_layer": 4, ...},   // ModelConfig fields
+//     "data":       {"dir": "data/kjv", "batch_size": 16, "seq_len": 128},
+//     "train":      {"steps": 1000, "grad_accum": 1, "seed": 1337, "threads": 0},
+//     "optim":      {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 50, "schedule": "cosine",
+//                    "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
+//                    "grad_clip": 1.0},
+//     "eval":       {"every": 100, "batches": 20, "sample_tokens": 64, "sample_prompt": "..."},
+//     "checkpoint": {"dir": "runs/demo", "every": 200, "keep_last": 3, "resume": false},
+//     "log":        {"metrics_file": "metrics.jsonl", "progress_every": 1}
+//   }
+// Every key has a default; unknown keys are errors (with the closest known key suggested).
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "runtime/model_config.h"
+#include "training/optimizer.h"
+
+namespace tandem {
+
+struct TrainConfig {
+  ModelConfig model = ModelConfig::preset("gpt2-tiny");
+  bool vocab_size_from_data = true;  // model.vocab_size not given: take the data's
+
+  std::string data_dir;
+  int batch_size = 8;
+  int seq_len = 128;
+
+  long steps = 1000;
+  int grad_accum = 1;
+  uint64_t seed = 1337;
+  int threads = 0;  // 0 = OpenMP default
+
+  LrSchedule schedule;
+  AdamWConfig adamw;
+  float grad_clip = 1.0f;
+
+  long eval_every = 100;  // 0 = only at the end
+  int eval_batches = 20;
+  int sample_tokens = 64;  // 0 = no sample at the end
+  std::string sample_prompt;
+  float sample_temperature = 0.8f;
+  int sample_top_k = 40;
+
+  std::string out_dir = "runs/default";
+  long checkpoint_every = 0;  // 0 = only at the end (and on Ctrl-C)
+  int keep_last = 3;
+  bool resume = false;
+
+  std::string metrics_file = "metrics.jsonl";  // relative to out_dir
+  long progress_every = 1;
+
+  // The JSON view of this config (all keys, with values), for trainer_state.json.
+  nlohmann::json to_json() const;
+};
+
+// Parses `file` (may be empty: defaults only) and applies overrides ("section.key=value", the
+// value parsed as JSON when it parses, else taken as a string). Throws tandem::Error naming the
+// file or the override and the key at fault.
+TrainConfig load_train_config(const std::string& file, const std::vector<std::string>& overrides);
+TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source);
+
+}  // namespace tandem

@@ -1,0 +1,337 @@
+#include "training/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "inference/generate.h"
+#include "kernels/cpu/kernels.h"
+#include "runtime/error.h"
+#include "runtime/file_io.h"
+#include "training/checkpoint.h"
+#include "training/prepare.h"
+#include "training/token_shard.h"
+
+namespace tandem {
+
+namespace fs = std::filesystem;
+
+float accumulate_gradients(Transformer& model, const int32_t* inputs, const int32_t* targets,
+                           int micro_batches, int B, int T) {
+  model.zero_grad();
+  double total = 0.0;
+  const size_t per_micro = static_cast<size_t>(B) * T;
+  for (int k = 0; k < micro_batches; ++k) {
+    total += model.forward(inputs + k * per_micro, targets + k * per_micro, B, T);
+    model.backward();
+  }
+  if (micro_batches > 1) {
+    cpu::scale_inplace(model.grads().data<float>(), 1.0f / micro_batches,
+                       static_cast<size_t>(model.num_parameters()));
+  }
+  return static_cast<float>(total / micro_batches);
+}
+
+namespace {
+
+// Cross-entropy of the val tokens under the train split's unigram distribution (add-one
+// smoothing): the loss a model that ignores context would reach. "Learning" means beating it.
+double unigram_cross_entropy(const std::vector<std::string>& train, const std::vector<std::string>& val,
+                             int vocab) {
+  std::vector<double> counts(vocab, 1.0);
+  double total = vocab;
+  std::vector<int32_t> buf;
+  for (const auto& path : train) {
+    TokenShard s = TokenShard::open(path);
+    buf.resize(s.size());
+    s.copy(0, s.size(), buf.data());
+    for (int32_t t : buf) counts[t] += 1.0;
+    total += static_cast<double>(s.size());
+  }
+  double nll = 0.0;
+  uint64_t n = 0;
+  for (const auto& path : val) {
+    TokenShard s = TokenShard::open(path);
+    buf.resize(s.size());
+    s.copy(0, s.size(), buf.data());
+    for (int32_t t : buf) nll -= std::log(counts[t] / total);
+    n += s.size();
+  }
+  return n ? nll / static_cast<double>(n) : 0.0;
+}
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const long s = static_cast<long>(seconds + 0.5);
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof(buf), "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+  else if (s >= 60) std::snprintf(buf, sizeof(buf), "%ldm%02lds", s / 60, s % 60);
+  else std::snprintf(buf, sizeof(buf), "%lds", s);
+  return buf;
+}
+
+// Drops metrics lines of steps after `step` (left by a run that went on past its last checkpoint).
+void truncate_metrics_after(const std::string& path, long step) {
+  if (!fs::exists(path)) return;
+  std::istringstream in(read_file(path));
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("step") && j["step"].get<long>() > step) continue;
+    } catch (const std::exception&) {
+      continue;  // a torn last line from a crash
+    }
+    kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainConfig& config, std::ostream& log) : config_(config), log_(log) {
+  if (config_.threads > 0) cpu::set_num_threads(config_.threads);
+
+  // Data: prepare.json gives the vocabulary; shards are validated by the loaders.
+  const fs::path data(config_.data_dir);
+  require(fs::is_directory(data), "data.dir ", config_.data_dir, " is not a directory (make one with 'tandem prepare')");
+  const fs::path summary_path = data / kPrepareSummaryFileName;
+  require(fs::exists(summary_path), summary_path.string(), ": missing (make the data directory with 'tandem prepare')");
+  nlohmann::json summary;
+  try {
+    summary = nlohmann::json::parse(read_file(summary_path.string()));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(cat(summary_path.string(), ": invalid JSON: ", e.what()));
+  }
+  require(summary.contains("vocab_size") && summary["vocab_size"].is_number_integer(), summary_path.string(),
+          ": no integer vocab_size");
+  const int data_vocab = summary["vocab_size"].get<int>();
+  eot_token_ = summary.value("eot_token", -1);
+  if (config_.vocab_size_from_data) {
+    config_.model.vocab_size = data_vocab;
+  } else {
+    require(config_.model.vocab_size == data_vocab, "model.vocab_size = ", config_.model.vocab_size,
+            " does not match the data's vocabulary (", data_vocab, " in ", summary_path.string(), ")");
+  }
+  config_.model.validate();
+  if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
+    tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
+  }
+
+  DataLoaderConfig lc;
+  lc.batch_size = static_cast<int64_t>(config_.batch_size) * config_.grad_accum;
+  lc.sequence_length = config_.seq_len;
+  lc.seed = config_.seed;
+  lc.vocab_size = data_vocab;
+  lc.shuffle = true;
+  train_loader_ = std::make_unique<DataLoader>(DataLoader::from_split(data.string(), "train", lc));
+  DataLoaderConfig vc = lc;
+  vc.batch_size = config_.batch_size;
+  vc.shuffle = false;
+  val_loader_ = std::make_unique<DataLoader>(DataLoader::from_split(data.string(), "val", vc));
+  unigram_val_loss_ = unigram_cross_entropy(list_split_shards(data.string(), "train"),
+                                            list_split_shards(data.string(), "val"), data_vocab);
+
+  // Output directory: must be writable; an existing run is only continued with resume.
+  std::error_code ec;
+  fs::create_directories(config_.out_dir, ec);
+  require(!ec && fs::is_directory(config_.out_dir), "checkpoint.dir ", config_.out_dir,
+          " cannot be created: ", ec ? ec.message() : "not a directory");
+  require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir, " is not writable");
+  const std::string metrics_path = (fs::path(config_.out_dir) / config_.metrics_file).string();
+  const bool has_run = !list_checkpoints(config_.out_dir).empty() || fs::exists(metrics_path);
+  require(config_.resume || !has_run, "checkpoint.dir ", config_.out_dir,
+          " already holds a run (checkpoints or ", config_.metrics_file,
+          "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
+
+  model_ = std::make_unique<Transformer>(config_.model);
+  model_->init_weights(config_.seed);
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw);
+
+  if (config_.resume) {
+    std::vector<std::string> skipped;
+    const auto latest = find_latest_valid_checkpoint(config_.out_dir, &skipped);
+    for (const auto& s : skipped) log_ << "tandem: " << s << "\n";
+    if (latest) {
+      const nlohmann::json state = load_checkpoint(*latest, *model_, *optimizer_);
+      start_step_ = state.at("step").get<long>();
+      DataLoaderState ds;
+      try {
+        from_json(state.at("data"), ds);
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(cat(*latest, "/trainer_state.json: bad 'data' position: ", e.what()));
+      }
+      train_loader_->restore(ds);
+      if (state.contains("val_losses")) {
+        for (const auto& v : state["val_losses"]) val_history_.emplace_back(v[0].get<long>(), v[1].get<float>());
+      }
+      require(optimizer_->step_count() == start_step_, *latest, ": optimizer step ", optimizer_->step_count(),
+              " does not match trainer step ", start_step_);
+      log_ << "tandem: resumed from " << *latest << " at step " << start_step_ << "\n";
+      truncate_metrics_after(metrics_path, start_step_);
+    } else {
+      log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
+      fs::remove(metrics_path, ec);
+    }
+  }
+  metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
+  require(metrics_->good(), "cannot write metrics file ", metrics_path);
+  peak_gflops_ = cpu::measure_sgemm_gflops(1024, 3);
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::write_metrics(const nlohmann::json& line) {
+  *metrics_ << line.dump() << "\n";
+  metrics_->flush();
+}
+
+float Trainer::evaluate() {
+  val_loader_->reset();
+  const int B = config_.batch_size, T = config_.seq_len;
+  const int batches = static_cast<int>(std::min<uint64_t>(config_.eval_batches, val_loader_->batches_per_epoch()));
+  std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  double total = 0.0;
+  for (int i = 0; i < batches; ++i) {
+    val_loader_->next_batch(in.data(), tg.data());
+    total += model_->forward(in.data(), tg.data(), B, T);
+  }
+  return static_cast<float>(total / std::max(batches, 1));
+}
+
+std::string Trainer::save(long step, float last_loss) {
+  nlohmann::json state = {{"step", step},
+                          {"lr", config_.schedule.at(std::max(0L, step - 1))},
+                          {"data", train_loader_->state()},
+                          {"last_loss", last_loss},
+                          {"unigram_val_loss", unigram_val_loss_},
+                          {"config", config_.to_json()}};
+  nlohmann::json vals = nlohmann::json::array();
+  for (const auto& [s, v] : val_history_) vals.push_back({s, v});
+  state["val_losses"] = vals;
+  CheckpointSave save{model_.get(), optimizer_.get(), state, tokenizer_ ? config_.data_dir : std::string()};
+  return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
+}
+
+std::string Trainer::sample_text() {
+  if (config_.sample_tokens <= 0) return "";
+  std::vector<int32_t> prompt;
+  if (tokenizer_ && !config_.sample_prompt.empty()) prompt = tokenizer_->encode(config_.sample_prompt);
+  if (prompt.empty()) prompt = {eot_token_ >= 0 ? eot_token_ : 0};
+  GenerateOptions opt;
+  opt.max_new_tokens = config_.sample_tokens;
+  opt.sampling.temperature = config_.sample_temperature;
+  opt.sampling.top_k = config_.sample_top_k;
+  opt.seed = config_.seed;
+  opt.stop_token = eot_token_;
+  const std::vector<int32_t> out = generate(*model_, prompt, opt);
+  if (!tokenizer_) {
+    std::string s;
+    for (int32_t t : out) s += std::to_string(t) + " ";
+    return s;
+  }
+  std::vector<int32_t> visible;
+  for (int32_t t : out) {
+    if (t != eot_token_) visible.push_back(t);
+  }
+  return (config_.sample_prompt.empty() ? "" : config_.sample_prompt) + tokenizer_->decode(visible);
+}
+
+TrainResult Trainer::run(const std::atomic<int>* stop) {
+  TrainResult result;
+  result.first_step = start_step_;
+  result.unigram_val_loss = unigram_val_loss_;
+  const int B = config_.batch_size, T = config_.seq_len, K = config_.grad_accum;
+  const size_t tokens_per_step = static_cast<size_t>(B) * T * K;
+  std::vector<int32_t> inputs(tokens_per_step), targets(tokens_per_step);
+  const double flops = model_->flops_per_step(B, T) * K;
+  const bool tty = ::isatty(STDOUT_FILENO) && &log_ == &std::cout;
+
+  log_ << "tandem: " << family_name(config_.model.family) << " model, "
+       << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
+       << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads() << " threads\n";
+  log_ << "tandem: train " << train_loader_->num_windows() << " windows, val " << val_loader_->num_windows()
+       << " windows; unigram baseline val loss " << unigram_val_loss_ << "\n";
+  if (start_step_ == 0 && config_.eval_every > 0) {
+    const float v = evaluate();
+    val_history_.emplace_back(0, v);
+    result.val_losses.emplace_back(0, v);
+    write_metrics({{"step", 0}, {"val_loss", v}});
+    log_ << "tandem: step 0 val loss " << v << "\n";
+  }
+
+  const auto t_start = std::chrono::steady_clock::now();
+  double tokens_done = 0.0, compute_seconds = 0.0;
+  float loss = NAN;
+  long step = start_step_;
+  while (step < config_.steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const float lr = config_.schedule.at(step);
+    train_loader_->next_batch(inputs.data(), targets.data());
+    loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
+    const float norm = clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip);
+    optimizer_->step(model_->params().data<float>(), model_->grads().data<float>(), lr);
+    ++step;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    compute_seconds += dt;
+    tokens_done += tokens_per_step;
+    result.step_losses.push_back(loss);
+    require(std::isfinite(loss), "training diverged: loss is ", loss, " at step ", step,
+            " (try a lower optim.lr or optim.grad_clip)");
+    const double tps = tokens_per_step / dt;
+    const double mfu = flops / dt / 1e9 / peak_gflops_;
+    write_metrics({{"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps},
+                   {"mfu", mfu}, {"step_ms", dt * 1e3}});
+    if (step % config_.progress_every == 0 || step == config_.steps) {
+      const double avg = compute_seconds / (step - start_step_);
+      char line[256];
+      std::snprintf(line, sizeof(line), "step %6ld/%ld | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | MFU %.0f%% | ETA %s",
+                    step, config_.steps, loss, lr, norm, tokens_done / compute_seconds, 100.0 * mfu,
+                    format_duration(avg * (config_.steps - step)).c_str());
+      log_ << (tty ? "\r" : "") << line << (tty ? "\033[K" : "\n") << std::flush;
+    }
+    const bool last = step == config_.steps;
+    if ((config_.eval_every > 0 && step % config_.eval_every == 0) || last) {
+      const float v = evaluate();
+      val_history_.emplace_back(step, v);
+      result.val_losses.emplace_back(step, v);
+      write_metrics({{"step", step}, {"val_loss", v}});
+      log_ << (tty ? "\n" : "") << "tandem: step " << step << " val loss " << v << "\n";
+    }
+    const bool stopping = stop != nullptr && stop->load() != 0;
+    if ((config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) || last || stopping) {
+      result.last_checkpoint = save(step, loss);
+      if (stopping || config_.checkpoint_every > 0) {
+        log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << "\n";
+      }
+    }
+    if (stopping) {
+      result.interrupted = true;
+      break;
+    }
+  }
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  result.last_step = step;
+  result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
+  if (!result.interrupted) result.sample = sample_text();
+
+  log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished") << " at step "
+       << step << "/" << config_.steps << " in " << format_duration(wall) << ", "
+       << static_cast<long>(result.tokens_per_second) << " tokens/s\n";
+  if (!val_history_.empty()) {
+    log_ << "tandem: val loss " << val_history_.front().second << " (step " << val_history_.front().first
+         << ") -> " << val_history_.back().second << " (step " << val_history_.back().first
+         << "); unigram baseline " << unigram_val_loss_ << "\n";
+  }
+  if (!result.last_checkpoint.empty()) log_ << "tandem: checkpoint " << result.last_checkpoint << "\n";
+  if (!result.sample.empty()) log_ << "tandem: sample:\n" << result.sample << "\n";
+  return result;
+}
+
+}  // namespace tandem

@@ -1,0 +1,80 @@
+// Trainer: the training loop behind `tandem train`.
+//
+// Per step: zero grads; grad_accum micro-batches of forward + backward (gradients averaged so
+// k x B equals one batch of k*B); global-norm clipping; AdamW with the scheduled learning rate.
+// Around it: validation loss every eval.every steps, checkpoints every checkpoint.every steps
+// and at the end, a JSONL metrics file, a live progress line, and a stop flag (Ctrl-C /
+// SIGTERM) that ends the run after the current step with a checkpoint.
+//
+// Determinism: for a fixed thread count, a run resumed from a checkpoint reproduces the
+// uninterrupted run's per-step losses bit for bit (weights, AdamW moments and step, data
+// position and LR schedule are all restored; every reduction has a fixed order).
+#pragma once
+
+#include <atomic>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/tokenizer.h"
+#include "runtime/transformer.h"
+#include "training/data_loader.h"
+#include "training/optimizer.h"
+#include "training/train_config.h"
+
+namespace tandem {
+
+struct TrainResult {
+  long first_step = 0;                 // 0, or the resumed checkpoint's step
+  long last_step = 0;                  // steps completed in total
+  std::vector<float> step_losses;      // losses of the steps run by this call
+  std::vector<std::pair<long, float>> val_losses;  // (step, loss)
+  double unigram_val_loss = 0.0;       // baseline: val cross-entropy of train unigram counts
+  double tokens_per_second = 0.0;
+  bool interrupted = false;
+  std::string last_checkpoint;
+  std::string sample;                  // decoded sample at the end (may be empty)
+};
+
+// Computes the gradient of the mean loss over `micro_batches` consecutive [B, T] batches
+// (inputs/targets hold micro_batches * B * T tokens) into model.grads() (which it zeroes first),
+// returning that mean loss. Equal to one forward/backward over the whole batch to fp32 rounding.
+float accumulate_gradients(Transformer& model, const int32_t* inputs, const int32_t* targets,
+                           int micro_batches, int B, int T);
+
+class Trainer {
+ public:
+  // Validates the data and output directory, builds the model and optimizer, and resumes from
+  // the newest valid checkpoint when config.resume is set. Throws tandem::Error on bad input.
+  Trainer(const TrainConfig& config, std::ostream& log);
+  ~Trainer();
+
+  // Trains until config.steps or until *stop becomes non-zero.
+  TrainResult run(const std::atomic<int>* stop = nullptr);
+
+  Transformer& model() { return *model_; }
+  long start_step() const { return start_step_; }
+  // Mean validation loss over eval.batches batches (the val loader restarts each time).
+  float evaluate();
+
+ private:
+  void write_metrics(const nlohmann::json& line);
+  std::string save(long step, float last_loss);
+  std::string sample_text();
+
+  TrainConfig config_;
+  std::ostream& log_;
+  std::unique_ptr<Transformer> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<DataLoader> train_loader_, val_loader_;
+  std::unique_ptr<BpeTokenizer> tokenizer_;
+  int32_t eot_token_ = -1;
+  long start_step_ = 0;
+  double unigram_val_loss_ = 0.0;
+  double peak_gflops_ = 0.0;
+  std::vector<std::pair<long, float>> val_history_;
+  std::unique_ptr<std::ofstream> metrics_;
+};
+
+}  // namespace tandem
