@@ -1,6 +1,7 @@
 #include "runtime/file_io.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -13,10 +14,20 @@
 
 namespace tandem {
 
-AtomicFileWriter::AtomicFileWriter(const std::string& path)
-    : path_(path), tmp_path_(path + ".tmp." + std::to_string(::getpid())) {
-  fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw Error(cat("cannot write ", path, ": ", std::strerror(errno)));
+AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
+  const std::filesystem::path target(path);
+  const std::string dir = target.parent_path().empty() ? "." : target.parent_path().string();
+  std::string pattern = dir + "/." + target.filename().string() + ".tmpXXXXXX";
+  fd_ = ::mkostemp(pattern.data(), O_CLOEXEC);
+  if (fd_ < 0) {
+    const int error = errno;
+    if (error == ENOENT || error == ENOTDIR) {
+      throw Error(cat("cannot write ", path, ": directory '", dir, "' does not exist or is not a directory"));
+    }
+    throw Error(cat("cannot write ", path, ": directory '", dir, "' is not writable (", std::strerror(error), ")"));
+  }
+  tmp_path_ = pattern;
+  ::fchmod(fd_, 0644);  // mkstemp creates 0600; our files are meant to be shared
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
@@ -39,8 +50,9 @@ void AtomicFileWriter::write(const void* data, size_t bytes) {
 
 void AtomicFileWriter::commit() {
   if (::fsync(fd_) != 0) throw Error(cat("cannot fsync ", path_, ": ", std::strerror(errno)));
-  ::close(fd_);
+  const int closed = ::close(fd_);
   fd_ = -1;
+  if (closed != 0) throw Error(cat("cannot close ", path_, ": ", std::strerror(errno)));
   if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
     throw Error(cat("cannot rename ", tmp_path_, " to ", path_, ": ", std::strerror(errno)));
   }

@@ -4,13 +4,15 @@
 #pragma once
 
 #include <string>
+#include <cstddef>
 #include <string_view>
 
 namespace tandem {
 
 class AtomicFileWriter {
  public:
-  // Opens `<path>.tmp.<pid>`; throws tandem::Error naming the path if it cannot be created.
+  // Creates a unique temporary file `.<name>.tmpXXXXXX` beside `path` (mode 0644); throws
+  // tandem::Error naming the path (and whether its directory is missing or not writable).
   explicit AtomicFileWriter(const std::string& path);
   ~AtomicFileWriter();  // removes the temporary file unless commit() succeeded
   AtomicFileWriter(const AtomicFileWriter&) = delete;

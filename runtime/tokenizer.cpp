@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 
 namespace tandem {
 namespace {
@@ -637,54 +638,6 @@ BpeTokenizer BpeTokenizer::train(const std::vector<std::string>& texts, int voca
 // ---------------------------------------------------------------------------------------------
 // Saving.
 
-namespace {
-
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
-
-// Writes `contents` to a temporary name beside `path`, fsyncs it, renames it over `path` and
-// fsyncs the directory, so readers see the old file or the new one, never a torn one.
-void write_file_atomically(const std::filesystem::path& path, const std::string& contents) {
-  const std::string temp_path = cat(path.string(), ".tmp.", ::getpid());
-  const auto fail = [&](const std::string& what) {
-    const int saved_errno = errno;
-    ::unlink(temp_path.c_str());
-    throw Error(cat("cannot write tokenizer file ", path.string(), ": ", what, ": ",
-                    std::strerror(saved_errno)));
-  };
-  {
-    FileDescriptor file(::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (file.get() < 0) fail(cat("open ", temp_path));
-    size_t written = 0;
-    while (written < contents.size()) {
-      const ssize_t n = ::write(file.get(), contents.data() + written, contents.size() - written);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) fail(cat("write ", temp_path));
-      written += static_cast<size_t>(n);
-    }
-    if (::fsync(file.get()) != 0) fail(cat("fsync ", temp_path));
-    if (::close(file.release()) != 0) fail(cat("close ", temp_path));
-  }
-  if (::rename(temp_path.c_str(), path.c_str()) != 0) fail("rename");
-  const std::string dir = path.has_parent_path() ? path.parent_path().string() : ".";
-  FileDescriptor dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir_fd.get() >= 0) ::fsync(dir_fd.get());  // best effort: some filesystems refuse
-}
-
-}  // namespace
-
 void BpeTokenizer::save_dir(const std::string& dir) const {
   const std::filesystem::path root(dir);
   std::error_code error;
@@ -708,8 +661,8 @@ void BpeTokenizer::save_dir(const std::string& dir) const {
     vocab_bpe += '\n';
   }
 
-  write_file_atomically(root / "encoder.json", encoder_json);
-  write_file_atomically(root / "vocab.bpe", vocab_bpe);
+  write_file_atomic((root / "encoder.json").string(), encoder_json);
+  write_file_atomic((root / "vocab.bpe").string(), vocab_bpe);
 }
 
 // ---------------------------------------------------------------------------------------------

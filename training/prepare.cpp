@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 #include "training/token_shard.h"
 
 namespace tandem {
@@ -167,27 +168,6 @@ class SplitShardWriter {
   uint64_t total_tokens_ = 0;
 };
 
-void write_text_file_synced(const std::string& path, const std::string& text) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  require(fd >= 0, "prepare: cannot create ", path, ": ", std::strerror(errno));
-  size_t written = 0;
-  while (written < text.size()) {
-    ssize_t n = ::write(fd, text.data() + written, text.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int error = errno;
-      ::close(fd);
-      throw Error(cat("prepare: cannot write ", path, ": ", std::strerror(error)));
-    }
-    written += static_cast<size_t>(n);
-  }
-  int sync_result = ::fsync(fd);
-  int sync_error = errno;
-  int close_result = ::close(fd);
-  require(sync_result == 0 && close_result == 0, "prepare: cannot sync ", path, ": ",
-          std::strerror(sync_result != 0 ? sync_error : errno));
-}
-
 nlohmann::json summary_to_json(const PrepareOptions& options, const PrepareSummary& summary,
                                const std::vector<std::string>& train_names,
                                const std::vector<std::string>& val_names) {
@@ -245,7 +225,7 @@ void write_prepared_outputs(const PrepareOptions& options, PrepareSummary& summa
 
   // Publish: summary staged first, then shards moved, summary last so its presence means done.
   const std::string staged_summary = (fs::path(staging.path()) / kPrepareSummaryFileName).string();
-  write_text_file_synced(
+  write_file_atomic(
       staged_summary,
       summary_to_json(options, summary, train.shard_names(), val.shard_names()).dump(2) + "\n");
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 
 namespace tandem {
 namespace {
@@ -45,21 +46,8 @@ class FileDescriptor {
   int fd_;
 };
 
-void write_all(int fd, const void* data, size_t bytes, const std::string& path) {
-  const auto* cursor = static_cast<const unsigned char*>(data);
-  while (bytes > 0) {
-    ssize_t written = ::write(fd, cursor, bytes);
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      throw Error(cat("cannot write token shard ", path, ": ", errno_text(errno)));
-    }
-    cursor += written;
-    bytes -= static_cast<size_t>(written);
-  }
-}
-
 template <typename Stored>
-void write_tokens_as(int fd, std::span<const int32_t> tokens, const std::string& path) {
+void write_tokens_as(AtomicFileWriter& out, std::span<const int32_t> tokens) {
   constexpr size_t kChunkTokens = size_t{1} << 16;
   std::vector<Stored> chunk;
   chunk.reserve(std::min(kChunkTokens, tokens.size()));
@@ -67,7 +55,7 @@ void write_tokens_as(int fd, std::span<const int32_t> tokens, const std::string&
     size_t end = std::min(tokens.size(), begin + kChunkTokens);
     chunk.clear();
     for (size_t i = begin; i < end; ++i) chunk.push_back(static_cast<Stored>(tokens[i]));
-    write_all(fd, chunk.data(), chunk.size() * sizeof(Stored), path);
+    out.write(chunk.data(), chunk.size() * sizeof(Stored));
   }
 }
 
@@ -88,17 +76,6 @@ uint64_t get_u64(const unsigned char* in) {
   return value;
 }
 
-// Makes a completed rename durable. Some filesystems refuse fsync on directories (EINVAL);
-// that is not an error of ours.
-void fsync_directory(const std::string& dir, const std::string& path) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  FileDescriptor guard(fd);
-  if (::fsync(fd) != 0 && errno != EINVAL && errno != EROFS) {
-    throw Error(cat("cannot sync directory of token shard ", path, ": ", errno_text(errno)));
-  }
-}
-
 }  // namespace
 
 void write_token_shard(const std::string& path, std::span<const int32_t> tokens,
@@ -110,53 +87,21 @@ void write_token_shard(const std::string& path, std::span<const int32_t> tokens,
             ": token ", tokens[i], " at offset ", i, " is outside [0, ", vocab_size, ")");
   }
 
-  std::filesystem::path target(path);
-  std::string dir = target.parent_path().empty() ? "." : target.parent_path().string();
-  std::string temp_name = dir + "/." + target.filename().string() + ".tmpXXXXXX";
-  std::vector<char> temp_buffer(temp_name.begin(), temp_name.end());
-  temp_buffer.push_back('\0');
-  int fd = ::mkstemp(temp_buffer.data());
-  if (fd < 0) {
-    int error = errno;
-    if (error == ENOENT || error == ENOTDIR) {
-      throw Error(cat("cannot write token shard ", path, ": directory '", dir,
-                      "' does not exist or is not a directory"));
-    }
-    throw Error(cat("cannot write token shard ", path, ": directory '", dir, "' is not writable (",
-                    errno_text(error), ")"));
+  AtomicFileWriter out(path);
+  const uint32_t token_bytes = vocab_size <= 65536 ? 2 : 4;
+  unsigned char header[kTokenShardHeaderBytes] = {};
+  std::memcpy(header, kTokenShardMagic, sizeof(kTokenShardMagic));
+  put_u32(header + 8, kTokenShardVersion);
+  put_u32(header + 12, token_bytes);
+  put_u64(header + 16, tokens.size());
+  put_u64(header + 24, vocab_size);
+  out.write(header, sizeof(header));
+  if (token_bytes == 2) {
+    write_tokens_as<uint16_t>(out, tokens);
+  } else {
+    write_tokens_as<uint32_t>(out, tokens);
   }
-  std::string temp_path(temp_buffer.data());
-  FileDescriptor file(fd);
-  try {
-    ::fchmod(fd, 0644);  // mkstemp creates 0600; shards are meant to be shared read-only
-    const uint32_t token_bytes = vocab_size <= 65536 ? 2 : 4;
-    unsigned char header[kTokenShardHeaderBytes] = {};
-    std::memcpy(header, kTokenShardMagic, sizeof(kTokenShardMagic));
-    put_u32(header + 8, kTokenShardVersion);
-    put_u32(header + 12, token_bytes);
-    put_u64(header + 16, tokens.size());
-    put_u64(header + 24, vocab_size);
-    write_all(fd, header, sizeof(header), path);
-    if (token_bytes == 2) {
-      write_tokens_as<uint16_t>(fd, tokens, path);
-    } else {
-      write_tokens_as<uint32_t>(fd, tokens, path);
-    }
-    if (::fsync(fd) != 0) {
-      throw Error(cat("cannot sync token shard ", path, ": ", errno_text(errno)));
-    }
-    if (file.close_now() != 0) {
-      throw Error(cat("cannot close token shard ", path, ": ", errno_text(errno)));
-    }
-    if (::rename(temp_path.c_str(), path.c_str()) != 0) {
-      throw Error(
-          cat("cannot rename ", temp_path, " to token shard ", path, ": ", errno_text(errno)));
-    }
-  } catch (...) {
-    ::unlink(temp_path.c_str());
-    throw;
-  }
-  fsync_directory(dir, path);
+  out.commit();
 }
 
 TokenShard TokenShard::open(const std::string& path, std::optional<uint64_t> expected_vocab_size) {

@@ -10,6 +10,7 @@
 
 #include "runtime/file_io.h"
 #include "training/token_shard.h"
+#include "tests/test_support.h"
 
 namespace tandem {
 namespace {
@@ -21,8 +22,11 @@ struct Result {
   std::string err;
 };
 
+// Runs the tandem binary; stderr goes to a file named after the running test (ctest runs tests
+// in parallel processes).
 Result run(const std::string& args) {
-  const std::string err_file = ::testing::TempDir() + "/tandem_cli_stderr.txt";
+  const std::string err_file = ::testing::TempDir() + "/tandem_cli_stderr_" +
+                               ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".txt";
   const std::string cmd = std::string(TANDEM_BINARY_DIR) + "/tandem " + args + " >/dev/null 2>" + err_file;
   const int raw = std::system(cmd.c_str());
   Result r;
@@ -42,9 +46,6 @@ void expect_one_line_error(const Result& r, const std::string& needle) {
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("tandem_cli_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-    fs::remove_all(dir_);
     fs::create_directories(dir_ / "data");
     std::vector<int32_t> tokens(4000);
     for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i % 31);
@@ -52,7 +53,6 @@ class CliTest : public ::testing::Test {
     write_token_shard((dir_ / "data" / "val_000000.bin").string(), tokens, 32);
     write_file_atomic((dir_ / "data" / "prepare.json").string(), R"({"vocab_size": 32, "eot_token": 31})");
   }
-  void TearDown() override { fs::remove_all(dir_); }
   std::string config(const std::string& body) {
     const std::string path = (dir_ / "config.json").string();
     write_file_atomic(path, body);
@@ -63,7 +63,8 @@ class CliTest : public ::testing::Test {
            " --train.steps=2 --data.batch_size=2 --data.seq_len=8 --model.max_seq_len=8 --model.n_layer=1"
            " --model.n_embd=16 --model.n_head=2 --model.ffn_hidden=32 --eval.sample_tokens=0";
   }
-  fs::path dir_;
+  testing::ScratchDir scratch_{"tandem_cli"};
+  const fs::path dir_ = scratch_.path();
 };
 
 TEST_F(CliTest, UnknownConfigKey) {

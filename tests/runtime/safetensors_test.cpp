@@ -9,6 +9,7 @@
 #include "runtime/model_io.h"
 #include "runtime/safetensors.h"
 #include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
 
 namespace tandem {
 namespace {
@@ -17,14 +18,7 @@ namespace fs = std::filesystem;
 
 class SafetensorsTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("tandem_st_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string path(const std::string& name) const { return scratch_ / name; }
 
   // Saves a tiny model and returns its directory.
   std::string save_tiny(const ModelConfig& c, Transformer** out = nullptr) {
@@ -62,7 +56,7 @@ class SafetensorsTest : public ::testing::Test {
     }
   }
 
-  fs::path dir_;
+  testing::ScratchDir scratch_{"tandem_st"};
   std::unique_ptr<Transformer> model_;
 };
 

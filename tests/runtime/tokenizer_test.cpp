@@ -1,4 +1,5 @@
 #include "runtime/tokenizer.h"
+#include "tests/test_support.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -18,28 +19,6 @@ namespace tandem {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh directory under the system temp dir, removed with its contents on destruction.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    path_ = fs::temp_directory_path() / ("tandem_tokenizer_test_" + std::to_string(::getpid()) +
-                                         "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 void write_file(const fs::path& path, const std::string& contents) {
   std::ofstream out(path, std::ios::binary);
@@ -76,14 +55,7 @@ const BpeTokenizer& small_trained_tokenizer() {
   return tokenizer;
 }
 
-std::string error_message_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no tandem::Error thrown)";
-}
+using testing::error_message_of;
 
 std::vector<std::string> pieces_of(std::string_view text) {
   std::vector<std::string> pieces;
@@ -201,7 +173,7 @@ TEST(BpeTokenizerTest, TrainingRespectsVocabSize) {
 
 TEST(BpeTokenizerTest, TrainedVocabularySavesAndLoads) {
   const BpeTokenizer& trained = small_trained_tokenizer();
-  TempDir dir;
+  testing::ScratchDir dir("tandem_tokenizer");
   const fs::path out = dir.path() / "nested" / "tok";
   trained.save_dir(out.string());
   EXPECT_TRUE(fs::exists(out / "encoder.json"));
@@ -233,7 +205,7 @@ TEST(BpeTokenizerTest, DecodeRejectsOutOfRangeIds) {
 }
 
 TEST(BpeTokenizerTest, LoadFailsOnCorruptFiles) {
-  TempDir dir;
+  testing::ScratchDir dir("tandem_tokenizer");
   small_trained_tokenizer().save_dir(dir.path().string());
   const fs::path encoder = dir.path() / "encoder.json";
   const fs::path merges = dir.path() / "vocab.bpe";

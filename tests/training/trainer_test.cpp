@@ -12,6 +12,7 @@
 #include "training/token_shard.h"
 #include "training/trainer.h"
 #include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
 
 namespace tandem {
 namespace {
@@ -31,9 +32,6 @@ std::vector<int32_t> corpus(int n, uint64_t seed) {
 class TrainerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    root_ = fs::path(::testing::TempDir()) /
-            ("tandem_trainer_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-    fs::remove_all(root_);
     fs::create_directories(root_ / "data");
     write_token_shard((root_ / "data" / "train_000000.bin").string(), corpus(6000, 1), kVocab);
     write_token_shard((root_ / "data" / "val_000000.bin").string(), corpus(1500, 2), kVocab);
@@ -41,8 +39,6 @@ class TrainerTest : public ::testing::Test {
                       nlohmann::json({{"vocab_size", kVocab}, {"eot_token", kVocab - 1}}).dump());
     cpu::set_num_threads(2);
   }
-  void TearDown() override { fs::remove_all(root_); }
-
   TrainConfig config(const std::string& run, const std::vector<std::string>& extra = {}) {
     std::vector<std::string> o = {
         "model.preset=\"gpt2-tiny\"", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
@@ -62,7 +58,8 @@ class TrainerTest : public ::testing::Test {
     return r;
   }
 
-  fs::path root_;
+  testing::ScratchDir scratch_{"tandem_trainer"};
+  const fs::path root_ = scratch_.path();
   std::string log_;
 };
 
@@ -155,39 +152,32 @@ TEST_F(TrainerTest, KeepLastPrunesOldCheckpoints) {
   EXPECT_NE(all[1].find("step_00000008"), std::string::npos);
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_message_of;
 
 TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
   const fs::path shard = root_ / "data" / "train_000000.bin";
   std::string bytes = read_file(shard.string());
   bytes[0] = 'X';
   std::ofstream(shard, std::ios::binary | std::ios::trunc) << bytes;
-  std::string msg = error_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  std::string msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
   EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
   EXPECT_NE(msg.find("magic"), std::string::npos) << msg;
 
   write_token_shard(shard.string(), corpus(6000, 1), kVocab);
   fs::resize_file(shard, fs::file_size(shard) - 10);
-  msg = error_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
 
   // ids >= vocab: a shard claiming a larger vocabulary than the data directory's.
   std::vector<int32_t> big = corpus(6000, 1);
   big[100] = kVocab + 5;
   write_token_shard(shard.string(), big, kVocab + 10);
-  msg = error_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
   EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
   EXPECT_FALSE(fs::exists(root_ / "bad" / "checkpoints"));
 
   fs::remove_all(root_ / "data");
-  msg = error_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
   EXPECT_NE(msg.find("data.dir"), std::string::npos) << msg;
 }
 
@@ -195,7 +185,7 @@ TEST_F(TrainerTest, UnwritableOutputDirectoryIsRejected) {
   write_file_atomic((root_ / "a_file").string(), "x");
   TrainConfig c = config("unused");
   c.out_dir = (root_ / "a_file" / "run").string();
-  const std::string msg = error_of([&] { std::ostringstream l; Trainer t(c, l); });
+  const std::string msg = error_message_of([&] { std::ostringstream l; Trainer t(c, l); });
   EXPECT_NE(msg.find("checkpoint.dir"), std::string::npos) << msg;
   EXPECT_EQ(read_file((root_ / "a_file").string()), "x");
 }
@@ -270,7 +260,7 @@ TEST(TrainingMath, WeightDecaySkipsEmbeddingsNormsAndBiasesByDefault) {
 std::string config_error(const std::vector<std::string>& overrides) {
   std::vector<std::string> o = {"data.dir=somewhere"};
   o.insert(o.end(), overrides.begin(), overrides.end());
-  return error_of([&] { load_train_config("", o); });
+  return error_message_of([&] { load_train_config("", o); });
 }
 
 TEST(TrainConfigTest, UnknownKeyIsNamedWithSuggestion) {
@@ -302,9 +292,9 @@ TEST(TrainConfigTest, HeadsThatDoNotDivideTheWidthAreRejected) {
 TEST(TrainConfigTest, FileErrorsNameTheFile) {
   const std::string path = ::testing::TempDir() + "/tandem_bad_config.json";
   write_file_atomic(path, "{\"data\": {\"dir\": \"x\"},");
-  const std::string msg = error_of([&] { load_train_config(path, {}); });
+  const std::string msg = error_message_of([&] { load_train_config(path, {}); });
   EXPECT_NE(msg.find(path), std::string::npos) << msg;
-  EXPECT_NE(error_of([&] { load_train_config("/no/such/config.json", {}); }).find("/no/such/config.json"),
+  EXPECT_NE(error_message_of([&] { load_train_config("/no/such/config.json", {}); }).find("/no/such/config.json"),
             std::string::npos);
   fs::remove(path);
 }
