@@ -1,17 +1,24 @@
-// Model benchmark: forward+backward (and full training step with AdamW) tokens/s and MFU for a
-// model config, next to the measured sgemm peak and the PyTorch reference on this machine kind.
-//   build/bench/bench_model [--model gpt2] [--batch 4] [--seq 64] [--steps 5] [--threads 2]
-// MFU = model FLOPs (6 x matmul params x tokens + attention) / time / measured sgemm peak.
+// Training-step benchmark: forward, backward and the full step the trainer runs (gradient
+// accumulation, clipping, AdamW) in tokens/s and MFU, next to the measured sgemm peak and, for
+// GPT-2 small, the PyTorch reference measured on this machine kind.
+//
+//   build/bench/bench_model                                  GPT-2 small (124M), B=4, T=64
+//   build/bench/bench_model --train-config launch/configs/demo.json   the demo job's step
+//   options: --model PRESET --batch B --seq T --steps N --threads N --reference TOKENS_PER_S
+//
+// MFU = model FLOPs (6 x matmul params x tokens + attention) / step time / measured sgemm peak.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/random.h"
 #include "runtime/transformer.h"
+#include "training/optimizer.h"
+#include "training/train_config.h"
+#include "training/trainer.h"
 
 namespace {
 
@@ -22,73 +29,100 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_name = "gpt2";
-  int B = 4, T = 64, steps = 5, threads = 2;
-  double reference_tokens_per_s = 125.0;  // PyTorch 1.13, 2 threads, GPT-2 small, B=4 T=64
+  std::string preset = "gpt2", train_config;
+  int B = 4, T = 64, K = 1, steps = 5, threads = 2;
+  double reference = -1;
+  bool batch_given = false, seq_given = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
     const char* value = argv[i + 1];
-    if (key == "--model") model_name = value;
-    else if (key == "--batch") B = std::atoi(value);
-    else if (key == "--seq") T = std::atoi(value);
+    if (key == "--model") preset = value;
+    else if (key == "--train-config") train_config = value;
+    else if (key == "--batch") { B = std::atoi(value); batch_given = true; }
+    else if (key == "--seq") { T = std::atoi(value); seq_given = true; }
     else if (key == "--steps") steps = std::atoi(value);
     else if (key == "--threads") threads = std::atoi(value);
-    else if (key == "--reference") reference_tokens_per_s = std::atof(value);
+    else if (key == "--reference") reference = std::atof(value);
     else {
       std::fprintf(stderr, "bench_model: unknown option %s\n", key.c_str());
       return 2;
     }
   }
-  tandem::cpu::set_num_threads(threads);
-  tandem::cpu::check_blas_is_openmp();
-  const double peak = tandem::cpu::measure_sgemm_gflops(2048, 12);
+  try {
+    tandem::cpu::set_num_threads(threads);
+    tandem::cpu::check_blas_is_openmp();
+    tandem::ModelConfig model_config = tandem::ModelConfig::preset(preset);
+    tandem::AdamWConfig adamw;
+    float grad_clip = 1.0f;
+    std::string name = preset;
+    if (!train_config.empty()) {
+      const tandem::TrainConfig tc = tandem::load_train_config(train_config, {});
+      model_config = tc.model;  // the data's vocabulary when the config leaves it open
+      adamw = tc.adamw;
+      grad_clip = tc.grad_clip;
+      if (!batch_given) B = tc.batch_size;
+      if (!seq_given) T = tc.seq_len;
+      K = tc.grad_accum;
+      name = train_config;
+    } else if (preset == "gpt2" && reference < 0) {
+      reference = 125.0;  // PyTorch 1.13 (Debian), 2 threads, OpenMP OpenBLAS: ~2.0 s/step
+    }
+    const double peak = tandem::cpu::measure_sgemm_gflops(2048, 12);
 
-  tandem::Transformer model(tandem::ModelConfig::preset(model_name));
-  model.init_weights(1);
-  tandem::Rng rng(2);
-  std::vector<int32_t> tokens(B * T), targets(B * T);
-  for (int i = 0; i < B * T; ++i) {
-    tokens[i] = static_cast<int32_t>(rng.below(model.config().vocab_size));
-    targets[i] = static_cast<int32_t>(rng.below(model.config().vocab_size));
+    tandem::Transformer model(model_config);
+    model.init_weights(1);
+    tandem::AdamW optimizer(model.layout(), adamw);
+    tandem::Rng rng(2);
+    const size_t n_tokens = static_cast<size_t>(B) * T * K;
+    std::vector<int32_t> tokens(n_tokens), targets(n_tokens);
+    for (size_t i = 0; i < n_tokens; ++i) {
+      tokens[i] = static_cast<int32_t>(rng.below(model_config.vocab_size));
+      targets[i] = static_cast<int32_t>(rng.below(model_config.vocab_size));
+    }
+    const double flops = model.flops_per_step(B, T) * K;
+    float* params = model.params().data<float>();
+
+    // Warm-up (allocates activations and gradients).
+    tandem::accumulate_gradients(model, tokens.data(), targets.data(), K, B, T);
+
+    double fwd = 0, bwd = 0, step_time = 0;
+    for (int s = 0; s < steps; ++s) {
+      // Forward and backward timed apart once per step, then the trainer's whole step.
+      model.zero_grad();
+      auto t0 = std::chrono::steady_clock::now();
+      model.forward(tokens.data(), targets.data(), B, T);
+      fwd += seconds_since(t0);
+      t0 = std::chrono::steady_clock::now();
+      model.backward();
+      bwd += seconds_since(t0);
+
+      t0 = std::chrono::steady_clock::now();
+      tandem::accumulate_gradients(model, tokens.data(), targets.data(), K, B, T);
+      tandem::clip_grad_norm(model.grads().data<float>(), model.num_parameters(), grad_clip);
+      optimizer.step(params, model.grads().data<float>(), 1e-4f);
+      step_time += seconds_since(t0);
+    }
+    fwd /= steps;
+    bwd /= steps;
+    step_time /= steps;
+    const double fb = fwd + bwd;
+    const double micro_tokens = static_cast<double>(B) * T, micro_flops = model.flops_per_step(B, T);
+    std::printf("model %s: %s, %.1fM params, B=%d x accum %d, T=%d, %d threads\n", name.c_str(),
+                tandem::family_name(model_config.family).c_str(), model.num_parameters() / 1e6, B, K, T, threads);
+    std::printf("sgemm peak        %8.1f GFLOP/s (2048^3, best of 12)\n", peak);
+    std::printf("forward           %8.1f ms\n", fwd * 1e3);
+    std::printf("backward          %8.1f ms\n", bwd * 1e3);
+    std::printf("forward+backward  %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%\n", fb * 1e3,
+                micro_tokens / fb, micro_flops / fb / 1e9, 100.0 * micro_flops / fb / 1e9 / peak);
+    std::printf("training step     %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%  (accumulate + clip + AdamW)\n",
+                step_time * 1e3, n_tokens / step_time, flops / step_time / 1e9, 100.0 * flops / step_time / 1e9 / peak);
+    if (reference > 0) {
+      std::printf("vs reference      %.2fx of %.0f tokens/s (PyTorch 1.13, same threads; goal 1.5x)\n",
+                  n_tokens / step_time / reference, reference);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_model: error: %s\n", e.what());
+    return 1;
   }
-  const size_t n = model.num_parameters();
-  std::vector<float> m(n), v(n);
-  const double flops = model.flops_per_step(B, T);
-
-  // Warm-up step (allocates activations and gradients).
-  model.zero_grad();
-  model.forward(tokens.data(), targets.data(), B, T);
-  model.backward();
-
-  double fwd = 0, bwd = 0, opt = 0;
-  for (int s = 0; s < steps; ++s) {
-    model.zero_grad();
-    auto t0 = std::chrono::steady_clock::now();
-    model.forward(tokens.data(), targets.data(), B, T);
-    fwd += seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    model.backward();
-    bwd += seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    tandem::cpu::adamw_step(model.params().data<float>(), model.grads().data<float>(), m.data(),
-                            v.data(), n, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.0f, s + 1);
-    opt += seconds_since(t0);
-  }
-  fwd /= steps;
-  bwd /= steps;
-  opt /= steps;
-  const double tokens_per_step = static_cast<double>(B) * T;
-  const double fb = fwd + bwd, full = fb + opt;
-  std::printf("model %s: %.1fM params, B=%d T=%d, %d threads, sgemm peak %.1f GFLOP/s\n",
-              model_name.c_str(), n / 1e6, B, T, threads, peak);
-  std::printf("forward           %8.1f ms\n", fwd * 1e3);
-  std::printf("backward          %8.1f ms\n", bwd * 1e3);
-  std::printf("adamw             %8.1f ms\n", opt * 1e3);
-  std::printf("forward+backward  %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%% of sgemm peak\n",
-              fb * 1e3, tokens_per_step / fb, flops / fb / 1e9, 100.0 * flops / fb / 1e9 / peak);
-  std::printf("training step     %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%% of sgemm peak\n",
-              full * 1e3, tokens_per_step / full, flops / full / 1e9, 100.0 * flops / full / 1e9 / peak);
-  std::printf("vs reference      %.2fx (reference %.0f tokens/s: PyTorch 1.13, same threads)\n",
-              tokens_per_step / full / reference_tokens_per_s, reference_tokens_per_s);
   return 0;
 }
