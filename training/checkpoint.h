@@ -3,7 +3,8 @@
 //   <run>/checkpoints/step_00000100/
 //       config.json  model.safetensors      (Hugging Face names: loads in HF tools)
 //       optimizer.safetensors                (AdamW moments + step)
-//       trainer_state.json                   (step, lr, data position, RNG, metrics, config)
+//       trainer_state.json                   (step, lr, data position, sampling RNG, metrics,
+//                                             config)
 //       encoder.json  vocab.bpe              (the tokenizer, when the data has one)
 //
 // A checkpoint is built in a temporary sibling directory and renamed into place only when every

@@ -95,7 +95,8 @@ void truncate_metrics_after(const std::string& path, long step) {
 
 }  // namespace
 
-Trainer::Trainer(const TrainConfig& config, std::ostream& log) : config_(config), log_(log) {
+Trainer::Trainer(const TrainConfig& config, std::ostream& log)
+    : config_(config), log_(log), rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
   if (config_.threads > 0) cpu::set_num_threads(config_.threads);
 
   // Data: prepare.json gives the vocabulary; shards are validated by the loaders.
@@ -168,6 +169,13 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log) : config_(config)
         throw Error(cat(*latest, "/trainer_state.json: bad 'data' position: ", e.what()));
       }
       train_loader_->restore(ds);
+      if (state.contains("rng")) {
+        try {
+          rng_.set_state(state["rng"].get<std::array<uint64_t, 4>>());
+        } catch (const nlohmann::json::exception& e) {
+          throw Error(cat(*latest, "/trainer_state.json: bad 'rng' state: ", e.what()));
+        }
+      }
       if (state.contains("val_losses")) {
         for (const auto& v : state["val_losses"]) val_history_.emplace_back(v[0].get<long>(), v[1].get<float>());
       }
@@ -209,6 +217,7 @@ std::string Trainer::save(long step, float last_loss) {
   nlohmann::json state = {{"step", step},
                           {"lr", config_.schedule.at(std::max(0L, step - 1))},
                           {"data", train_loader_->state()},
+                          {"rng", rng_.state()},
                           {"last_loss", last_loss},
                           {"unigram_val_loss", unigram_val_loss_},
                           {"config", config_.to_json()}};
@@ -228,7 +237,7 @@ std::string Trainer::sample_text() {
   opt.max_new_tokens = config_.sample_tokens;
   opt.sampling.temperature = config_.sample_temperature;
   opt.sampling.top_k = config_.sample_top_k;
-  opt.seed = config_.seed;
+  opt.seed = rng_.next_u64();
   opt.stop_token = eot_token_;
   const std::vector<int32_t> out = generate(*model_, prompt, opt);
   if (!tokenizer_) {

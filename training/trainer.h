@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/random.h"
 #include "runtime/tokenizer.h"
 #include "runtime/transformer.h"
 #include "training/data_loader.h"
@@ -75,6 +76,7 @@ class Trainer {
   double peak_gflops_ = 0.0;
   std::vector<std::pair<long, float>> val_history_;
   std::unique_ptr<std::ofstream> metrics_;
+  Rng rng_;  // sampling; saved in trainer_state.json so a resumed run samples the same
 };
 
 }  // namespace tandem
