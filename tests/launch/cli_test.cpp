@@ -113,6 +113,23 @@ TEST_F(CliTest, ExistingRunIsNotOverwritten) {
   EXPECT_EQ(run("train" + base() + " --checkpoint.resume=true --train.steps=3").status, 0);
 }
 
+TEST_F(CliTest, SigtermWritesCheckpointBeforeExiting) {
+  const std::string run_dir = (dir_ / "run").string();
+  // Start a long run, wait until it has taken a step, then send SIGTERM.
+  const std::string script = std::string(TANDEM_BINARY_DIR) + "/tandem train" + base() +
+                             " --train.steps=1000000 --log.progress_every=1000 >/dev/null 2>&1 & pid=$!; "
+                             "for i in $(seq 200); do [ -s " + run_dir + "/metrics.jsonl ] && break; sleep 0.05; done; "
+                             "kill -TERM $pid; wait $pid; exit $?";
+  const int raw = std::system(("bash -c '" + script + "'").c_str());
+  ASSERT_TRUE(WIFEXITED(raw));
+  EXPECT_EQ(WEXITSTATUS(raw), 128 + 15) << "exit status after SIGTERM";
+  bool found = false;
+  for (const auto& e : fs::directory_iterator(dir_ / "run" / "checkpoints")) {
+    found = found || fs::exists(e.path() / "model.safetensors");
+  }
+  EXPECT_TRUE(found) << "no checkpoint written on SIGTERM";
+}
+
 TEST_F(CliTest, UnknownFlagsAndCommands) {
   expect_one_line_error(run("generate --modle x"), "--modle");
   EXPECT_EQ(run("frobnicate").status, 2);

@@ -168,7 +168,19 @@ TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
   msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
 
-  // ids >= vocab: a shard claiming a larger vocabulary than the data directory's.
+  // An id >= vocab inside a shard whose header is intact (bytes corrupted after writing).
+  write_token_shard(shard.string(), corpus(6000, 1), kVocab);
+  {
+    std::fstream f(shard, std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp(64 + 2 * 1234);
+    const uint16_t bad = 60000;
+    f.write(reinterpret_cast<const char*>(&bad), 2);
+  }
+  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("token id 60000 at offset 1234"), std::string::npos) << msg;
+
+  // A shard claiming a larger vocabulary than the data directory's.
   std::vector<int32_t> big = corpus(6000, 1);
   big[100] = kVocab + 5;
   write_token_shard(shard.string(), big, kVocab + 10);
