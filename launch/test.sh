@@ -9,7 +9,7 @@ bash launch/install-deps.sh
 
 build_dir="${TANDEM_BUILD_DIR:-build}"
 jobs="$(nproc)"
-export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+export CCACHE_DIR="${CCACHE_DIR:-${HOME:-/root}/.cache/ccache}"
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release ${TANDEM_CMAKE_ARGS:-}
 cmake --build "$build_dir" -j "$jobs"
 cd "$build_dir"

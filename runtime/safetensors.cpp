@@ -80,7 +80,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     for (const auto& d : e["shape"]) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0) throw bad("shape has a negative or non-integer dimension");
       entry.shape.push_back(d.get<int64_t>());
-      numel *= static_cast<uint64_t>(d.get<int64_t>());
+      if (__builtin_mul_overflow(numel, static_cast<uint64_t>(d.get<int64_t>()), &numel)) {
+        throw bad("shape has too many elements");
+      }
     }
     const auto& offs = e["data_offsets"];
     if (!offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() || !offs[1].is_number_unsigned()) {
@@ -93,9 +95,13 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       throw bad(cat("data [", entry.begin, ", ", entry.end, ") extends past the end of the file (",
                     data_bytes, " data bytes): truncated file?"));
     }
-    if (entry.end - entry.begin != numel * dtype_size(*dtype)) {
+    uint64_t needed = 0;
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(*dtype)), &needed)) {
+      throw bad("shape has too many elements");
+    }
+    if (entry.end - entry.begin != needed) {
       throw bad(cat("has ", entry.end - entry.begin, " bytes but shape ", shape_str(entry.shape),
-                    " of ", dtype_name(*dtype), " needs ", numel * dtype_size(*dtype)));
+                    " of ", dtype_name(*dtype), " needs ", needed));
     }
     f.entries_.push_back(std::move(entry));
   }

@@ -18,15 +18,21 @@ std::string shape_str(const Shape& shape) {
 
 int64_t shape_numel(const Shape& shape) {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape) {
+    require(d >= 0, "negative dimension in shape ", shape_str(shape));
+    require(!__builtin_mul_overflow(n, d, &n), "shape ", shape_str(shape), " has too many elements");
+  }
   return n;
 }
 
 Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
   if (device.is_cpu()) {
+    require(bytes <= SIZE_MAX - kHostAlignment, "cannot allocate ", bytes, " bytes");
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
     data_ = std::aligned_alloc(kHostAlignment, rounded == 0 ? kHostAlignment : rounded);
-    if (data_ == nullptr) throw std::bad_alloc();
+    if (data_ == nullptr) {
+      throw Error(cat("out of memory: cannot allocate ", bytes, " bytes (", bytes >> 20, " MiB) of host memory"));
+    }
     std::memset(data_, 0, rounded);
   } else {
 #ifdef TANDEM_HAVE_CUDA
@@ -61,9 +67,11 @@ Shape contiguous_strides(const Shape& shape) {
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
-  for (int64_t d : shape) require(d >= 0, "negative dimension in shape ", shape_str(shape));
+  size_t bytes = 0;
+  require(!__builtin_mul_overflow(static_cast<size_t>(shape_numel(shape)), dtype_size(dtype), &bytes), "shape ",
+          shape_str(shape), " of ", dtype_name(dtype), " is too large");
   Tensor t;
-  t.storage_ = std::make_shared<Storage>(static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype), device);
+  t.storage_ = std::make_shared<Storage>(bytes, device);
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
   t.dtype_ = dtype;

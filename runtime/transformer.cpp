@@ -394,7 +394,8 @@ double Transformer::flops_per_step(int B, int T) const {
   if (c.tie_embeddings) matmul_params += static_cast<double>(c.vocab_size) * c.n_embd;
   const double tokens = static_cast<double>(B) * T;
   // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
-  const double attention = 3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (T * (T + 1) / 2.0) * c.head_dim();
+  const double t = T;
+  const double attention = 3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (t * (t + 1.0) / 2.0) * c.head_dim();
   return 6.0 * matmul_params * tokens + attention;
 }
 

@@ -24,8 +24,12 @@ std::string step_name(long step) {
   return buf;
 }
 
+long step_of(const std::string& dir) {
+  return std::stol(fs::path(dir).filename().string().substr(std::string(kPrefix).size()));
+}
+
 bool is_checkpoint_name(const std::string& name) {
-  if (!name.starts_with(kPrefix) || name.size() == std::string(kPrefix).size()) return false;
+  if (!name.starts_with(kPrefix) || name.size() == std::string(kPrefix).size() || name.size() > 20) return false;
   return std::all_of(name.begin() + 5, name.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
 }
 
@@ -44,7 +48,7 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir) {
       out.push_back(entry.path().string());
     }
   }
-  std::sort(out.begin(), out.end());  // zero-padded step numbers sort by step
+  std::sort(out.begin(), out.end(), [](const std::string& a, const std::string& b) { return step_of(a) < step_of(b); });
   return out;
 }
 
@@ -57,8 +61,11 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
   require(!ec && fs::is_directory(root), "cannot create checkpoint directory ", root.string(), ": ",
           ec ? ec.message() : "not a directory");
   const fs::path final_dir = root / step_name(step);
+  // Temporary directories left by a process killed mid-save are never valid checkpoints.
+  for (const auto& entry : fs::directory_iterator(root, ec)) {
+    if (entry.path().filename().string().starts_with(".tmp.step_")) fs::remove_all(entry.path(), ec);
+  }
   const fs::path tmp_dir = root / (".tmp." + step_name(step) + "." + std::to_string(::getpid()));
-  fs::remove_all(tmp_dir, ec);
   fs::create_directories(tmp_dir, ec);
   require(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
   try {
@@ -70,7 +77,8 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
         if (fs::exists(src)) copy_file_atomic(src, tmp_dir / name);
       }
     }
-    write_file_atomic((tmp_dir / "trainer_state.json").string(), save.trainer_state.dump(2) + "\n");
+    write_file_atomic((tmp_dir / "trainer_state.json").string(),
+                      save.trainer_state.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
     fsync_directory(tmp_dir.string());
     if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step replaces it
     fs::rename(tmp_dir, final_dir);
@@ -79,8 +87,14 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
     fs::remove_all(tmp_dir, ec);
     throw;
   }
-  std::vector<std::string> all = list_checkpoints(run_dir);
-  for (size_t i = 0; i + keep_last < all.size(); ++i) fs::remove_all(all[i], ec);
+  // Keep the newest keep_last checkpoints up to this step (this one included). Newer ones than
+  // this step are not pruned here: the trainer sets aside the invalid ones it skipped on resume.
+  std::vector<std::string> older;
+  for (const std::string& dir : list_checkpoints(run_dir)) {
+    if (step_of(dir) < step) older.push_back(dir);
+  }
+  const size_t keep_older = keep_last > 1 ? static_cast<size_t>(keep_last - 1) : 0;
+  for (size_t i = 0; i + keep_older < older.size(); ++i) fs::remove_all(older[i], ec);
   return final_dir.string();
 }
 
@@ -104,30 +118,25 @@ void validate_checkpoint(const fs::path& dir) {
 }
 }  // namespace
 
-std::optional<std::string> find_latest_valid_checkpoint(const std::string& run_dir,
-                                                        std::vector<std::string>* skipped) {
-  std::vector<std::string> all = list_checkpoints(run_dir);
-  for (auto it = all.rbegin(); it != all.rend(); ++it) {
-    try {
-      validate_checkpoint(*it);
-      return *it;
-    } catch (const Error& e) {
-      if (skipped) skipped->push_back(cat("skipping invalid checkpoint ", *it, ": ", e.what()));
-    }
-  }
-  return std::nullopt;
-}
-
 nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer) {
   const fs::path d(dir);
   validate_checkpoint(d);
   const ModelConfig saved = load_config((d / "config.json").string());
   const ModelConfig& want = model.config();
-  require(saved.family == want.family && saved.vocab_size == want.vocab_size && saved.n_embd == want.n_embd &&
-              saved.n_layer == want.n_layer && saved.n_head == want.n_head && saved.n_kv_head == want.n_kv_head &&
-              saved.ffn_hidden == want.ffn_hidden && saved.max_seq_len == want.max_seq_len &&
-              saved.tie_embeddings == want.tie_embeddings,
-          (d / "config.json").string(), ": the checkpoint's model does not match the configured model");
+  const std::string where = (d / "config.json").string();
+  auto same = [&](const char* key, auto checkpoint_value, auto config_value) {
+    require(checkpoint_value == config_value, where, ": the checkpoint has model.", key, " = ", checkpoint_value,
+            " but the config has ", config_value);
+  };
+  same("family", family_name(saved.family), family_name(want.family));
+  same("vocab_size", saved.vocab_size, want.vocab_size);
+  same("max_seq_len", saved.max_seq_len, want.max_seq_len);
+  same("n_embd", saved.n_embd, want.n_embd);
+  same("n_layer", saved.n_layer, want.n_layer);
+  same("n_head", saved.n_head, want.n_head);
+  same("n_kv_head", saved.n_kv_head, want.n_kv_head);
+  same("ffn_hidden", saved.ffn_hidden, want.ffn_hidden);
+  same("tie_embeddings", saved.tie_embeddings, want.tie_embeddings);
   load_weights(model, (d / "model.safetensors").string());
   optimizer.load((d / "optimizer.safetensors").string());
   return nlohmann::json::parse(read_file((d / "trainer_state.json").string()));

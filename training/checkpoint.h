@@ -9,12 +9,11 @@
 //
 // A checkpoint is built in a temporary sibling directory and renamed into place only when every
 // file is written and fsynced, so a crash leaves no partial `step_*` directory. Older ones are
-// pruned to keep the last K. Resuming picks the newest checkpoint that validates, reporting (not
-// deleting) any that do not.
+// pruned to keep the last K. Resuming (Trainer) takes the newest checkpoint that loads, reporting
+// and renaming (never deleting) any that do not.
 #pragma once
 
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,10 +35,6 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
 
 // Checkpoint directories under run_dir/checkpoints, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
-
-// The newest checkpoint whose files all validate; each skipped one is described in `skipped`.
-std::optional<std::string> find_latest_valid_checkpoint(const std::string& run_dir,
-                                                        std::vector<std::string>* skipped);
 
 // Loads weights and optimizer state into existing objects and returns trainer_state.json.
 // Throws tandem::Error naming the file at fault.

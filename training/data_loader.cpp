@@ -116,9 +116,9 @@ DataLoader::DataLoader(std::vector<std::string> shard_paths, const DataLoaderCon
             ": vocab_size is ", shard.vocab_size(), " but the model's vocab_size is ",
             config_.vocab_size);
     shard.validate_tokens();
-    require(shard.size() >= window_tokens, "token shard ", path, ": has ", shard.size(),
-            " tokens, fewer than one window of sequence_length + 1 = ", window_tokens);
-    window_offsets_.push_back(window_offsets_.back() + (shard.size() - 1) / stride);
+    // A shard shorter than one window (e.g. the tail shard `prepare` writes) adds no windows.
+    const uint64_t windows = shard.size() >= window_tokens ? (shard.size() - 1) / stride : 0;
+    window_offsets_.push_back(window_offsets_.back() + windows);
     shards_.push_back(std::move(shard));
   }
 

@@ -58,6 +58,8 @@ class SectionReader {
     try {
       if constexpr (std::is_same_v<T, bool>) {
         require(it->is_boolean(), "");
+      } else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) {
+        require(it->is_number_unsigned(), "");
       } else if constexpr (std::is_integral_v<T>) {
         require(it->is_number_integer(), "");
       } else if constexpr (std::is_floating_point_v<T>) {
@@ -90,6 +92,7 @@ class SectionReader {
   template <typename T>
   static const char* type_name() {
     if constexpr (std::is_same_v<T, bool>) return "true or false";
+    else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) return "a non-negative integer";
     else if constexpr (std::is_integral_v<T>) return "an integer";
     else if constexpr (std::is_floating_point_v<T>) return "a number";
     else return "a string";

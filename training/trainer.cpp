@@ -66,6 +66,12 @@ double unigram_cross_entropy(const std::vector<std::string>& train, const std::v
   return n ? nll / static_cast<double>(n) : 0.0;
 }
 
+// The configuration cannot continue a checkpoint (as opposed to a damaged checkpoint, which
+// resume skips): always fatal.
+struct ResumeMismatch : Error {
+  using Error::Error;
+};
+
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
   const long s = static_cast<long>(seconds + 0.5);
@@ -110,8 +116,11 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   } catch (const nlohmann::json::exception& e) {
     throw Error(cat(summary_path.string(), ": invalid JSON: ", e.what()));
   }
-  require(summary.contains("vocab_size") && summary["vocab_size"].is_number_integer(), summary_path.string(),
-          ": no integer vocab_size");
+  require(summary.contains("vocab_size") && summary["vocab_size"].is_number_unsigned() &&
+              summary["vocab_size"].get<uint64_t>() >= 1 && summary["vocab_size"].get<uint64_t>() <= (1u << 30),
+          summary_path.string(), ": vocab_size must be an integer in [1, 2^30]");
+  require(!summary.contains("eot_token") || summary["eot_token"].is_number_integer(), summary_path.string(),
+          ": eot_token must be an integer");
   const int data_vocab = summary["vocab_size"].get<int>();
   eot_token_ = summary.value("eot_token", -1);
   if (config_.vocab_size_from_data) {
@@ -155,45 +164,96 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   model_->init_weights(config_.seed);
   optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw);
 
-  if (config_.resume) {
-    std::vector<std::string> skipped;
-    const auto latest = find_latest_valid_checkpoint(config_.out_dir, &skipped);
-    for (const auto& s : skipped) log_ << "tandem: " << s << "\n";
-    if (latest) {
-      const nlohmann::json state = load_checkpoint(*latest, *model_, *optimizer_);
-      start_step_ = state.at("step").get<long>();
-      DataLoaderState ds;
-      try {
-        from_json(state.at("data"), ds);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(cat(*latest, "/trainer_state.json: bad 'data' position: ", e.what()));
-      }
-      train_loader_->restore(ds);
-      if (state.contains("rng")) {
-        try {
-          rng_.set_state(state["rng"].get<std::array<uint64_t, 4>>());
-        } catch (const nlohmann::json::exception& e) {
-          throw Error(cat(*latest, "/trainer_state.json: bad 'rng' state: ", e.what()));
-        }
-      }
-      if (state.contains("val_losses")) {
-        for (const auto& v : state["val_losses"]) val_history_.emplace_back(v[0].get<long>(), v[1].get<float>());
-      }
-      require(optimizer_->step_count() == start_step_, *latest, ": optimizer step ", optimizer_->step_count(),
-              " does not match trainer step ", start_step_);
-      log_ << "tandem: resumed from " << *latest << " at step " << start_step_ << "\n";
-      truncate_metrics_after(metrics_path, start_step_);
-    } else {
-      log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
-      fs::remove(metrics_path, ec);
-    }
-  }
+  if (config_.resume) resume(metrics_path);
   metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
   require(metrics_->good(), "cannot write metrics file ", metrics_path);
   peak_gflops_ = cpu::measure_sgemm_gflops(1024, 3);
 }
 
 Trainer::~Trainer() = default;
+
+long Trainer::restore_from(const std::string& dir) {
+  const nlohmann::json state = load_checkpoint(dir, *model_, *optimizer_);
+  const std::string state_path = dir + "/trainer_state.json";
+  DataLoaderState data_state;
+  long step = 0;
+  std::vector<std::pair<long, float>> history;
+  try {
+    step = state.at("step").get<long>();
+    from_json(state.at("data"), data_state);
+    if (state.contains("rng")) rng_.set_state(state["rng"].get<std::array<uint64_t, 4>>());
+    if (state.contains("val_losses")) {
+      for (const auto& v : state["val_losses"]) history.emplace_back(v.at(0).get<long>(), v.at(1).get<float>());
+    }
+  } catch (const std::exception& e) {
+    throw Error(cat(state_path, ": bad trainer state: ", e.what()));
+  }
+  require(optimizer_->step_count() == step, dir, ": optimizer step ", optimizer_->step_count(),
+          " does not match trainer step ", step);
+  // The data position counts windows of the saved batch shape: resuming with another shape or
+  // seed would silently train on a different sequence of batches.
+  if (state.contains("config")) {
+    const nlohmann::json& saved = state["config"];
+    auto same = [&](const char* section, const char* key, const nlohmann::json& now) {
+      const nlohmann::json was = saved.value(section, nlohmann::json::object()).value(key, nlohmann::json());
+      if (!was.is_null() && was != now) {
+        throw ResumeMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ", was.dump(),
+                                 " in that run but is ", now.dump(), " now (it decides the order of the data)"));
+      }
+    };
+    same("data", "batch_size", config_.batch_size);
+    same("data", "seq_len", config_.seq_len);
+    same("train", "grad_accum", config_.grad_accum);
+    same("train", "seed", config_.seed);
+  }
+  train_loader_->restore(data_state);
+  val_history_ = std::move(history);
+  return step;
+}
+
+void Trainer::resume(const std::string& metrics_path) {
+  const std::vector<std::string> all = list_checkpoints(config_.out_dir);
+  std::vector<std::string> rejected;
+  // Set invalid checkpoints aside (renamed, never deleted) so later saves and pruning skip them.
+  auto set_aside = [&] {
+    for (const std::string& dir : rejected) {
+      std::error_code ec;
+      fs::rename(dir, dir + ".invalid", ec);
+      log_ << "tandem: moved " << dir << " to " << dir << ".invalid\n";
+    }
+  };
+  for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    long step = 0;
+    try {
+      step = restore_from(*it);
+    } catch (const ResumeMismatch&) {
+      throw;
+    } catch (const Error& e) {
+      log_ << "tandem: skipping invalid checkpoint " << *it << ": " << e.what() << "\n";
+      rejected.push_back(*it);
+      continue;
+    }
+    set_aside();
+    start_step_ = step;
+    log_ << "tandem: resumed from " << *it << " at step " << start_step_ << "\n";
+    truncate_metrics_after(metrics_path, start_step_);
+    return;
+  }
+  set_aside();
+  // Nothing usable: a failed load may have written part of the weights, so start clean.
+  model_->init_weights(config_.seed);
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw);
+  train_loader_->reset();
+  rng_ = Rng(config_.seed ^ 0x9e3779b97f4a7c15ull);
+  val_history_.clear();
+  start_step_ = 0;
+  log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
+  std::error_code ec;
+  if (fs::exists(metrics_path)) {
+    fs::rename(metrics_path, metrics_path + ".previous", ec);
+    log_ << "tandem: kept the old metrics as " << metrics_path << ".previous\n";
+  }
+}
 
 void Trainer::write_metrics(const nlohmann::json& line) {
   *metrics_ << line.dump() << "\n";
@@ -285,14 +345,15 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     train_loader_->next_batch(inputs.data(), targets.data());
     loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
     const float norm = clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip);
+    // Stop before a non-finite gradient reaches the weights (and then a checkpoint).
+    require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1, ": loss ", loss,
+            ", gradient norm ", norm, " (try a lower optim.lr or optim.grad_clip); the last checkpoint is intact");
     optimizer_->step(model_->params().data<float>(), model_->grads().data<float>(), lr);
     ++step;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     compute_seconds += dt;
     tokens_done += tokens_per_step;
     result.step_losses.push_back(loss);
-    require(std::isfinite(loss), "training diverged: loss is ", loss, " at step ", step,
-            " (try a lower optim.lr or optim.grad_clip)");
     const double tps = tokens_per_step / dt;
     const double mfu = flops / dt / 1e9 / peak_gflops_;
     write_metrics({{"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps},
@@ -338,7 +399,9 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
          << ") -> " << val_history_.back().second << " (step " << val_history_.back().first
          << "); unigram baseline " << unigram_val_loss_ << "\n";
   }
-  if (!result.last_checkpoint.empty()) log_ << "tandem: checkpoint " << result.last_checkpoint << "\n";
+  if (!result.last_checkpoint.empty() && config_.checkpoint_every == 0 && !result.interrupted) {
+    log_ << "tandem: checkpoint " << result.last_checkpoint << "\n";  // not yet printed
+  }
   if (!result.sample.empty()) log_ << "tandem: sample:\n" << result.sample << "\n";
   return result;
 }

@@ -60,6 +60,11 @@ class Trainer {
   float evaluate();
 
  private:
+  // Resumes from the newest checkpoint that loads; damaged ones are reported and renamed
+  // `<dir>.invalid`. With none, starts from scratch.
+  void resume(const std::string& metrics_path);
+  // Loads one checkpoint into the model, optimizer, data loader and RNG; returns its step.
+  long restore_from(const std::string& dir);
   void write_metrics(const nlohmann::json& line);
   std::string save(long step, float last_loss);
   std::string sample_text();

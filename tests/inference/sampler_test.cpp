@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 #include <vector>
 
@@ -47,6 +48,14 @@ TEST(Sampler, SameSeedSameTokens) {
   Rng a(9), b(9);
   SamplingParams p;
   for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_token(logits.data(), 50, p, a), sample_token(logits.data(), 50, p, b));
+}
+
+TEST(Sampler, NonFiniteLogitsAreRejected) {
+  std::vector<float> logits = {0.1f, NAN, 0.3f};
+  Rng rng(1);
+  SamplingParams p;
+  p.top_p = 0.9f;
+  EXPECT_THROW(sample_token(logits.data(), 3, p, rng), Error);
 }
 
 TEST(Sampler, InvalidParamsAreRejected) {

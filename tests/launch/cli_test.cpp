@@ -130,6 +130,21 @@ TEST_F(CliTest, SigtermWritesCheckpointBeforeExiting) {
   EXPECT_TRUE(found) << "no checkpoint written on SIGTERM";
 }
 
+TEST_F(CliTest, PrepareNeverOverwritesPreparedData) {
+  const std::string text = (dir_ / "text.txt").string();
+  write_file_atomic(text, "In the beginning was the word.\nAnd the word was with the text.\n");
+  const std::string before = read_file((dir_ / "data" / "prepare.json").string());
+  expect_one_line_error(run("prepare --input " + text + " --out " + (dir_ / "data").string() +
+                            " --train-tokenizer --vocab-size 300"),
+                        "already holds prepared data");
+  EXPECT_EQ(read_file((dir_ / "data" / "prepare.json").string()), before);
+  EXPECT_FALSE(fs::exists(dir_ / "data" / "encoder.json"));
+  EXPECT_EQ(run("prepare --input " + text + " --out " + (dir_ / "fresh").string() +
+                " --train-tokenizer --vocab-size 300 --val-fraction 0.3").status, 0);
+  EXPECT_TRUE(fs::exists(dir_ / "fresh" / "encoder.json"));
+  EXPECT_TRUE(fs::exists(dir_ / "fresh" / "prepare.json"));
+}
+
 TEST_F(CliTest, UnknownFlagsAndCommands) {
   expect_one_line_error(run("generate --modle x"), "--modle");
   EXPECT_EQ(run("frobnicate").status, 2);

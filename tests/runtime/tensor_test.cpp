@@ -48,6 +48,13 @@ TEST(Tensor, FlatViewNamesAPieceOfABuffer) {
   EXPECT_THROW(flat.flat_view(5, {2, 3}), Error);
 }
 
+TEST(Tensor, HugeOrNegativeShapesAreErrorsNotCrashes) {
+  EXPECT_THROW(Tensor::empty({-1, 4}), Error);
+  EXPECT_THROW(Tensor::empty({1LL << 40, 1LL << 40}), Error);  // overflows int64
+  EXPECT_THROW(Tensor::empty({1LL << 62}), Error);             // bytes overflow size_t
+  EXPECT_THROW(Tensor::empty({1LL << 45}), Error);             // 128 TiB: allocation fails
+}
+
 TEST(Tensor, WrongTypedAccessThrows) {
   Tensor t = Tensor::empty({2}, DType::kI32);
   EXPECT_NO_THROW(t.data<int32_t>());

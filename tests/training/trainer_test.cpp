@@ -18,6 +18,7 @@ namespace tandem {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::error_message_of;
 
 constexpr int kVocab = 48;
 
@@ -123,12 +124,45 @@ TEST_F(TrainerTest, CorruptNewestCheckpointIsSkippedOnResume) {
   train(config("run"));
   const fs::path newest = root_ / "run" / "checkpoints" / "step_00000008" / "model.safetensors";
   fs::resize_file(newest, 100);
-  TrainConfig c = config("run", {"checkpoint.resume=true", "train.steps=10"});
+  TrainConfig c = config("run", {"checkpoint.resume=true", "train.steps=10", "checkpoint.keep_last=1"});
   std::ostringstream log;
   Trainer t(c, log);
   EXPECT_EQ(t.start_step(), 4);
   EXPECT_NE(log.str().find("skipping invalid checkpoint"), std::string::npos) << log.str();
   EXPECT_NE(log.str().find("step_00000008"), std::string::npos);
+  // The damaged checkpoint is set aside, not deleted, and later saves and pruning ignore it.
+  EXPECT_TRUE(fs::exists(root_ / "run" / "checkpoints" / "step_00000008.invalid"));
+  const TrainResult r = t.run();
+  EXPECT_EQ(r.last_step, 10);
+  const auto all = list_checkpoints((root_ / "run").string());
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_NE(all[0].find("step_00000010"), std::string::npos);
+}
+
+TEST_F(TrainerTest, AllCheckpointsDamagedStartsFromScratchKeepingFiles) {
+  train(config("run"));
+  for (const std::string& dir : list_checkpoints((root_ / "run").string())) {
+    fs::resize_file(fs::path(dir) / "optimizer.safetensors", 10);
+  }
+  std::ostringstream log;
+  Trainer t(config("run", {"checkpoint.resume=true"}), log);
+  EXPECT_EQ(t.start_step(), 0);
+  EXPECT_TRUE(fs::exists(root_ / "run" / "metrics.jsonl.previous"));
+  EXPECT_TRUE(fs::exists(root_ / "run" / "checkpoints" / "step_00000004.invalid"));
+  // Same losses as a fresh run: the partial loads left nothing behind.
+  const TrainResult resumed = t.run();
+  const TrainResult fresh = train(config("fresh"));
+  ASSERT_EQ(resumed.step_losses.size(), fresh.step_losses.size());
+  for (size_t i = 0; i < fresh.step_losses.size(); ++i) EXPECT_EQ(resumed.step_losses[i], fresh.step_losses[i]);
+}
+
+TEST_F(TrainerTest, ResumeWithAnotherBatchShapeIsRejected) {
+  train(config("run"));
+  const std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("run", {"checkpoint.resume=true", "data.batch_size=2"}), l);
+  });
+  EXPECT_NE(msg.find("data.batch_size was 4"), std::string::npos) << msg;
 }
 
 TEST_F(TrainerTest, ExistingRunIsNotOverwrittenWithoutResume) {
@@ -152,7 +186,6 @@ TEST_F(TrainerTest, KeepLastPrunesOldCheckpoints) {
   EXPECT_NE(all[1].find("step_00000008"), std::string::npos);
 }
 
-using testing::error_message_of;
 
 TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
   const fs::path shard = root_ / "data" / "train_000000.bin";
