@@ -36,13 +36,22 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
     const char* value = argv[i + 1];
-    if (key == "--model") preset = value;
-    else if (key == "--train-config") train_config = value;
-    else if (key == "--batch") { B = std::atoi(value); batch_given = true; }
-    else if (key == "--seq") { T = std::atoi(value); seq_given = true; }
-    else if (key == "--steps") steps = std::atoi(value);
-    else if (key == "--threads") threads = std::atoi(value);
-    else if (key == "--reference") reference = std::atof(value);
+    if (key == "--model")
+      preset = value;
+    else if (key == "--train-config")
+      train_config = value;
+    else if (key == "--batch") {
+      B = std::atoi(value);
+      batch_given = true;
+    } else if (key == "--seq") {
+      T = std::atoi(value);
+      seq_given = true;
+    } else if (key == "--steps")
+      steps = std::atoi(value);
+    else if (key == "--threads")
+      threads = std::atoi(value);
+    else if (key == "--reference")
+      reference = std::atof(value);
     else {
       std::fprintf(stderr, "bench_model: unknown option %s\n", key.c_str());
       return 2;
@@ -106,19 +115,25 @@ int main(int argc, char** argv) {
     bwd /= steps;
     step_time /= steps;
     const double fb = fwd + bwd;
-    const double micro_tokens = static_cast<double>(B) * T, micro_flops = model.flops_per_step(B, T);
+    const double micro_tokens = static_cast<double>(B) * T,
+                 micro_flops = model.flops_per_step(B, T);
     std::printf("model %s: %s, %.1fM params, B=%d x accum %d, T=%d, %d threads\n", name.c_str(),
-                tandem::family_name(model_config.family).c_str(), model.num_parameters() / 1e6, B, K, T, threads);
+                tandem::family_name(model_config.family).c_str(), model.num_parameters() / 1e6, B,
+                K, T, threads);
     std::printf("sgemm peak        %8.1f GFLOP/s (2048^3, best of 12)\n", peak);
     std::printf("forward           %8.1f ms\n", fwd * 1e3);
     std::printf("backward          %8.1f ms\n", bwd * 1e3);
     std::printf("forward+backward  %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%\n", fb * 1e3,
                 micro_tokens / fb, micro_flops / fb / 1e9, 100.0 * micro_flops / fb / 1e9 / peak);
-    std::printf("training step     %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%  (accumulate + clip + AdamW)\n",
-                step_time * 1e3, n_tokens / step_time, flops / step_time / 1e9, 100.0 * flops / step_time / 1e9 / peak);
+    std::printf(
+        "training step     %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%  (accumulate + clip "
+        "+ AdamW)\n",
+        step_time * 1e3, n_tokens / step_time, flops / step_time / 1e9,
+        100.0 * flops / step_time / 1e9 / peak);
     if (reference > 0) {
-      std::printf("vs reference      %.2fx of %.0f tokens/s (PyTorch 1.13, same threads; goal 1.5x)\n",
-                  n_tokens / step_time / reference, reference);
+      std::printf(
+          "vs reference      %.2fx of %.0f tokens/s (PyTorch 1.13, same threads; goal 1.5x)\n",
+          n_tokens / step_time / reference, reference);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_model: error: %s\n", e.what());

@@ -10,7 +10,8 @@
 namespace tandem {
 
 void SamplingParams::validate() const {
-  require(std::isfinite(temperature) && temperature >= 0.0f, "temperature must be >= 0, got ", temperature);
+  require(std::isfinite(temperature) && temperature >= 0.0f, "temperature must be >= 0, got ",
+          temperature);
   require(top_k >= 0, "top_k must be >= 0, got ", top_k);
   require(top_p > 0.0f && top_p <= 1.0f, "top_p must be in (0, 1], got ", top_p);
 }
@@ -18,8 +19,8 @@ void SamplingParams::validate() const {
 int32_t sample_token(const float* logits, int vocab, const SamplingParams& params, Rng& rng) {
   params.validate();
   for (int i = 0; i < vocab; ++i) {
-    require(std::isfinite(logits[i]), "the model produced a non-finite logit (", logits[i], ") for token ", i,
-            "; the checkpoint's weights are probably corrupt");
+    require(std::isfinite(logits[i]), "the model produced a non-finite logit (", logits[i],
+            ") for token ", i, "; the checkpoint's weights are probably corrupt");
   }
   if (params.temperature == 0.0f || params.top_k == 1) {
     return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
@@ -29,11 +30,13 @@ int32_t sample_token(const float* logits, int vocab, const SamplingParams& param
   int keep = vocab;
   if (params.top_k > 0 && params.top_k < vocab) {
     keep = params.top_k;
-    std::partial_sort(ids.begin(), ids.begin() + keep, ids.end(),
-                      [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+    std::partial_sort(ids.begin(), ids.begin() + keep, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
   } else if (params.top_p < 1.0f) {
-    std::sort(ids.begin(), ids.end(),
-              [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+    std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
   }
   float max_logit = -INFINITY;
   for (int i = 0; i < keep; ++i) max_logit = std::max(max_logit, logits[ids[i]]);

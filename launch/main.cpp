@@ -73,8 +73,10 @@ struct Flags {
     try {
       size_t used = 0;
       T out;
-      if constexpr (std::is_floating_point_v<T>) out = static_cast<T>(std::stod(v, &used));
-      else out = static_cast<T>(std::stoll(v, &used));
+      if constexpr (std::is_floating_point_v<T>)
+        out = static_cast<T>(std::stod(v, &used));
+      else
+        out = static_cast<T>(std::stoll(v, &used));
       if (used != v.size()) throw std::invalid_argument(v);
       return out;
     } catch (const std::exception&) {
@@ -84,7 +86,8 @@ struct Flags {
   void allow_only(const std::vector<std::string>& known, const std::string& command) const {
     for (const auto& [k, v] : values) {
       if (std::find(known.begin(), known.end(), k) == known.end()) {
-        throw UsageError(cat("unknown flag --", k, " for 'tandem ", command, "' (try 'tandem help')"));
+        throw UsageError(
+            cat("unknown flag --", k, " for 'tandem ", command, "' (try 'tandem help')"));
       }
     }
   }
@@ -110,15 +113,17 @@ int print_usage() {
 }
 
 int run_info() {
-  std::printf("tandem: CUDA backend %s, %d CUDA device(s)\n", tandem::cuda_built() ? "built" : "not built",
-              tandem::cuda_device_count());
-  std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n", tandem::cpu::blas_parallel_mode(),
-              tandem::cpu::num_threads());
+  std::printf("tandem: CUDA backend %s, %d CUDA device(s)\n",
+              tandem::cuda_built() ? "built" : "not built", tandem::cuda_device_count());
+  std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n",
+              tandem::cpu::blas_parallel_mode(), tandem::cpu::num_threads());
   return 0;
 }
 
 int run_prepare(const Flags& f) {
-  f.allow_only({"input", "out", "tokenizer", "train-tokenizer", "vocab-size", "val-fraction", "shard-tokens"}, "prepare");
+  f.allow_only({"input", "out", "tokenizer", "train-tokenizer", "vocab-size", "val-fraction",
+                "shard-tokens"},
+               "prepare");
   require(f.has("input"), "prepare: --input is required");
   require(f.has("out"), "prepare: --out is required");
   const std::vector<std::string> inputs = f.values.at("input");
@@ -132,7 +137,8 @@ int run_prepare(const Flags& f) {
     require(!f.has("train-tokenizer"), "prepare: give --tokenizer or --train-tokenizer, not both");
     tokenizer = tandem::BpeTokenizer::load_dir(f.get("tokenizer"));
   } else {
-    require(f.has("train-tokenizer"), "prepare: give --tokenizer DIR or --train-tokenizer --vocab-size N");
+    require(f.has("train-tokenizer"),
+            "prepare: give --tokenizer DIR or --train-tokenizer --vocab-size N");
     const int vocab = f.number<int>("vocab-size", 4096);
     require(vocab >= 257, "prepare: --vocab-size must be >= 257, got ", vocab);
     std::vector<std::string> texts;
@@ -161,10 +167,12 @@ int run_prepare(const Flags& f) {
   opt.val_fraction = f.number<double>("val-fraction", 0.05);
   opt.shard_tokens = f.number<int64_t>("shard-tokens", 100'000'000);
   const tandem::PrepareSummary s = tandem::prepare_corpus(opt);
-  std::printf("tandem: %s: %llu train + %llu val tokens, vocab %lld, %zu + %zu shards, tokenizer files written\n",
-              out.c_str(), static_cast<unsigned long long>(s.train_tokens),
-              static_cast<unsigned long long>(s.val_tokens), static_cast<long long>(s.vocab_size),
-              s.train_shards.size(), s.val_shards.size());
+  std::printf(
+      "tandem: %s: %llu train + %llu val tokens, vocab %lld, %zu + %zu shards, tokenizer files "
+      "written\n",
+      out.c_str(), static_cast<unsigned long long>(s.train_tokens),
+      static_cast<unsigned long long>(s.val_tokens), static_cast<long long>(s.vocab_size),
+      s.train_shards.size(), s.val_shards.size());
   return 0;
 }
 
@@ -178,10 +186,12 @@ int run_train(int argc, char** argv) {
       config_file = argv[++i];
     } else if (a.starts_with("--config=")) {
       config_file = a.substr(9);
-    } else if (a.starts_with("--") && a.find('.') != std::string::npos && a.find('=') != std::string::npos) {
+    } else if (a.starts_with("--") && a.find('.') != std::string::npos &&
+               a.find('=') != std::string::npos) {
       overrides.push_back(a.substr(2));
     } else {
-      throw UsageError(cat("train: unexpected argument '", a, "' (use --config FILE and --section.key=value)"));
+      throw UsageError(
+          cat("train: unexpected argument '", a, "' (use --config FILE and --section.key=value)"));
     }
   }
   require(!config_file.empty() || !overrides.empty(), "train: --config FILE is required");
@@ -196,12 +206,15 @@ int run_train(int argc, char** argv) {
 }
 
 int run_generate(const Flags& f) {
-  f.allow_only({"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed", "threads"}, "generate");
+  f.allow_only(
+      {"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed", "threads"},
+      "generate");
   require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
   const std::string dir = f.get("model");
   if (f.has("threads")) tandem::cpu::set_num_threads(f.number<int>("threads", 0));
   auto model = tandem::load_pretrained(dir);
-  require(fs::exists(fs::path(dir) / "encoder.json"), dir, " has no tokenizer files (encoder.json, vocab.bpe)");
+  require(fs::exists(fs::path(dir) / "encoder.json"), dir,
+          " has no tokenizer files (encoder.json, vocab.bpe)");
   const auto tok = tandem::BpeTokenizer::load_dir(dir);
   std::vector<int32_t> prompt = tok.encode(f.get("prompt"));
   if (prompt.empty()) prompt = {tok.eot_id() >= 0 ? tok.eot_id() : 0};

@@ -7,7 +7,8 @@ namespace tandem {
 ProcessMesh ProcessMesh::create(int world_size, int tp) {
   require(world_size >= 1, "world size must be >= 1, got ", world_size);
   require(tp >= 1, "tensor-parallel size must be >= 1, got ", tp);
-  require(world_size % tp == 0, "tensor-parallel size ", tp, " does not divide the world size ", world_size);
+  require(world_size % tp == 0, "tensor-parallel size ", tp, " does not divide the world size ",
+          world_size);
   return ProcessMesh{world_size, world_size / tp, tp};
 }
 

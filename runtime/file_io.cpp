@@ -22,9 +22,11 @@ AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
   if (fd_ < 0) {
     const int error = errno;
     if (error == ENOENT || error == ENOTDIR) {
-      throw Error(cat("cannot write ", path, ": directory '", dir, "' does not exist or is not a directory"));
+      throw Error(cat("cannot write ", path, ": directory '", dir,
+                      "' does not exist or is not a directory"));
     }
-    throw Error(cat("cannot write ", path, ": directory '", dir, "' is not writable (", std::strerror(error), ")"));
+    throw Error(cat("cannot write ", path, ": directory '", dir, "' is not writable (",
+                    std::strerror(error), ")"));
   }
   tmp_path_ = pattern;
   ::fchmod(fd_, 0644);  // mkstemp creates 0600; our files are meant to be shared

@@ -3,8 +3,8 @@
 // either the old file or the new one, never half a file.
 #pragma once
 
-#include <string>
 #include <cstddef>
+#include <string>
 #include <string_view>
 
 namespace tandem {

@@ -12,21 +12,28 @@ std::string family_name(ModelFamily family) {
 
 void ModelConfig::validate() const {
   const bool llama = is_llama();
-  auto key = [&](const char* gpt2_key, const char* llama_key) { return llama ? llama_key : gpt2_key; };
+  auto key = [&](const char* gpt2_key, const char* llama_key) {
+    return llama ? llama_key : gpt2_key;
+  };
   require(vocab_size > 0, "config: vocab_size must be > 0, got ", vocab_size);
   require(max_seq_len > 0, "config: ", key("n_positions", "max_position_embeddings"),
           " must be > 0, got ", max_seq_len);
   require(n_embd > 0, "config: ", key("n_embd", "hidden_size"), " must be > 0, got ", n_embd);
-  require(n_layer > 0, "config: ", key("n_layer", "num_hidden_layers"), " must be > 0, got ", n_layer);
-  require(n_head > 0, "config: ", key("n_head", "num_attention_heads"), " must be > 0, got ", n_head);
+  require(n_layer > 0, "config: ", key("n_layer", "num_hidden_layers"), " must be > 0, got ",
+          n_layer);
+  require(n_head > 0, "config: ", key("n_head", "num_attention_heads"), " must be > 0, got ",
+          n_head);
   require(n_embd % n_head == 0, "config: ", key("n_head", "num_attention_heads"), " = ", n_head,
           " does not divide ", key("n_embd", "hidden_size"), " = ", n_embd);
   require(n_kv_head > 0 && n_head % n_kv_head == 0, "config: num_key_value_heads = ", n_kv_head,
           " must divide num_attention_heads = ", n_head);
-  require(llama || n_kv_head == n_head, "config: GPT-2 has no grouped-query attention (n_kv_head = ",
-          n_kv_head, ", n_head = ", n_head, ")");
-  require(ffn_hidden > 0, "config: ", key("n_inner", "intermediate_size"), " must be > 0, got ", ffn_hidden);
-  require(!llama || head_dim() % 2 == 0, "config: RoPE needs an even head dimension, got ", head_dim());
+  require(llama || n_kv_head == n_head,
+          "config: GPT-2 has no grouped-query attention (n_kv_head = ", n_kv_head,
+          ", n_head = ", n_head, ")");
+  require(ffn_hidden > 0, "config: ", key("n_inner", "intermediate_size"), " must be > 0, got ",
+          ffn_hidden);
+  require(!llama || head_dim() % 2 == 0, "config: RoPE needs an even head dimension, got ",
+          head_dim());
   require(norm_eps > 0, "config: ", key("layer_norm_epsilon", "rms_norm_eps"), " must be > 0");
   require(rope_theta > 0, "config: rope_theta must be > 0");
 }
@@ -50,26 +57,44 @@ ModelConfig ModelConfig::preset(const std::string& name) {
   ModelConfig c;
   if (name == "gpt2") return c;
   if (name == "gpt2-medium") {
-    c.n_embd = 1024; c.n_layer = 24; c.n_head = 16; c.n_kv_head = 16; c.ffn_hidden = 4096;
+    c.n_embd = 1024;
+    c.n_layer = 24;
+    c.n_head = 16;
+    c.n_kv_head = 16;
+    c.ffn_hidden = 4096;
     return c;
   }
   if (name == "gpt2-tiny") {
-    c.vocab_size = 4096; c.max_seq_len = 256; c.n_embd = 128; c.n_layer = 4; c.n_head = 4;
-    c.n_kv_head = 4; c.ffn_hidden = 512;
+    c.vocab_size = 4096;
+    c.max_seq_len = 256;
+    c.n_embd = 128;
+    c.n_layer = 4;
+    c.n_head = 4;
+    c.n_kv_head = 4;
+    c.ffn_hidden = 512;
     return c;
   }
   if (name == "llama-tiny") {
-    c.family = ModelFamily::kLlama; c.vocab_size = 4096; c.max_seq_len = 256; c.n_embd = 128;
-    c.n_layer = 4; c.n_head = 4; c.n_kv_head = 2; c.ffn_hidden = 352; c.norm_eps = 1e-5f;
+    c.family = ModelFamily::kLlama;
+    c.vocab_size = 4096;
+    c.max_seq_len = 256;
+    c.n_embd = 128;
+    c.n_layer = 4;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.ffn_hidden = 352;
+    c.norm_eps = 1e-5f;
     c.tie_embeddings = false;
     return c;
   }
-  throw Error(cat("unknown model preset '", name, "' (known: gpt2, gpt2-medium, gpt2-tiny, llama-tiny)"));
+  throw Error(
+      cat("unknown model preset '", name, "' (known: gpt2, gpt2-medium, gpt2-tiny, llama-tiny)"));
 }
 
 namespace {
 template <typename T>
-T get(const nlohmann::json& j, const char* key, const std::string& source, T fallback, bool required) {
+T get(const nlohmann::json& j, const char* key, const std::string& source, T fallback,
+      bool required) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
     require(!required, source, ": missing key '", key, "'");
@@ -100,8 +125,8 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
     c.tie_embeddings = get<bool>(j, "tie_word_embeddings", source, true, false);
     c.init_std = get<float>(j, "initializer_range", source, 0.02f, false);
     const std::string act = get<std::string>(j, "activation_function", source, "gelu_new", false);
-    require(act == "gelu_new" || act == "gelu_pytorch_tanh", source,
-            ": activation_function '", act, "' is not supported (expected gelu_new)");
+    require(act == "gelu_new" || act == "gelu_pytorch_tanh", source, ": activation_function '", act,
+            "' is not supported (expected gelu_new)");
   } else if (model_type == "llama") {
     c.family = ModelFamily::kLlama;
     c.vocab_size = get<int>(j, "vocab_size", source, 32000, true);
@@ -119,14 +144,17 @@ ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string
     require(act == "silu", source, ": hidden_act '", act, "' is not supported (expected silu)");
     require(!get<bool>(j, "attention_bias", source, false, false), source,
             ": attention_bias = true is not supported");
-    require(!get<bool>(j, "mlp_bias", source, false, false), source, ": mlp_bias = true is not supported");
-    const int head_dim = get<int>(j, "head_dim", source, c.n_head > 0 ? c.n_embd / c.n_head : 0, false);
+    require(!get<bool>(j, "mlp_bias", source, false, false), source,
+            ": mlp_bias = true is not supported");
+    const int head_dim =
+        get<int>(j, "head_dim", source, c.n_head > 0 ? c.n_embd / c.n_head : 0, false);
     require(c.n_head > 0 && head_dim * c.n_head == c.n_embd, source, ": head_dim = ", head_dim,
             " must equal hidden_size / num_attention_heads");
     require(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), source,
             ": rope_scaling is not supported");
   } else {
-    throw Error(cat(source, ": model_type '", model_type, "' is not supported (expected gpt2 or llama)"));
+    throw Error(
+        cat(source, ": model_type '", model_type, "' is not supported (expected gpt2 or llama)"));
   }
   try {
     c.validate();

@@ -16,12 +16,12 @@ enum class ModelFamily { kGpt2, kLlama };
 struct ModelConfig {
   ModelFamily family = ModelFamily::kGpt2;
   int vocab_size = 50257;
-  int max_seq_len = 1024;   // n_positions / max_position_embeddings
-  int n_embd = 768;         // hidden_size
+  int max_seq_len = 1024;  // n_positions / max_position_embeddings
+  int n_embd = 768;        // hidden_size
   int n_layer = 12;
   int n_head = 12;
-  int n_kv_head = 12;       // == n_head for GPT-2
-  int ffn_hidden = 3072;    // n_inner / intermediate_size
+  int n_kv_head = 12;     // == n_head for GPT-2
+  int ffn_hidden = 3072;  // n_inner / intermediate_size
   float norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
   bool tie_embeddings = true;

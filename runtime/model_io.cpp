@@ -30,7 +30,8 @@ void save_pretrained(const Transformer& model, const std::string& dir, DType dty
   }
   write_safetensors((fs::path(dir) / "model.safetensors").string(), tensors,
                     {{"format", "pt"}, {"producer", "tandem"}});
-  write_file_atomic((fs::path(dir) / "config.json").string(), model.config().to_hf_json().dump(2) + "\n");
+  write_file_atomic((fs::path(dir) / "config.json").string(),
+                    model.config().to_hf_json().dump(2) + "\n");
 }
 
 ModelConfig load_config(const std::string& path) {
@@ -65,7 +66,8 @@ void load_weights(Transformer& model, const std::string& path) {
   std::unordered_map<std::string, std::string> file_name_of;
   for (const auto& e : file.entries()) {
     std::string ours = e.name;
-    if (gpt2 && !ours.starts_with("transformer.") && ours != "lm_head.weight") ours = "transformer." + ours;
+    if (gpt2 && !ours.starts_with("transformer.") && ours != "lm_head.weight")
+      ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
   float* p = model.params().data<float>();

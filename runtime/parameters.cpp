@@ -2,7 +2,8 @@
 
 namespace tandem {
 
-void ParamLayout::add(const std::string& name, const Shape& shape, ParamKind kind, int tp_split_dim) {
+void ParamLayout::add(const std::string& name, const Shape& shape, ParamKind kind,
+                      int tp_split_dim) {
   require(index_.count(name) == 0, "duplicate parameter name ", name);
   ParamSpec spec{name, shape, total_, shape_numel(shape), kind, tp_split_dim};
   index_[name] = specs_.size();

@@ -15,8 +15,8 @@ class Rng {
  public:
   explicit Rng(uint64_t seed = 0);
   uint64_t next_u64();
-  double uniform();           // [0, 1)
-  float normal();             // standard normal (Box-Muller)
+  double uniform();            // [0, 1)
+  float normal();              // standard normal (Box-Muller)
   uint64_t below(uint64_t n);  // uniform integer in [0, n)
   void fill_normal(float* out, size_t n, float mean, float std);
   std::array<uint64_t, 4> state() const { return s_; }

@@ -32,7 +32,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
   if (file_bytes < 8) {
     ::close(fd);
-    throw Error(cat(path, ": truncated safetensors file (", file_bytes, " bytes, no header length)"));
+    throw Error(
+        cat(path, ": truncated safetensors file (", file_bytes, " bytes, no header length)"));
   }
   f.map_bytes_ = file_bytes;
   f.map_ = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -44,7 +45,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const auto* bytes = static_cast<const uint8_t*>(f.map_);
   uint64_t header_bytes = 0;
   for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | bytes[i];
-  require(header_bytes <= kMaxHeaderBytes, path, ": corrupt safetensors header length ", header_bytes);
+  require(header_bytes <= kMaxHeaderBytes, path, ": corrupt safetensors header length ",
+          header_bytes);
   require(8 + header_bytes <= file_bytes, path, ": truncated safetensors file (header of ",
           header_bytes, " bytes but the file has ", file_bytes, ")");
   nlohmann::json header;
@@ -67,8 +69,11 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       continue;
     }
     const nlohmann::json& e = *it;
-    auto bad = [&](const std::string& what) { return Error(cat(path, ": tensor '", name, "': ", what)); };
-    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets")) {
+    auto bad = [&](const std::string& what) {
+      return Error(cat(path, ": tensor '", name, "': ", what));
+    };
+    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") ||
+        !e.contains("data_offsets")) {
       throw bad("entry needs dtype, shape and data_offsets");
     }
     if (!e["dtype"].is_string()) throw bad("dtype is not a string");
@@ -78,14 +83,16 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     if (!e["shape"].is_array()) throw bad("shape is not an array");
     uint64_t numel = 1;
     for (const auto& d : e["shape"]) {
-      if (!d.is_number_integer() || d.get<int64_t>() < 0) throw bad("shape has a negative or non-integer dimension");
+      if (!d.is_number_integer() || d.get<int64_t>() < 0)
+        throw bad("shape has a negative or non-integer dimension");
       entry.shape.push_back(d.get<int64_t>());
       if (__builtin_mul_overflow(numel, static_cast<uint64_t>(d.get<int64_t>()), &numel)) {
         throw bad("shape has too many elements");
       }
     }
     const auto& offs = e["data_offsets"];
-    if (!offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() || !offs[1].is_number_unsigned()) {
+    if (!offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() ||
+        !offs[1].is_number_unsigned()) {
       throw bad("data_offsets must be two non-negative integers");
     }
     entry.begin = offs[0].get<uint64_t>();
@@ -115,7 +122,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   return f;
 }
 
-SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept { *this = std::move(o); }
+SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept {
+  *this = std::move(o);
+}
 
 SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
   if (this != &o) {
@@ -145,13 +154,14 @@ const void* SafetensorsFile::data(const SafetensorsEntry& entry) const {
   return data_section_ + entry.begin;
 }
 
-void SafetensorsFile::read_f32(const std::string& name, const Shape& expected_shape, float* out) const {
+void SafetensorsFile::read_f32(const std::string& name, const Shape& expected_shape,
+                               float* out) const {
   const SafetensorsEntry* e = find(name);
   require(e != nullptr, path_, ": missing tensor '", name, "'");
   require(is_floating(e->dtype), path_, ": tensor '", name, "' has dtype ", dtype_name(e->dtype),
           ", expected a floating type (F32, BF16 or F16)");
-  require(e->shape == expected_shape, path_, ": tensor '", name, "' has shape ", shape_str(e->shape),
-          ", expected ", shape_str(expected_shape));
+  require(e->shape == expected_shape, path_, ": tensor '", name, "' has shape ",
+          shape_str(e->shape), ", expected ", shape_str(expected_shape));
   convert_to_f32(data(*e), e->dtype, static_cast<size_t>(shape_numel(e->shape)), out);
 }
 
@@ -170,7 +180,8 @@ void write_safetensors(const std::string& path, const std::vector<SafetensorsTen
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned
   uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
+  for (int i = 0; i < 8; ++i)
+    len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
   AtomicFileWriter w(path);
   w.write(len, 8);
   w.write(text);

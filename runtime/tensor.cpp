@@ -20,7 +20,8 @@ int64_t shape_numel(const Shape& shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     require(d >= 0, "negative dimension in shape ", shape_str(shape));
-    require(!__builtin_mul_overflow(n, d, &n), "shape ", shape_str(shape), " has too many elements");
+    require(!__builtin_mul_overflow(n, d, &n), "shape ", shape_str(shape),
+            " has too many elements");
   }
   return n;
 }
@@ -31,7 +32,8 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
     data_ = std::aligned_alloc(kHostAlignment, rounded == 0 ? kHostAlignment : rounded);
     if (data_ == nullptr) {
-      throw Error(cat("out of memory: cannot allocate ", bytes, " bytes (", bytes >> 20, " MiB) of host memory"));
+      throw Error(cat("out of memory: cannot allocate ", bytes, " bytes (", bytes >> 20,
+                      " MiB) of host memory"));
     }
     std::memset(data_, 0, rounded);
   } else {
@@ -68,8 +70,9 @@ Shape contiguous_strides(const Shape& shape) {
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   size_t bytes = 0;
-  require(!__builtin_mul_overflow(static_cast<size_t>(shape_numel(shape)), dtype_size(dtype), &bytes), "shape ",
-          shape_str(shape), " of ", dtype_name(dtype), " is too large");
+  require(
+      !__builtin_mul_overflow(static_cast<size_t>(shape_numel(shape)), dtype_size(dtype), &bytes),
+      "shape ", shape_str(shape), " of ", dtype_name(dtype), " is too large");
   Tensor t;
   t.storage_ = std::make_shared<Storage>(bytes, device);
   t.shape_ = shape;
@@ -86,11 +89,14 @@ Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
 
 int64_t Tensor::size(int dim) const {
   if (dim < 0) dim += this->dim();
-  require(dim >= 0 && dim < this->dim(), "dimension ", dim, " out of range for shape ", shape_str(shape_));
+  require(dim >= 0 && dim < this->dim(), "dimension ", dim, " out of range for shape ",
+          shape_str(shape_));
   return shape_[dim];
 }
 
-bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
+bool Tensor::is_contiguous() const {
+  return strides_ == contiguous_strides(shape_);
+}
 
 void* Tensor::raw_data() const {
   if (!storage_) return nullptr;

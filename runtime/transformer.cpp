@@ -17,18 +17,18 @@ struct Transformer::Activations {
   std::vector<int32_t> tokens, targets, positions;
   bool has_targets = false;
   int num_targets = 0;
-  Tensor residual;   // [L+1, N, C]: input of each layer, then the final residual stream
+  Tensor residual;      // [L+1, N, C]: input of each layer, then the final residual stream
   Tensor residual_mid;  // [L, N, C]: after attention
-  Tensor ln1, ln2;   // [L, N, C]
+  Tensor ln1, ln2;      // [L, N, C]
   Tensor ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;  // [L, N]
-  Tensor qkv;        // [L, N, (H + 2 KV) D] (q and k after RoPE)
-  Tensor att;        // [L, N, H D]
-  Tensor att_lse;    // [L, B, H, T]
-  Tensor fc_pre;     // [L, N, F] (GPT-2) or [L, N, 2F] (gate|up, Llama)
-  Tensor fc_act;     // [L, N, F]
+  Tensor qkv;                                     // [L, N, (H + 2 KV) D] (q and k after RoPE)
+  Tensor att;                                     // [L, N, H D]
+  Tensor att_lse;                                 // [L, B, H, T]
+  Tensor fc_pre;                   // [L, N, F] (GPT-2) or [L, N, 2F] (gate|up, Llama)
+  Tensor fc_act;                   // [L, N, F]
   Tensor lnf, lnf_mean, lnf_rstd;  // [N, C], [N], [N]
-  Tensor logits;     // [N, V]; holds dlogits after backward
-  Tensor ce_lse, losses;  // [N]
+  Tensor logits;                   // [N, V]; holds dlogits after backward
+  Tensor ce_lse, losses;           // [N]
   // Backward scratch, reused across layers.
   Tensor d_residual, d_ln, d_qkv, d_att, d_fc_pre, d_fc_act, scratch;
 };
@@ -69,11 +69,11 @@ void Transformer::build_layout() {
       layout_.add(p + "mlp.c_fc.bias", {F}, ParamKind::kBias, 0);
       layout_.add(p + "mlp.c_proj.weight", {F, C}, ParamKind::kMatrix, 0);
       layout_.add(p + "mlp.c_proj.bias", {C}, ParamKind::kBias);
-      layers_[l] = {off(p + "ln_1.weight"), off(p + "ln_1.bias"), off(p + "attn.c_attn.weight"),
-                    off(p + "attn.c_attn.bias"), off(p + "attn.c_proj.weight"),
-                    off(p + "attn.c_proj.bias"), off(p + "ln_2.weight"), off(p + "ln_2.bias"),
-                    off(p + "mlp.c_fc.weight"), off(p + "mlp.c_fc.bias"),
-                    off(p + "mlp.c_proj.weight"), off(p + "mlp.c_proj.bias")};
+      layers_[l] = {
+          off(p + "ln_1.weight"),      off(p + "ln_1.bias"),          off(p + "attn.c_attn.weight"),
+          off(p + "attn.c_attn.bias"), off(p + "attn.c_proj.weight"), off(p + "attn.c_proj.bias"),
+          off(p + "ln_2.weight"),      off(p + "ln_2.bias"),          off(p + "mlp.c_fc.weight"),
+          off(p + "mlp.c_fc.bias"),    off(p + "mlp.c_proj.weight"),  off(p + "mlp.c_proj.bias")};
     }
     layout_.add("transformer.ln_f.weight", {C}, ParamKind::kNorm);
     layout_.add("transformer.ln_f.bias", {C}, ParamKind::kBias);
@@ -95,10 +95,18 @@ void Transformer::build_layout() {
       layout_.add(p + "mlp.gate_proj.weight", {F, C}, ParamKind::kMatrix, 0);
       layout_.add(p + "mlp.up_proj.weight", {F, C}, ParamKind::kMatrix, 0);
       layout_.add(p + "mlp.down_proj.weight", {C, F}, ParamKind::kMatrix, 1);
-      layers_[l] = {off(p + "input_layernorm.weight"), -1, off(p + "self_attn.q_proj.weight"), -1,
-                    off(p + "self_attn.o_proj.weight"), -1,
-                    off(p + "post_attention_layernorm.weight"), -1, off(p + "mlp.gate_proj.weight"),
-                    -1, off(p + "mlp.down_proj.weight"), -1};
+      layers_[l] = {off(p + "input_layernorm.weight"),
+                    -1,
+                    off(p + "self_attn.q_proj.weight"),
+                    -1,
+                    off(p + "self_attn.o_proj.weight"),
+                    -1,
+                    off(p + "post_attention_layernorm.weight"),
+                    -1,
+                    off(p + "mlp.gate_proj.weight"),
+                    -1,
+                    off(p + "mlp.down_proj.weight"),
+                    -1};
     }
     layout_.add("model.norm.weight", {C}, ParamKind::kNorm);
     wte_ = off("model.embed_tokens.weight");
@@ -141,10 +149,9 @@ void Transformer::init_weights(uint64_t seed) {
         std::fill(w, w + s.numel, 0.0f);
         break;
       default: {
-        const bool residual_out = s.name.ends_with("attn.c_proj.weight") ||
-                                  s.name.ends_with("mlp.c_proj.weight") ||
-                                  s.name.ends_with("o_proj.weight") ||
-                                  s.name.ends_with("down_proj.weight");
+        const bool residual_out =
+            s.name.ends_with("attn.c_proj.weight") || s.name.ends_with("mlp.c_proj.weight") ||
+            s.name.ends_with("o_proj.weight") || s.name.ends_with("down_proj.weight");
         rng.fill_normal(w, s.numel, 0.0f, residual_out ? residual_std : config_.init_std);
       }
     }
@@ -203,8 +210,8 @@ void Transformer::norm_forward(float* out, float* mean, float* rstd, const float
   }
 }
 
-void Transformer::norm_backward(float* dinp, const float* dout, const float* inp,
-                                const float* mean, const float* rstd, int64_t w, int64_t b, int N) {
+void Transformer::norm_backward(float* dinp, const float* dout, const float* inp, const float* mean,
+                                const float* rstd, int64_t w, int64_t b, int N) {
   const float* p = params_.data<float>();
   float* g = grads_.data<float>();
   if (config_.is_llama()) {
@@ -226,7 +233,8 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
             " at position ", i, " is outside the vocabulary [0, ", c.vocab_size, ")");
     if (targets != nullptr) {
       require(targets[i] >= -1 && targets[i] < c.vocab_size, "forward: target id ", targets[i],
-              " at position ", i, " is outside the vocabulary [0, ", c.vocab_size, ") (-1 = ignore)");
+              " at position ", i, " is outside the vocabulary [0, ", c.vocab_size,
+              ") (-1 = ignore)");
     }
   }
   ensure_activations(B, T);
@@ -265,14 +273,15 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
     cpu::matmul_forward(qkv, ln1, p + o.qkv_w, bias(o.qkv_b), N, C, QKV, wl);
     if (llama) {
       cpu::rope_forward(qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D, QKV);
-      cpu::rope_forward(qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV, D, QKV);
+      cpu::rope_forward(qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV, D,
+                        QKV);
     }
     cpu::attention_forward(att, lse, qkv, B, T, H, KV, D);
     cpu::matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
     cpu::add(x_mid, x, scratch, NC);
 
-    norm_forward(ln2, a.ln2_mean.data<float>() + l * N, a.ln2_rstd.data<float>() + l * N, x_mid,
-                 p, o.ln2_w, o.ln2_b, N);
+    norm_forward(ln2, a.ln2_mean.data<float>() + l * N, a.ln2_rstd.data<float>() + l * N, x_mid, p,
+                 o.ln2_w, o.ln2_b, N);
     cpu::matmul_forward(fc_pre, ln2, p + o.up_w, bias(o.up_b), N, C, UP, wl);
     if (llama) {
       cpu::swiglu_forward(fc_act, fc_pre, N, F);
@@ -283,16 +292,17 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
     cpu::add(x_out, x_mid, scratch, NC);
   }
   const float* x_final = a.residual.data<float>() + c.n_layer * NC;
-  norm_forward(a.lnf.data<float>(), a.lnf_mean.data<float>(), a.lnf_rstd.data<float>(), x_final,
-               p, lnf_w_, lnf_b_, N);
+  norm_forward(a.lnf.data<float>(), a.lnf_mean.data<float>(), a.lnf_rstd.data<float>(), x_final, p,
+               lnf_w_, lnf_b_, N);
   cpu::matmul_forward(a.logits.data<float>(), a.lnf.data<float>(), p + lm_head_, nullptr, N, C,
                       c.vocab_size, WeightLayout::kOutIn);
   if (!a.has_targets) {
     a.num_targets = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
-  a.num_targets = cpu::cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
-                                             a.logits.data<float>(), a.targets.data(), N, c.vocab_size);
+  a.num_targets =
+      cpu::cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
+                                 a.logits.data<float>(), a.targets.data(), N, c.vocab_size);
   if (a.num_targets == 0) return std::numeric_limits<float>::quiet_NaN();
   double total = 0.0;
   const float* losses = a.losses.data<float>();
@@ -345,8 +355,8 @@ void Transformer::backward() {
     const float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
 
     // MLP block: x_out = x_mid + down(act(up(norm2(x_mid)))); d_res holds d x_out.
-    cpu::matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N,
-                         F, C, wl);
+    cpu::matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N, F,
+                         C, wl);
     if (llama) {
       cpu::swiglu_backward(d_fc_pre, d_fc_act, fc_pre, N, F);
     } else {
@@ -357,11 +367,12 @@ void Transformer::backward() {
                   a.ln2_rstd.data<float>() + l * N, o.ln2_w, o.ln2_b, N);
 
     // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
-    cpu::matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att,
-                         p + o.attn_out_w, N, HD, C, wl);
+    cpu::matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att, p + o.attn_out_w,
+                         N, HD, C, wl);
     cpu::attention_backward(d_qkv, d_att, qkv, att, lse, B, T, H, KV, D);
     if (llama) {
-      cpu::rope_backward(d_qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D, QKV);
+      cpu::rope_backward(d_qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D,
+                         QKV);
       cpu::rope_backward(d_qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV,
                          D, QKV);
     }
@@ -395,7 +406,8 @@ double Transformer::flops_per_step(int B, int T) const {
   const double tokens = static_cast<double>(B) * T;
   // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
   const double t = T;
-  const double attention = 3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (t * (t + 1.0) / 2.0) * c.head_dim();
+  const double attention =
+      3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (t * (t + 1.0) / 2.0) * c.head_dim();
   return 6.0 * matmul_params * tokens + attention;
 }
 

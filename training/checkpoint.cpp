@@ -29,7 +29,8 @@ long step_of(const std::string& dir) {
 }
 
 bool is_checkpoint_name(const std::string& name) {
-  if (!name.starts_with(kPrefix) || name.size() == std::string(kPrefix).size() || name.size() > 20) return false;
+  if (!name.starts_with(kPrefix) || name.size() == std::string(kPrefix).size() || name.size() > 20)
+    return false;
   return std::all_of(name.begin() + 5, name.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
 }
 
@@ -48,13 +49,15 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir) {
       out.push_back(entry.path().string());
     }
   }
-  std::sort(out.begin(), out.end(), [](const std::string& a, const std::string& b) { return step_of(a) < step_of(b); });
+  std::sort(out.begin(), out.end(),
+            [](const std::string& a, const std::string& b) { return step_of(a) < step_of(b); });
   return out;
 }
 
 std::string save_checkpoint(const std::string& run_dir, long step, const CheckpointSave& save,
                             int keep_last) {
-  require(save.model != nullptr && save.optimizer != nullptr, "save_checkpoint: model and optimizer are required");
+  require(save.model != nullptr && save.optimizer != nullptr,
+          "save_checkpoint: model and optimizer are required");
   const fs::path root = fs::path(run_dir) / "checkpoints";
   std::error_code ec;
   fs::create_directories(root, ec);
@@ -63,7 +66,8 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
   const fs::path final_dir = root / step_name(step);
   // Temporary directories left by a process killed mid-save are never valid checkpoints.
   for (const auto& entry : fs::directory_iterator(root, ec)) {
-    if (entry.path().filename().string().starts_with(".tmp.step_")) fs::remove_all(entry.path(), ec);
+    if (entry.path().filename().string().starts_with(".tmp.step_"))
+      fs::remove_all(entry.path(), ec);
   }
   const fs::path tmp_dir = root / (".tmp." + step_name(step) + "." + std::to_string(::getpid()));
   fs::create_directories(tmp_dir, ec);
@@ -77,8 +81,9 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
         if (fs::exists(src)) copy_file_atomic(src, tmp_dir / name);
       }
     }
-    write_file_atomic((tmp_dir / "trainer_state.json").string(),
-                      save.trainer_state.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+    write_file_atomic(
+        (tmp_dir / "trainer_state.json").string(),
+        save.trainer_state.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
     fsync_directory(tmp_dir.string());
     if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step replaces it
     fs::rename(tmp_dir, final_dir);
@@ -101,7 +106,8 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
 namespace {
 // Checks that every file of a checkpoint opens and parses; throws naming the first bad file.
 void validate_checkpoint(const fs::path& dir) {
-  for (const char* name : {"trainer_state.json", "config.json", "model.safetensors", "optimizer.safetensors"}) {
+  for (const char* name :
+       {"trainer_state.json", "config.json", "model.safetensors", "optimizer.safetensors"}) {
     require(fs::exists(dir / name), (dir / name).string(), ": missing");
   }
   const std::string state_path = (dir / "trainer_state.json").string();
@@ -111,7 +117,8 @@ void validate_checkpoint(const fs::path& dir) {
   } catch (const nlohmann::json::exception& e) {
     throw Error(cat(state_path, ": invalid JSON: ", e.what()));
   }
-  require(state.contains("step") && state["step"].is_number_integer(), state_path, ": no integer 'step'");
+  require(state.contains("step") && state["step"].is_number_integer(), state_path,
+          ": no integer 'step'");
   load_config((dir / "config.json").string());
   SafetensorsFile::open((dir / "model.safetensors").string());
   SafetensorsFile::open((dir / "optimizer.safetensors").string());
@@ -125,8 +132,8 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
   const ModelConfig& want = model.config();
   const std::string where = (d / "config.json").string();
   auto same = [&](const char* key, auto checkpoint_value, auto config_value) {
-    require(checkpoint_value == config_value, where, ": the checkpoint has model.", key, " = ", checkpoint_value,
-            " but the config has ", config_value);
+    require(checkpoint_value == config_value, where, ": the checkpoint has model.", key, " = ",
+            checkpoint_value, " but the config has ", config_value);
   };
   same("family", family_name(saved.family), family_name(want.family));
   same("vocab_size", saved.vocab_size, want.vocab_size);

@@ -25,8 +25,8 @@ namespace tandem {
 struct CheckpointSave {
   const Transformer* model = nullptr;
   const AdamW* optimizer = nullptr;
-  nlohmann::json trainer_state;      // must contain "step"
-  std::string tokenizer_dir;         // copied in when non-empty and it has the two files
+  nlohmann::json trainer_state;  // must contain "step"
+  std::string tokenizer_dir;     // copied in when non-empty and it has the two files
 };
 
 // Writes <run_dir>/checkpoints/step_<step>; returns its path. Keeps the newest keep_last.

@@ -24,9 +24,12 @@ AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config) : config_(con
 
 float AdamW::decay_for(const ParamSpec& spec) const {
   switch (spec.kind) {
-    case ParamKind::kMatrix: return config_.weight_decay;
-    case ParamKind::kEmbedding: return config_.decay_embeddings ? config_.weight_decay : 0.0f;
-    default: return config_.decay_norms_and_biases ? config_.weight_decay : 0.0f;
+    case ParamKind::kMatrix:
+      return config_.weight_decay;
+    case ParamKind::kEmbedding:
+      return config_.decay_embeddings ? config_.weight_decay : 0.0f;
+    default:
+      return config_.decay_norms_and_biases ? config_.weight_decay : 0.0f;
   }
 }
 
@@ -67,9 +70,11 @@ float LrSchedule::at(long step) const {
     return max_lr * static_cast<float>(step + 1) / static_cast<float>(warmup_steps);
   }
   if (decay == LrDecay::kConstant || total_steps <= warmup_steps) return max_lr;
-  double ratio = static_cast<double>(step - warmup_steps) / static_cast<double>(total_steps - warmup_steps);
+  double ratio =
+      static_cast<double>(step - warmup_steps) / static_cast<double>(total_steps - warmup_steps);
   ratio = ratio < 0.0 ? 0.0 : (ratio > 1.0 ? 1.0 : ratio);
-  const double coeff = decay == LrDecay::kCosine ? 0.5 * (1.0 + std::cos(M_PI * ratio)) : 1.0 - ratio;
+  const double coeff =
+      decay == LrDecay::kCosine ? 0.5 * (1.0 + std::cos(M_PI * ratio)) : 1.0 - ratio;
   return static_cast<float>(min_lr + coeff * (max_lr - min_lr));
 }
 

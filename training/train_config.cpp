@@ -49,7 +49,8 @@ class SectionReader {
   }
 
   template <typename T>
-  SectionReader& field(const std::string& key, T& out, std::function<bool(const T&)> valid = nullptr,
+  SectionReader& field(const std::string& key, T& out,
+                       std::function<bool(const T&)> valid = nullptr,
                        const char* expectation = "") {
     known_.push_back(key);
     auto it = j_.find(key);
@@ -69,11 +70,11 @@ class SectionReader {
       }
       value = it->get<T>();
     } catch (const std::exception&) {
-      throw Error(cat(source_, ": ", section_, ".", key, " = ", it->dump(), " has the wrong type (expected ",
-                      type_name<T>(), ")"));
+      throw Error(cat(source_, ": ", section_, ".", key, " = ", it->dump(),
+                      " has the wrong type (expected ", type_name<T>(), ")"));
     }
-    require(!valid || valid(value), source_, ": ", section_, ".", key, " = ", it->dump(), " is invalid",
-            expectation[0] ? cat(" (expected ", expectation, ")") : std::string());
+    require(!valid || valid(value), source_, ": ", section_, ".", key, " = ", it->dump(),
+            " is invalid", expectation[0] ? cat(" (expected ", expectation, ")") : std::string());
     out = value;
     return *this;
   }
@@ -83,7 +84,8 @@ class SectionReader {
   void finish() const {
     for (auto it = j_.begin(); it != j_.end(); ++it) {
       if (std::find(known_.begin(), known_.end(), it.key()) == known_.end()) {
-        throw Error(cat(source_, ": unknown key '", section_, ".", it.key(), "'", suggestion(it.key(), known_)));
+        throw Error(cat(source_, ": unknown key '", section_, ".", it.key(), "'",
+                        suggestion(it.key(), known_)));
       }
     }
   }
@@ -91,11 +93,16 @@ class SectionReader {
  private:
   template <typename T>
   static const char* type_name() {
-    if constexpr (std::is_same_v<T, bool>) return "true or false";
-    else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) return "a non-negative integer";
-    else if constexpr (std::is_integral_v<T>) return "an integer";
-    else if constexpr (std::is_floating_point_v<T>) return "a number";
-    else return "a string";
+    if constexpr (std::is_same_v<T, bool>)
+      return "true or false";
+    else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>)
+      return "a non-negative integer";
+    else if constexpr (std::is_integral_v<T>)
+      return "an integer";
+    else if constexpr (std::is_floating_point_v<T>)
+      return "a number";
+    else
+      return "a string";
   }
   const nlohmann::json& j_;
   std::string section_, source_;
@@ -125,7 +132,8 @@ const nlohmann::json& section(const nlohmann::json& j, const char* name) {
 
 TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source) {
   require(j.is_object(), source, ": the config must be a JSON object");
-  const std::vector<std::string> sections = {"model", "data", "train", "optim", "eval", "checkpoint", "log"};
+  const std::vector<std::string> sections = {"model", "data",       "train", "optim",
+                                             "eval",  "checkpoint", "log"};
   for (auto it = j.begin(); it != j.end(); ++it) {
     require(std::find(sections.begin(), sections.end(), it.key()) != sections.end(), source,
             ": unknown section '", it.key(), "'", suggestion(it.key(), sections),
@@ -144,9 +152,11 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     } catch (const Error& e) {
       throw Error(cat(source, ": model.preset: ", e.what()));
     }
-    r.field<std::string>("family", family, [](const std::string& f) { return f == "gpt2" || f == "llama"; },
-                         "\"gpt2\" or \"llama\"");
-    if (!family.empty()) c.model.family = family == "llama" ? ModelFamily::kLlama : ModelFamily::kGpt2;
+    r.field<std::string>(
+        "family", family, [](const std::string& f) { return f == "gpt2" || f == "llama"; },
+        "\"gpt2\" or \"llama\"");
+    if (!family.empty())
+      c.model.family = family == "llama" ? ModelFamily::kLlama : ModelFamily::kGpt2;
     const bool kv_given = m.contains("n_kv_head");
     r.field<int>("vocab_size", c.model.vocab_size, positive<int>(), "> 0")
         .field<int>("max_seq_len", c.model.max_seq_len, positive<int>(), "> 0")
@@ -161,7 +171,8 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<float>("init_std", c.model.init_std, positive<float>(), "> 0");
     r.finish();
     if (!kv_given && !c.model.is_llama()) c.model.n_kv_head = c.model.n_head;
-    if (!kv_given && c.model.is_llama() && c.model.n_head % c.model.n_kv_head != 0) c.model.n_kv_head = c.model.n_head;
+    if (!kv_given && c.model.is_llama() && c.model.n_head % c.model.n_kv_head != 0)
+      c.model.n_kv_head = c.model.n_head;
     c.vocab_size_from_data = !m.contains("vocab_size");
     try {
       c.model.validate();
@@ -191,9 +202,10 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     r.field<float>("lr", c.schedule.max_lr, positive<float>(), "> 0")
         .field<float>("min_lr", c.schedule.min_lr, non_negative<float>(), ">= 0")
         .field<long>("warmup_steps", c.schedule.warmup_steps, non_negative<long>(), ">= 0")
-        .field<std::string>("schedule", schedule,
-                            [](const std::string& s) { return s == "cosine" || s == "linear" || s == "constant"; },
-                            "\"cosine\", \"linear\" or \"constant\"")
+        .field<std::string>(
+            "schedule", schedule,
+            [](const std::string& s) { return s == "cosine" || s == "linear" || s == "constant"; },
+            "\"cosine\", \"linear\" or \"constant\"")
         .field<float>("weight_decay", c.adamw.weight_decay, non_negative<float>(), ">= 0")
         .field<float>("beta1", c.adamw.beta1, in_unit_interval(), "in [0, 1)")
         .field<float>("beta2", c.adamw.beta2, in_unit_interval(), "in [0, 1)")
@@ -202,7 +214,9 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<bool>("decay_norms_and_biases", c.adamw.decay_norms_and_biases)
         .field<float>("grad_clip", c.grad_clip, non_negative<float>(), ">= 0 (0 = off)");
     r.finish();
-    c.schedule.decay = schedule == "cosine" ? LrDecay::kCosine : schedule == "linear" ? LrDecay::kLinear : LrDecay::kConstant;
+    c.schedule.decay = schedule == "cosine"   ? LrDecay::kCosine
+                       : schedule == "linear" ? LrDecay::kLinear
+                                              : LrDecay::kConstant;
     if (!min_lr_given) c.schedule.min_lr = 0.1f * c.schedule.max_lr;
     require(c.schedule.min_lr <= c.schedule.max_lr, source, ": optim.min_lr = ", c.schedule.min_lr,
             " is larger than optim.lr = ", c.schedule.max_lr);
@@ -219,7 +233,8 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
   }
   {
     SectionReader r(section(j, "checkpoint"), "checkpoint", source);
-    r.field<std::string>("dir", c.out_dir, [](const std::string& s) { return !s.empty(); }, "a directory")
+    r.field<std::string>(
+         "dir", c.out_dir, [](const std::string& s) { return !s.empty(); }, "a directory")
         .field<long>("every", c.checkpoint_every, non_negative<long>(), ">= 0")
         .field<int>("keep_last", c.keep_last, positive<int>(), "> 0")
         .field<bool>("resume", c.resume);
@@ -231,7 +246,8 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<long>("progress_every", c.progress_every, positive<long>(), "> 0");
     r.finish();
   }
-  require(!c.data_dir.empty(), source, ": data.dir is required (a directory made by 'tandem prepare')");
+  require(!c.data_dir.empty(), source,
+          ": data.dir is required (a directory made by 'tandem prepare')");
   require(c.seq_len <= c.model.max_seq_len, source, ": data.seq_len = ", c.seq_len,
           " exceeds model.max_seq_len = ", c.model.max_seq_len);
   c.schedule.total_steps = c.steps;
@@ -253,7 +269,8 @@ TrainConfig load_train_config(const std::string& file, const std::vector<std::st
     const size_t dot = o.find('.');
     require(eq != std::string::npos && dot != std::string::npos && dot < eq, "override '--", o,
             "' must look like --section.key=value (e.g. --optim.lr=3e-4)");
-    const std::string sec = o.substr(0, dot), key = o.substr(dot + 1, eq - dot - 1), text = o.substr(eq + 1);
+    const std::string sec = o.substr(0, dot), key = o.substr(dot + 1, eq - dot - 1),
+                      text = o.substr(eq + 1);
     nlohmann::json value;
     try {
       value = nlohmann::json::parse(text);
@@ -268,24 +285,50 @@ TrainConfig load_train_config(const std::string& file, const std::vector<std::st
 }
 
 nlohmann::json TrainConfig::to_json() const {
-  const char* decay = schedule.decay == LrDecay::kCosine ? "cosine" : schedule.decay == LrDecay::kLinear ? "linear" : "constant";
-  return {
-      {"model", {{"family", family_name(model.family)}, {"vocab_size", model.vocab_size},
-                 {"max_seq_len", model.max_seq_len}, {"n_embd", model.n_embd}, {"n_layer", model.n_layer},
-                 {"n_head", model.n_head}, {"n_kv_head", model.n_kv_head}, {"ffn_hidden", model.ffn_hidden},
-                 {"norm_eps", model.norm_eps}, {"rope_theta", model.rope_theta},
-                 {"tie_embeddings", model.tie_embeddings}, {"init_std", model.init_std}}},
-      {"data", {{"dir", data_dir}, {"batch_size", batch_size}, {"seq_len", seq_len}}},
-      {"train", {{"steps", steps}, {"grad_accum", grad_accum}, {"seed", seed}, {"threads", threads}}},
-      {"optim", {{"lr", schedule.max_lr}, {"min_lr", schedule.min_lr}, {"warmup_steps", schedule.warmup_steps},
-                 {"schedule", decay}, {"weight_decay", adamw.weight_decay}, {"beta1", adamw.beta1},
-                 {"beta2", adamw.beta2}, {"eps", adamw.eps}, {"decay_embeddings", adamw.decay_embeddings},
-                 {"decay_norms_and_biases", adamw.decay_norms_and_biases}, {"grad_clip", grad_clip}}},
-      {"eval", {{"every", eval_every}, {"batches", eval_batches}, {"sample_tokens", sample_tokens},
-                {"sample_prompt", sample_prompt}, {"sample_temperature", sample_temperature},
-                {"sample_top_k", sample_top_k}}},
-      {"checkpoint", {{"dir", out_dir}, {"every", checkpoint_every}, {"keep_last", keep_last}, {"resume", resume}}},
-      {"log", {{"metrics_file", metrics_file}, {"progress_every", progress_every}}}};
+  const char* decay = schedule.decay == LrDecay::kCosine   ? "cosine"
+                      : schedule.decay == LrDecay::kLinear ? "linear"
+                                                           : "constant";
+  return {{"model",
+           {{"family", family_name(model.family)},
+            {"vocab_size", model.vocab_size},
+            {"max_seq_len", model.max_seq_len},
+            {"n_embd", model.n_embd},
+            {"n_layer", model.n_layer},
+            {"n_head", model.n_head},
+            {"n_kv_head", model.n_kv_head},
+            {"ffn_hidden", model.ffn_hidden},
+            {"norm_eps", model.norm_eps},
+            {"rope_theta", model.rope_theta},
+            {"tie_embeddings", model.tie_embeddings},
+            {"init_std", model.init_std}}},
+          {"data", {{"dir", data_dir}, {"batch_size", batch_size}, {"seq_len", seq_len}}},
+          {"train",
+           {{"steps", steps}, {"grad_accum", grad_accum}, {"seed", seed}, {"threads", threads}}},
+          {"optim",
+           {{"lr", schedule.max_lr},
+            {"min_lr", schedule.min_lr},
+            {"warmup_steps", schedule.warmup_steps},
+            {"schedule", decay},
+            {"weight_decay", adamw.weight_decay},
+            {"beta1", adamw.beta1},
+            {"beta2", adamw.beta2},
+            {"eps", adamw.eps},
+            {"decay_embeddings", adamw.decay_embeddings},
+            {"decay_norms_and_biases", adamw.decay_norms_and_biases},
+            {"grad_clip", grad_clip}}},
+          {"eval",
+           {{"every", eval_every},
+            {"batches", eval_batches},
+            {"sample_tokens", sample_tokens},
+            {"sample_prompt", sample_prompt},
+            {"sample_temperature", sample_temperature},
+            {"sample_top_k", sample_top_k}}},
+          {"checkpoint",
+           {{"dir", out_dir},
+            {"every", checkpoint_every},
+            {"keep_last", keep_last},
+            {"resume", resume}}},
+          {"log", {{"metrics_file", metrics_file}, {"progress_every", progress_every}}}};
 }
 
 }  // namespace tandem

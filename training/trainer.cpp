@@ -42,8 +42,8 @@ namespace {
 
 // Cross-entropy of the val tokens under the train split's unigram distribution (add-one
 // smoothing): the loss a model that ignores context would reach. "Learning" means beating it.
-double unigram_cross_entropy(const std::vector<std::string>& train, const std::vector<std::string>& val,
-                             int vocab) {
+double unigram_cross_entropy(const std::vector<std::string>& train,
+                             const std::vector<std::string>& val, int vocab) {
   std::vector<double> counts(vocab, 1.0);
   double total = vocab;
   std::vector<int32_t> buf;
@@ -76,9 +76,12 @@ std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
   const long s = static_cast<long>(seconds + 0.5);
   char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof(buf), "%ldh%02ldm", s / 3600, (s % 3600) / 60);
-  else if (s >= 60) std::snprintf(buf, sizeof(buf), "%ldm%02lds", s / 60, s % 60);
-  else std::snprintf(buf, sizeof(buf), "%lds", s);
+  if (s >= 3600)
+    std::snprintf(buf, sizeof(buf), "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+  else if (s >= 60)
+    std::snprintf(buf, sizeof(buf), "%ldm%02lds", s / 60, s % 60);
+  else
+    std::snprintf(buf, sizeof(buf), "%lds", s);
   return buf;
 }
 
@@ -107,9 +110,11 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
 
   // Data: prepare.json gives the vocabulary; shards are validated by the loaders.
   const fs::path data(config_.data_dir);
-  require(fs::is_directory(data), "data.dir ", config_.data_dir, " is not a directory (make one with 'tandem prepare')");
+  require(fs::is_directory(data), "data.dir ", config_.data_dir,
+          " is not a directory (make one with 'tandem prepare')");
   const fs::path summary_path = data / kPrepareSummaryFileName;
-  require(fs::exists(summary_path), summary_path.string(), ": missing (make the data directory with 'tandem prepare')");
+  require(fs::exists(summary_path), summary_path.string(),
+          ": missing (make the data directory with 'tandem prepare')");
   nlohmann::json summary;
   try {
     summary = nlohmann::json::parse(read_file(summary_path.string()));
@@ -117,17 +122,19 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
     throw Error(cat(summary_path.string(), ": invalid JSON: ", e.what()));
   }
   require(summary.contains("vocab_size") && summary["vocab_size"].is_number_unsigned() &&
-              summary["vocab_size"].get<uint64_t>() >= 1 && summary["vocab_size"].get<uint64_t>() <= (1u << 30),
+              summary["vocab_size"].get<uint64_t>() >= 1 &&
+              summary["vocab_size"].get<uint64_t>() <= (1u << 30),
           summary_path.string(), ": vocab_size must be an integer in [1, 2^30]");
-  require(!summary.contains("eot_token") || summary["eot_token"].is_number_integer(), summary_path.string(),
-          ": eot_token must be an integer");
+  require(!summary.contains("eot_token") || summary["eot_token"].is_number_integer(),
+          summary_path.string(), ": eot_token must be an integer");
   const int data_vocab = summary["vocab_size"].get<int>();
   eot_token_ = summary.value("eot_token", -1);
   if (config_.vocab_size_from_data) {
     config_.model.vocab_size = data_vocab;
   } else {
     require(config_.model.vocab_size == data_vocab, "model.vocab_size = ", config_.model.vocab_size,
-            " does not match the data's vocabulary (", data_vocab, " in ", summary_path.string(), ")");
+            " does not match the data's vocabulary (", data_vocab, " in ", summary_path.string(),
+            ")");
   }
   config_.model.validate();
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
@@ -153,7 +160,8 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   fs::create_directories(config_.out_dir, ec);
   require(!ec && fs::is_directory(config_.out_dir), "checkpoint.dir ", config_.out_dir,
           " cannot be created: ", ec ? ec.message() : "not a directory");
-  require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir, " is not writable");
+  require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir,
+          " is not writable");
   const std::string metrics_path = (fs::path(config_.out_dir) / config_.metrics_file).string();
   const bool has_run = !list_checkpoints(config_.out_dir).empty() || fs::exists(metrics_path);
   require(config_.resume || !has_run, "checkpoint.dir ", config_.out_dir,
@@ -183,7 +191,8 @@ long Trainer::restore_from(const std::string& dir) {
     from_json(state.at("data"), data_state);
     if (state.contains("rng")) rng_.set_state(state["rng"].get<std::array<uint64_t, 4>>());
     if (state.contains("val_losses")) {
-      for (const auto& v : state["val_losses"]) history.emplace_back(v.at(0).get<long>(), v.at(1).get<float>());
+      for (const auto& v : state["val_losses"])
+        history.emplace_back(v.at(0).get<long>(), v.at(1).get<float>());
     }
   } catch (const std::exception& e) {
     throw Error(cat(state_path, ": bad trainer state: ", e.what()));
@@ -195,10 +204,12 @@ long Trainer::restore_from(const std::string& dir) {
   if (state.contains("config")) {
     const nlohmann::json& saved = state["config"];
     auto same = [&](const char* section, const char* key, const nlohmann::json& now) {
-      const nlohmann::json was = saved.value(section, nlohmann::json::object()).value(key, nlohmann::json());
+      const nlohmann::json was =
+          saved.value(section, nlohmann::json::object()).value(key, nlohmann::json());
       if (!was.is_null() && was != now) {
-        throw ResumeMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ", was.dump(),
-                                 " in that run but is ", now.dump(), " now (it decides the order of the data)"));
+        throw ResumeMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ",
+                                 was.dump(), " in that run but is ", now.dump(),
+                                 " now (it decides the order of the data)"));
       }
     };
     same("data", "batch_size", config_.batch_size);
@@ -263,7 +274,8 @@ void Trainer::write_metrics(const nlohmann::json& line) {
 float Trainer::evaluate() {
   val_loader_->reset();
   const int B = config_.batch_size, T = config_.seq_len;
-  const int batches = static_cast<int>(std::min<uint64_t>(config_.eval_batches, val_loader_->batches_per_epoch()));
+  const int batches =
+      static_cast<int>(std::min<uint64_t>(config_.eval_batches, val_loader_->batches_per_epoch()));
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   double total = 0.0;
   for (int i = 0; i < batches; ++i) {
@@ -284,14 +296,16 @@ std::string Trainer::save(long step, float last_loss) {
   nlohmann::json vals = nlohmann::json::array();
   for (const auto& [s, v] : val_history_) vals.push_back({s, v});
   state["val_losses"] = vals;
-  CheckpointSave save{model_.get(), optimizer_.get(), state, tokenizer_ ? config_.data_dir : std::string()};
+  CheckpointSave save{model_.get(), optimizer_.get(), state,
+                      tokenizer_ ? config_.data_dir : std::string()};
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
 
 std::string Trainer::sample_text() {
   if (config_.sample_tokens <= 0) return "";
   std::vector<int32_t> prompt;
-  if (tokenizer_ && !config_.sample_prompt.empty()) prompt = tokenizer_->encode(config_.sample_prompt);
+  if (tokenizer_ && !config_.sample_prompt.empty())
+    prompt = tokenizer_->encode(config_.sample_prompt);
   if (prompt.empty()) prompt = {eot_token_ >= 0 ? eot_token_ : 0};
   GenerateOptions opt;
   opt.max_new_tokens = config_.sample_tokens;
@@ -324,9 +338,11 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
 
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
-       << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads() << " threads\n";
-  log_ << "tandem: train " << train_loader_->num_windows() << " windows, val " << val_loader_->num_windows()
-       << " windows; unigram baseline val loss " << unigram_val_loss_ << "\n";
+       << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
+       << " threads\n";
+  log_ << "tandem: train " << train_loader_->num_windows() << " windows, val "
+       << val_loader_->num_windows() << " windows; unigram baseline val loss " << unigram_val_loss_
+       << "\n";
   if (start_step_ == 0 && config_.eval_every > 0) {
     const float v = evaluate();
     val_history_.emplace_back(0, v);
@@ -344,10 +360,12 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     const float lr = config_.schedule.at(step);
     train_loader_->next_batch(inputs.data(), targets.data());
     loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
-    const float norm = clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip);
+    const float norm =
+        clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip);
     // Stop before a non-finite gradient reaches the weights (and then a checkpoint).
-    require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1, ": loss ", loss,
-            ", gradient norm ", norm, " (try a lower optim.lr or optim.grad_clip); the last checkpoint is intact");
+    require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1,
+            ": loss ", loss, ", gradient norm ", norm,
+            " (try a lower optim.lr or optim.grad_clip); the last checkpoint is intact");
     optimizer_->step(model_->params().data<float>(), model_->grads().data<float>(), lr);
     ++step;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -356,14 +374,21 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     result.step_losses.push_back(loss);
     const double tps = tokens_per_step / dt;
     const double mfu = flops / dt / 1e9 / peak_gflops_;
-    write_metrics({{"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps},
-                   {"mfu", mfu}, {"step_ms", dt * 1e3}});
+    write_metrics({{"step", step},
+                   {"loss", loss},
+                   {"lr", lr},
+                   {"grad_norm", norm},
+                   {"tokens_per_s", tps},
+                   {"mfu", mfu},
+                   {"step_ms", dt * 1e3}});
     if (step % config_.progress_every == 0 || step == config_.steps) {
       const double avg = compute_seconds / (step - start_step_);
       char line[256];
-      std::snprintf(line, sizeof(line), "step %6ld/%ld | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | MFU %.0f%% | ETA %s",
-                    step, config_.steps, loss, lr, norm, tokens_done / compute_seconds, 100.0 * mfu,
-                    format_duration(avg * (config_.steps - step)).c_str());
+      std::snprintf(
+          line, sizeof(line),
+          "step %6ld/%ld | loss %.4f | lr %.2e | norm %.2f | %.0f tok/s | MFU %.0f%% | ETA %s",
+          step, config_.steps, loss, lr, norm, tokens_done / compute_seconds, 100.0 * mfu,
+          format_duration(avg * (config_.steps - step)).c_str());
       log_ << (tty ? "\r" : "") << line << (tty ? "\033[K" : "\n") << std::flush;
     }
     const bool last = step == config_.steps;
@@ -375,7 +400,8 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       log_ << (tty ? "\n" : "") << "tandem: step " << step << " val loss " << v << "\n";
     }
     const bool stopping = stop != nullptr && stop->load() != 0;
-    if ((config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) || last || stopping) {
+    if ((config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) || last ||
+        stopping) {
       result.last_checkpoint = save(step, loss);
       if (stopping || config_.checkpoint_every > 0) {
         log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << "\n";
@@ -386,18 +412,19 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       break;
     }
   }
-  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.last_step = step;
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
   if (!result.interrupted) result.sample = sample_text();
 
-  log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished") << " at step "
-       << step << "/" << config_.steps << " in " << format_duration(wall) << ", "
+  log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished")
+       << " at step " << step << "/" << config_.steps << " in " << format_duration(wall) << ", "
        << static_cast<long>(result.tokens_per_second) << " tokens/s\n";
   if (!val_history_.empty()) {
-    log_ << "tandem: val loss " << val_history_.front().second << " (step " << val_history_.front().first
-         << ") -> " << val_history_.back().second << " (step " << val_history_.back().first
-         << "); unigram baseline " << unigram_val_loss_ << "\n";
+    log_ << "tandem: val loss " << val_history_.front().second << " (step "
+         << val_history_.front().first << ") -> " << val_history_.back().second << " (step "
+         << val_history_.back().first << "); unigram baseline " << unigram_val_loss_ << "\n";
   }
   if (!result.last_checkpoint.empty() && config_.checkpoint_every == 0 && !result.interrupted) {
     log_ << "tandem: checkpoint " << result.last_checkpoint << "\n";  // not yet printed

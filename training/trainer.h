@@ -27,15 +27,15 @@
 namespace tandem {
 
 struct TrainResult {
-  long first_step = 0;                 // 0, or the resumed checkpoint's step
-  long last_step = 0;                  // steps completed in total
-  std::vector<float> step_losses;      // losses of the steps run by this call
+  long first_step = 0;                             // 0, or the resumed checkpoint's step
+  long last_step = 0;                              // steps completed in total
+  std::vector<float> step_losses;                  // losses of the steps run by this call
   std::vector<std::pair<long, float>> val_losses;  // (step, loss)
-  double unigram_val_loss = 0.0;       // baseline: val cross-entropy of train unigram counts
+  double unigram_val_loss = 0.0;  // baseline: val cross-entropy of train unigram counts
   double tokens_per_second = 0.0;
   bool interrupted = false;
   std::string last_checkpoint;
-  std::string sample;                  // decoded sample at the end (may be empty)
+  std::string sample;  // decoded sample at the end (may be empty)
 };
 
 // Computes the gradient of the mean loss over `micro_batches` consecutive [B, T] batches

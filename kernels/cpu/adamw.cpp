@@ -10,8 +10,10 @@ void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, f
                 float beta1, float beta2, float eps, float weight_decay, long step) {
   // Bias corrections folded into two constants: m_hat / (sqrt(v_hat) + eps)
   //   = (m * c1) / (sqrt(v) * c2 + eps), c1 = 1 / (1 - beta1^t), c2 = 1 / sqrt(1 - beta2^t).
-  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step))));
-  const float c2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step))));
+  const float c1 = static_cast<float>(
+      1.0 / (1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step))));
+  const float c2 = static_cast<float>(
+      1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step))));
   float* __restrict p = param;
   const float* __restrict g = grad;
   float* __restrict mm = m;

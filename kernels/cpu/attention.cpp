@@ -90,7 +90,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
             const float inv = 1.0f / running_sum[i];
 #pragma omp simd
             for (int d = 0; d < D; ++d) o[d] *= inv;
-            lse[(static_cast<size_t>(b) * H + h) * T + q0 + i] = running_max[i] + std::log(running_sum[i]);
+            lse[(static_cast<size_t>(b) * H + h) * T + q0 + i] =
+                running_max[i] + std::log(running_sum[i]);
           }
         }
       }
@@ -130,7 +131,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             const float* O = out + orow;
             const float* dO = dout + orow;
             for (int i = 0; i < nq; ++i) {
-              delta[i] = dot(dO + static_cast<size_t>(i) * out_row, O + static_cast<size_t>(i) * out_row, D);
+              delta[i] = dot(dO + static_cast<size_t>(i) * out_row,
+                             O + static_cast<size_t>(i) * out_row, D);
             }
             const int key_end = q0 + nq;
             for (int k0 = 0; k0 < key_end; k0 += kKeyBlock) {

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <stdexcept>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "kernels/cpu/kernels.h"
 
@@ -21,7 +21,9 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
               trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-int blas_parallel_mode() { return openblas_get_parallel(); }
+int blas_parallel_mode() {
+  return openblas_get_parallel();
+}
 
 void check_blas_is_openmp() {
   const int mode = openblas_get_parallel();
@@ -45,7 +47,9 @@ double measure_sgemm_gflops(int n, int reps) {
   return best;
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  return omp_get_max_threads();
+}
 
 void set_num_threads(int n) {
   if (n > 0) omp_set_num_threads(n);

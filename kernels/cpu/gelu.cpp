@@ -27,7 +27,8 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) {
     const float u = kSqrt2OverPi * (x + kCoeff * x * x * x);
     const float t = detail::fast_tanh(u);
     const float sech2 = 1.0f - t * t;
-    const float local = 0.5f * (1.0f + t) + 0.5f * x * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kCoeff * x * x);
+    const float local =
+        0.5f * (1.0f + t) + 0.5f * x * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kCoeff * x * x);
     dinp[i] = local * dout[i];
   }
 }

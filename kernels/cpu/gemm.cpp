@@ -33,9 +33,8 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
   }
 }
 
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                     const float* inp, const float* weight, int M, int K, int N,
-                     WeightLayout layout) {
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int M, int K, int N, WeightLayout layout) {
   const bool in_out = layout == WeightLayout::kInOut;
   if (dinp != nullptr) {
     // dinp[M,K] = dout[M,N] * W^T, with W as [K,N] (in_out) or [N,K] (out_in).

@@ -42,9 +42,8 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
                     int K, int N, WeightLayout layout);
 // dinp[M,K] = dout * W^T (overwritten; skipped when dinp is null); dweight += (accumulates);
 // dbias += column sums of dout (skipped when null).
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                     const float* inp, const float* weight, int M, int K, int N,
-                     WeightLayout layout);
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int M, int K, int N, WeightLayout layout);
 
 // ---- Embedding (embedding.cpp) ------------------------------------------------------------
 // out[n,:] = wte[tokens[n],:] (+ wpe[positions[n],:] when wpe is not null).
@@ -59,8 +58,8 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
                        const float* bias, int N, int C, float eps);
 void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                        const float* inp, const float* weight, const float* mean,
-                        const float* rstd, int N, int C);
+                        const float* inp, const float* weight, const float* mean, const float* rstd,
+                        int N, int C);
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C,
                      float eps);
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
@@ -108,10 +107,10 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
                             const int32_t* targets, float dloss, int N, int V);
 
 // ---- Elementwise (residual.cpp) -------------------------------------------------------------
-void add(float* out, const float* a, const float* b, size_t n);   // out = a + b
-void add_inplace(float* acc, const float* x, size_t n);           // acc += x
-void scale_inplace(float* x, float s, size_t n);                  // x *= s
-void fill_zero(float* x, size_t n);                               // x = 0, all threads
+void add(float* out, const float* a, const float* b, size_t n);  // out = a + b
+void add_inplace(float* acc, const float* x, size_t n);          // acc += x
+void scale_inplace(float* x, float s, size_t n);                 // x *= s
+void fill_zero(float* x, size_t n);                              // x = 0, all threads
 
 // ---- Optimizer math (adamw.cpp) --------------------------------------------------------------
 // One AdamW step (decoupled weight decay) over n parameters; step is 1-based (bias correction).

@@ -28,8 +28,8 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
 }
 
 void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                        const float* inp, const float* weight, const float* mean,
-                        const float* rstd, int N, int C) {
+                        const float* inp, const float* weight, const float* mean, const float* rstd,
+                        int N, int C) {
   float* outputs[2] = {dweight, dbias};
   detail::reduce_rows(N, C, outputs, 2, [&](int n, float* partial) {
     const float* x = inp + static_cast<size_t>(n) * C;

@@ -5,8 +5,7 @@
 
 namespace tandem::cpu {
 
-void rope_tables(float* cos_table, float* sin_table, int max_positions, int head_dim,
-                 float theta) {
+void rope_tables(float* cos_table, float* sin_table, int max_positions, int head_dim, float theta) {
   const int half = head_dim / 2;
   for (int p = 0; p < max_positions; ++p) {
     for (int i = 0; i < half; ++i) {

@@ -31,7 +31,8 @@ unsigned grid_for(size_t n, unsigned block) {
 void check_launch(const char* name) {
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("CUDA launch of ") + name + ": " + cudaGetErrorString(status));
+    throw std::runtime_error(std::string("CUDA launch of ") + name + ": " +
+                             cudaGetErrorString(status));
   }
 }
 }  // namespace

@@ -11,7 +11,8 @@ namespace tandem::cuda {
 namespace {
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(status));
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
+                             cudaGetErrorString(status));
   }
 }
 }  // namespace
@@ -25,7 +26,9 @@ int device_count() {
   return count;
 }
 
-void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+void set_device(int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+}
 
 void* malloc_device(size_t bytes) {
   void* ptr = nullptr;
@@ -33,15 +36,19 @@ void* malloc_device(size_t bytes) {
   return ptr;
 }
 
-void free_device(void* ptr) noexcept { cudaFree(ptr); }
+void free_device(void* ptr) noexcept {
+  cudaFree(ptr);
+}
 
 void copy(void* dst, const void* src, size_t bytes, int kind) {
-  const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice
+  const cudaMemcpyKind k = kind == 0   ? cudaMemcpyHostToDevice
                            : kind == 1 ? cudaMemcpyDeviceToHost
                                        : cudaMemcpyDeviceToDevice;
   check(cudaMemcpy(dst, src, bytes, k), "cudaMemcpy");
 }
 
-void synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+void synchronize() {
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
 
 }  // namespace tandem::cuda

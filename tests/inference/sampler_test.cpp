@@ -47,7 +47,8 @@ TEST(Sampler, SameSeedSameTokens) {
   for (int i = 0; i < 50; ++i) logits[i] = 0.1f * i;
   Rng a(9), b(9);
   SamplingParams p;
-  for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_token(logits.data(), 50, p, a), sample_token(logits.data(), 50, p, b));
+  for (int i = 0; i < 20; ++i)
+    EXPECT_EQ(sample_token(logits.data(), 50, p, a), sample_token(logits.data(), 50, p, b));
 }
 
 TEST(Sampler, NonFiniteLogitsAreRejected) {

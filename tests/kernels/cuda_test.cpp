@@ -12,10 +12,11 @@ namespace tandem {
 namespace {
 
 // GTEST_SKIP returns from the enclosing function, so this is a macro used in each test body.
-#define SKIP_WITHOUT_GPU()                                                                      \
-  do {                                                                                         \
-    if (!cuda_built()) GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)"; \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no usable CUDA device on this machine";    \
+#define SKIP_WITHOUT_GPU()                                                                 \
+  do {                                                                                     \
+    if (!cuda_built())                                                                     \
+      GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)";       \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no usable CUDA device on this machine"; \
   } while (0)
 
 TEST(Cuda, AxpyMatchesCpu) {
@@ -33,7 +34,8 @@ TEST(Cuda, AxpyMatchesCpu) {
   cuda::axpy(dy.data<float>(), dx.data<float>(), 2.0f, n);
   cuda::synchronize();
   Tensor back = dy.to(Device::cpu());
-  for (size_t i = 0; i < n; i += 4099) EXPECT_FLOAT_EQ(back.data<float>()[i], 1.0f + 2.0f * (i % 97));
+  for (size_t i = 0; i < n; i += 4099)
+    EXPECT_FLOAT_EQ(back.data<float>()[i], 1.0f + 2.0f * (i % 97));
 #endif
 }
 

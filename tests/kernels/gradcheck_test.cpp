@@ -64,7 +64,8 @@ TEST(KernelGradcheck, LayerNormMatchesFiniteDifferences) {
   auto x = randn(N * C, 1), w = randn(C, 2), b = randn(C, 3), R = randn(N * C, 4);
   std::vector<float> out(N * C), mean(N), rstd(N);
   auto loss = [&] {
-    layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C, 1e-5f);
+    layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C,
+                      1e-5f);
     return dot(out, R);
   };
   loss();
@@ -159,8 +160,12 @@ void check_attention(int B, int T, int H, int KV, int D) {
   EXPECT_GRAD_MATCHES(dqkv, numeric_grad(qkv, loss));
 }
 
-TEST(KernelGradcheck, AttentionMatchesFiniteDifferences) { check_attention(2, 5, 2, 2, 4); }
-TEST(KernelGradcheck, GroupedQueryAttentionMatchesFiniteDifferences) { check_attention(2, 6, 4, 2, 4); }
+TEST(KernelGradcheck, AttentionMatchesFiniteDifferences) {
+  check_attention(2, 5, 2, 2, 4);
+}
+TEST(KernelGradcheck, GroupedQueryAttentionMatchesFiniteDifferences) {
+  check_attention(2, 6, 4, 2, 4);
+}
 TEST(KernelGradcheck, AttentionAcrossSeveralTilesMatchesFiniteDifferences) {
   // 70 rows: three 32-row query tiles (the last partial) against two 64-key blocks, so the
   // online rescaling and the causal mask inside a block are both exercised.
@@ -199,7 +204,8 @@ TEST(KernelGradcheck, CrossEntropyMatchesFiniteDifferences) {
   std::vector<int32_t> targets = {3, -1, 10, 0};
   std::vector<float> losses(N), lse(N);
   auto loss = [&] {
-    const int valid = cross_entropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
+    const int valid =
+        cross_entropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
     double s = 0;
     for (float l : losses) s += l;
     return s / valid;
@@ -226,8 +232,12 @@ void check_matmul(WeightLayout layout, int M) {
   EXPECT_GRAD_MATCHES(db, numeric_grad(b, loss));
 }
 
-TEST(KernelGradcheck, MatmulInOutLayoutMatchesFiniteDifferences) { check_matmul(WeightLayout::kInOut, 6); }
-TEST(KernelGradcheck, MatmulOutInLayoutMatchesFiniteDifferences) { check_matmul(WeightLayout::kOutIn, 6); }
+TEST(KernelGradcheck, MatmulInOutLayoutMatchesFiniteDifferences) {
+  check_matmul(WeightLayout::kInOut, 6);
+}
+TEST(KernelGradcheck, MatmulOutInLayoutMatchesFiniteDifferences) {
+  check_matmul(WeightLayout::kOutIn, 6);
+}
 TEST(KernelGradcheck, MatmulSingleRowGemvPathMatchesFiniteDifferences) {
   check_matmul(WeightLayout::kInOut, 1);
   check_matmul(WeightLayout::kOutIn, 1);

@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/file_io.h"
-#include "training/token_shard.h"
 #include "tests/test_support.h"
+#include "training/token_shard.h"
 
 namespace tandem {
 namespace {
@@ -26,8 +26,10 @@ struct Result {
 // in parallel processes).
 Result run(const std::string& args) {
   const std::string err_file = ::testing::TempDir() + "/tandem_cli_stderr_" +
-                               ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".txt";
-  const std::string cmd = std::string(TANDEM_BINARY_DIR) + "/tandem " + args + " >/dev/null 2>" + err_file;
+                               ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+                               ".txt";
+  const std::string cmd =
+      std::string(TANDEM_BINARY_DIR) + "/tandem " + args + " >/dev/null 2>" + err_file;
   const int raw = std::system(cmd.c_str());
   Result r;
   r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
@@ -40,7 +42,8 @@ void expect_one_line_error(const Result& r, const std::string& needle) {
   EXPECT_NE(r.status, 0);
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_EQ(r.err.rfind("tandem: ", 0), 0u) << r.err;
-  EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr '" << r.err << "' should name '" << needle << "'";
+  EXPECT_NE(r.err.find(needle), std::string::npos)
+      << "stderr '" << r.err << "' should name '" << needle << "'";
 }
 
 class CliTest : public ::testing::Test {
@@ -51,7 +54,8 @@ class CliTest : public ::testing::Test {
     for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i % 31);
     write_token_shard((dir_ / "data" / "train_000000.bin").string(), tokens, 32);
     write_token_shard((dir_ / "data" / "val_000000.bin").string(), tokens, 32);
-    write_file_atomic((dir_ / "data" / "prepare.json").string(), R"({"vocab_size": 32, "eot_token": 31})");
+    write_file_atomic((dir_ / "data" / "prepare.json").string(),
+                      R"({"vocab_size": 32, "eot_token": 31})");
   }
   std::string config(const std::string& body) {
     const std::string path = (dir_ / "config.json").string();
@@ -59,8 +63,10 @@ class CliTest : public ::testing::Test {
     return path;
   }
   std::string base() const {
-    return " --data.dir=" + (dir_ / "data").string() + " --checkpoint.dir=" + (dir_ / "run").string() +
-           " --train.steps=2 --data.batch_size=2 --data.seq_len=8 --model.max_seq_len=8 --model.n_layer=1"
+    return " --data.dir=" + (dir_ / "data").string() +
+           " --checkpoint.dir=" + (dir_ / "run").string() +
+           " --train.steps=2 --data.batch_size=2 --data.seq_len=8 --model.max_seq_len=8 "
+           "--model.n_layer=1"
            " --model.n_embd=16 --model.n_head=2 --model.ffn_hidden=32 --eval.sample_tokens=0";
   }
   testing::ScratchDir scratch_{"tandem_cli"};
@@ -68,15 +74,19 @@ class CliTest : public ::testing::Test {
 };
 
 TEST_F(CliTest, UnknownConfigKey) {
-  expect_one_line_error(run("train --config " + config(R"({"optim": {"lr": 0.1, "betta1": 0.9}})") + base()),
-                        "optim.betta1");
+  expect_one_line_error(
+      run("train --config " + config(R"({"optim": {"lr": 0.1, "betta1": 0.9}})") + base()),
+      "optim.betta1");
 }
 
 TEST_F(CliTest, MistypedValue) {
-  expect_one_line_error(run("train --config " + config(R"({"optim": {"lr": "fast"}})") + base()), "optim.lr");
+  expect_one_line_error(run("train --config " + config(R"({"optim": {"lr": "fast"}})") + base()),
+                        "optim.lr");
 }
 
-TEST_F(CliTest, NegativeSize) { expect_one_line_error(run("train" + base() + " --model.n_layer=-2"), "model.n_layer"); }
+TEST_F(CliTest, NegativeSize) {
+  expect_one_line_error(run("train" + base() + " --model.n_layer=-2"), "model.n_layer");
+}
 
 TEST_F(CliTest, HeadsNotDividingWidth) {
   expect_one_line_error(run("train" + base() + " --model.n_head=3"), "n_head");
@@ -94,14 +104,16 @@ TEST_F(CliTest, CorruptShard) {
 }
 
 TEST_F(CliTest, TokenIdsAboveVocab) {
-  write_file_atomic((dir_ / "data" / "prepare.json").string(), R"({"vocab_size": 16, "eot_token": 15})");
+  write_file_atomic((dir_ / "data" / "prepare.json").string(),
+                    R"({"vocab_size": 16, "eot_token": 15})");
   expect_one_line_error(run("train" + base()), "train_000000.bin");
 }
 
 TEST_F(CliTest, UnwritableOutputDirectory) {
   write_file_atomic((dir_ / "file").string(), "keep");
-  expect_one_line_error(run("train" + base() + " --checkpoint.dir=" + (dir_ / "file" / "run").string()),
-                        "checkpoint.dir");
+  expect_one_line_error(
+      run("train" + base() + " --checkpoint.dir=" + (dir_ / "file" / "run").string()),
+      "checkpoint.dir");
   EXPECT_EQ(read_file((dir_ / "file").string()), "keep");
 }
 
@@ -116,10 +128,13 @@ TEST_F(CliTest, ExistingRunIsNotOverwritten) {
 TEST_F(CliTest, SigtermWritesCheckpointBeforeExiting) {
   const std::string run_dir = (dir_ / "run").string();
   // Start a long run, wait until it has taken a step, then send SIGTERM.
-  const std::string script = std::string(TANDEM_BINARY_DIR) + "/tandem train" + base() +
-                             " --train.steps=1000000 --log.progress_every=1000 >/dev/null 2>&1 & pid=$!; "
-                             "for i in $(seq 200); do [ -s " + run_dir + "/metrics.jsonl ] && break; sleep 0.05; done; "
-                             "kill -TERM $pid; wait $pid; exit $?";
+  const std::string script =
+      std::string(TANDEM_BINARY_DIR) + "/tandem train" + base() +
+      " --train.steps=1000000 --log.progress_every=1000 >/dev/null 2>&1 & pid=$!; "
+      "for i in $(seq 200); do [ -s " +
+      run_dir +
+      "/metrics.jsonl ] && break; sleep 0.05; done; "
+      "kill -TERM $pid; wait $pid; exit $?";
   const int raw = std::system(("bash -c '" + script + "'").c_str());
   ASSERT_TRUE(WIFEXITED(raw));
   EXPECT_EQ(WEXITSTATUS(raw), 128 + 15) << "exit status after SIGTERM";
@@ -140,7 +155,9 @@ TEST_F(CliTest, PrepareNeverOverwritesPreparedData) {
   EXPECT_EQ(read_file((dir_ / "data" / "prepare.json").string()), before);
   EXPECT_FALSE(fs::exists(dir_ / "data" / "encoder.json"));
   EXPECT_EQ(run("prepare --input " + text + " --out " + (dir_ / "fresh").string() +
-                " --train-tokenizer --vocab-size 300 --val-fraction 0.3").status, 0);
+                " --train-tokenizer --vocab-size 300 --val-fraction 0.3")
+                .status,
+            0);
   EXPECT_TRUE(fs::exists(dir_ / "fresh" / "encoder.json"));
   EXPECT_TRUE(fs::exists(dir_ / "fresh" / "prepare.json"));
 }

@@ -100,7 +100,8 @@ TEST_F(SafetensorsTest, Bf16CheckpointLoadsCloseToF32) {
   auto loaded = load_pretrained(path("bf16"));
   const float* a = m.params().data<float>();
   const float* b = loaded->params().data<float>();
-  for (int64_t i = 0; i < m.num_parameters(); ++i) ASSERT_NEAR(a[i], b[i], std::abs(a[i]) * 1e-2 + 1e-6);
+  for (int64_t i = 0; i < m.num_parameters(); ++i)
+    ASSERT_NEAR(a[i], b[i], std::abs(a[i]) * 1e-2 + 1e-6);
 }
 
 TEST_F(SafetensorsTest, TruncatedFileIsRejectedNamingFile) {
@@ -142,7 +143,8 @@ TEST_F(SafetensorsTest, MissingTensorIsRejectedNamingTensor) {
   const std::string dir = save_tiny(testing::tiny_llama());
   const std::string file = dir + "/model.safetensors";
   edit_header(file, [](nlohmann::json& h) { h.erase("model.layers.0.mlp.up_proj.weight"); });
-  expect_error([&] { load_pretrained(dir); }, {file, "model.layers.0.mlp.up_proj.weight", "missing"});
+  expect_error([&] { load_pretrained(dir); },
+               {file, "model.layers.0.mlp.up_proj.weight", "missing"});
 }
 
 TEST_F(SafetensorsTest, WrongShapeAndOverlapsAreRejected) {
@@ -168,7 +170,8 @@ TEST_F(SafetensorsTest, UnexpectedTensorIsRejected) {
 
 TEST_F(SafetensorsTest, BadConfigJsonIsRejectedNamingKey) {
   const std::string dir = save_tiny(testing::tiny_gpt2());
-  write_file_atomic(dir + "/config.json", R"({"model_type": "gpt2", "vocab_size": 37, "n_positions": 16,
+  write_file_atomic(dir + "/config.json",
+                    R"({"model_type": "gpt2", "vocab_size": 37, "n_positions": 16,
       "n_embd": 16, "n_layer": 2, "n_head": 5})");
   expect_error([&] { load_pretrained(dir); }, {"config.json", "n_head"});
   write_file_atomic(dir + "/config.json", R"({"model_type": "bert"})");

@@ -22,7 +22,8 @@ void check_model_gradients(const ModelConfig& config) {
     Rng rng(5);
     float* p = model.params().data<float>();
     for (const ParamSpec& s : model.layout().specs()) {
-      if (s.kind == ParamKind::kMatrix || s.kind == ParamKind::kEmbedding || s.kind == ParamKind::kBias) {
+      if (s.kind == ParamKind::kMatrix || s.kind == ParamKind::kEmbedding ||
+          s.kind == ParamKind::kBias) {
         rng.fill_normal(p + s.offset, s.numel, 0.0f, 0.3f);
       }
     }
@@ -66,7 +67,9 @@ void check_model_gradients(const ModelConfig& config) {
   }
 }
 
-TEST(Transformer, Gpt2GradientsMatchFiniteDifferences) { check_model_gradients(testing::tiny_gpt2()); }
+TEST(Transformer, Gpt2GradientsMatchFiniteDifferences) {
+  check_model_gradients(testing::tiny_gpt2());
+}
 
 TEST(Transformer, LlamaGqaGradientsMatchFiniteDifferences) {
   check_model_gradients(testing::tiny_llama());
@@ -101,7 +104,8 @@ void check_overfits(const ModelConfig& config) {
   model.init_weights(7);
   const int B = 2, T = 16;
   auto tokens = random_tokens(B * T + 1, config.vocab_size, 9);
-  std::vector<int32_t> inputs(tokens.begin(), tokens.end() - 1), targets(tokens.begin() + 1, tokens.end());
+  std::vector<int32_t> inputs(tokens.begin(), tokens.end() - 1),
+      targets(tokens.begin() + 1, tokens.end());
   const size_t n = model.num_parameters();
   std::vector<float> m(n, 0.0f), v(n, 0.0f);
   float loss = 0;
@@ -111,21 +115,25 @@ void check_overfits(const ModelConfig& config) {
     loss = model.forward(inputs.data(), targets.data(), B, T);
     if (loss < 0.1f) break;
     model.backward();
-    cpu::adamw_step(model.params().data<float>(), model.grads().data<float>(), m.data(), v.data(), n,
-                    3e-3f, 0.9f, 0.99f, 1e-8f, 0.0f, step);
+    cpu::adamw_step(model.params().data<float>(), model.grads().data<float>(), m.data(), v.data(),
+                    n, 3e-3f, 0.9f, 0.99f, 1e-8f, 0.0f, step);
   }
   EXPECT_LT(loss, 0.1f) << family_name(config.family) << " did not overfit in 300 steps";
 }
 
 TEST(Transformer, Gpt2OverfitsOneBatch) {
   ModelConfig c = testing::tiny_gpt2();
-  c.vocab_size = 64; c.n_embd = 32; c.ffn_hidden = 64;
+  c.vocab_size = 64;
+  c.n_embd = 32;
+  c.ffn_hidden = 64;
   check_overfits(c);
 }
 
 TEST(Transformer, LlamaOverfitsOneBatch) {
   ModelConfig c = testing::tiny_llama();
-  c.vocab_size = 64; c.n_embd = 32; c.ffn_hidden = 64;
+  c.vocab_size = 64;
+  c.n_embd = 32;
+  c.ffn_hidden = 64;
   check_overfits(c);
 }
 

@@ -8,11 +8,11 @@
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/file_io.h"
+#include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
 #include "training/checkpoint.h"
 #include "training/token_shard.h"
 #include "training/trainer.h"
-#include "tests/runtime/test_models.h"
-#include "tests/test_support.h"
 
 namespace tandem {
 namespace {
@@ -26,7 +26,9 @@ constexpr int kVocab = 48;
 std::vector<int32_t> corpus(int n, uint64_t seed) {
   Rng rng(seed);
   std::vector<int32_t> t(n);
-  for (int i = 0; i < n; ++i) t[i] = rng.below(10) == 0 ? static_cast<int32_t>(rng.below(kVocab - 1)) : (i * 7) % (kVocab - 1);
+  for (int i = 0; i < n; ++i)
+    t[i] =
+        rng.below(10) == 0 ? static_cast<int32_t>(rng.below(kVocab - 1)) : (i * 7) % (kVocab - 1);
   return t;
 }
 
@@ -41,12 +43,25 @@ class TrainerTest : public ::testing::Test {
     cpu::set_num_threads(2);
   }
   TrainConfig config(const std::string& run, const std::vector<std::string>& extra = {}) {
-    std::vector<std::string> o = {
-        "model.preset=\"gpt2-tiny\"", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
-        "model.ffn_hidden=64", "model.max_seq_len=16", "data.dir=" + (root_ / "data").string(),
-        "data.batch_size=4", "data.seq_len=16", "train.steps=8", "train.threads=2", "optim.lr=0.003",
-        "optim.warmup_steps=2", "eval.every=0", "eval.batches=2", "eval.sample_tokens=0",
-        "checkpoint.dir=" + (root_ / run).string(), "checkpoint.every=4", "checkpoint.keep_last=5"};
+    std::vector<std::string> o = {"model.preset=\"gpt2-tiny\"",
+                                  "model.n_layer=2",
+                                  "model.n_embd=32",
+                                  "model.n_head=2",
+                                  "model.ffn_hidden=64",
+                                  "model.max_seq_len=16",
+                                  "data.dir=" + (root_ / "data").string(),
+                                  "data.batch_size=4",
+                                  "data.seq_len=16",
+                                  "train.steps=8",
+                                  "train.threads=2",
+                                  "optim.lr=0.003",
+                                  "optim.warmup_steps=2",
+                                  "eval.every=0",
+                                  "eval.batches=2",
+                                  "eval.sample_tokens=0",
+                                  "checkpoint.dir=" + (root_ / run).string(),
+                                  "checkpoint.every=4",
+                                  "checkpoint.keep_last=5"};
     o.insert(o.end(), extra.begin(), extra.end());
     return load_train_config("", o);
   }
@@ -64,14 +79,16 @@ class TrainerTest : public ::testing::Test {
   std::string log_;
 };
 
-void expect_resume_reproduces(TrainerTest& t, const std::vector<std::string>& extra,
-                              const std::function<TrainConfig(const std::string&, const std::vector<std::string>&)>& config,
-                              const std::function<TrainResult(const TrainConfig&)>& train, const fs::path& root) {
+void expect_resume_reproduces(
+    TrainerTest& t, const std::vector<std::string>& extra,
+    const std::function<TrainConfig(const std::string&, const std::vector<std::string>&)>& config,
+    const std::function<TrainResult(const TrainConfig&)>& train, const fs::path& root) {
   const TrainResult full = train(config("full", extra));
   ASSERT_EQ(full.step_losses.size(), 8u);
   // A second run directory holding only the step-4 checkpoint of the first.
   fs::create_directories(root / "resumed" / "checkpoints");
-  fs::copy(root / "full" / "checkpoints" / "step_00000004", root / "resumed" / "checkpoints" / "step_00000004");
+  fs::copy(root / "full" / "checkpoints" / "step_00000004",
+           root / "resumed" / "checkpoints" / "step_00000004");
   std::vector<std::string> resume_extra = extra;
   resume_extra.push_back("checkpoint.resume=true");
   const TrainResult resumed = train(config("resumed", resume_extra));
@@ -81,21 +98,25 @@ void expect_resume_reproduces(TrainerTest& t, const std::vector<std::string>& ex
     uint32_t a, b;
     std::memcpy(&a, &full.step_losses[4 + i], 4);
     std::memcpy(&b, &resumed.step_losses[i], 4);
-    EXPECT_EQ(a, b) << "step " << 5 + i << ": " << full.step_losses[4 + i] << " vs " << resumed.step_losses[i];
+    EXPECT_EQ(a, b) << "step " << 5 + i << ": " << full.step_losses[4 + i] << " vs "
+                    << resumed.step_losses[i];
   }
   (void)t;
 }
 
 TEST_F(TrainerTest, ResumeReproducesLossCurve) {
-  expect_resume_reproduces(*this, {}, [&](auto& r, auto& e) { return config(r, e); },
-                           [&](const TrainConfig& c) { return train(c); }, root_);
+  expect_resume_reproduces(
+      *this, {}, [&](auto& r, auto& e) { return config(r, e); },
+      [&](const TrainConfig& c) { return train(c); }, root_);
 }
 
 TEST_F(TrainerTest, LlamaWithAccumulationResumeReproducesLossCurve) {
-  expect_resume_reproduces(*this, {"model.family=\"llama\"", "model.n_kv_head=1", "model.tie_embeddings=false",
-                                   "train.grad_accum=2", "data.batch_size=2"},
-                           [&](auto& r, auto& e) { return config(r, e); },
-                           [&](const TrainConfig& c) { return train(c); }, root_);
+  expect_resume_reproduces(
+      *this,
+      {"model.family=\"llama\"", "model.n_kv_head=1", "model.tie_embeddings=false",
+       "train.grad_accum=2", "data.batch_size=2"},
+      [&](auto& r, auto& e) { return config(r, e); },
+      [&](const TrainConfig& c) { return train(c); }, root_);
 }
 
 TEST_F(TrainerTest, LossFallsAndBeatsUnigramBaseline) {
@@ -117,14 +138,16 @@ TEST_F(TrainerTest, StopFlagWritesCheckpointAndEnds) {
   const TrainResult r = train(config("stopped"), &stop);
   EXPECT_TRUE(r.interrupted);
   EXPECT_EQ(r.last_step, 1);
-  EXPECT_TRUE(fs::exists(root_ / "stopped" / "checkpoints" / "step_00000001" / "model.safetensors"));
+  EXPECT_TRUE(
+      fs::exists(root_ / "stopped" / "checkpoints" / "step_00000001" / "model.safetensors"));
 }
 
 TEST_F(TrainerTest, CorruptNewestCheckpointIsSkippedOnResume) {
   train(config("run"));
   const fs::path newest = root_ / "run" / "checkpoints" / "step_00000008" / "model.safetensors";
   fs::resize_file(newest, 100);
-  TrainConfig c = config("run", {"checkpoint.resume=true", "train.steps=10", "checkpoint.keep_last=1"});
+  TrainConfig c =
+      config("run", {"checkpoint.resume=true", "train.steps=10", "checkpoint.keep_last=1"});
   std::ostringstream log;
   Trainer t(c, log);
   EXPECT_EQ(t.start_step(), 4);
@@ -153,7 +176,8 @@ TEST_F(TrainerTest, AllCheckpointsDamagedStartsFromScratchKeepingFiles) {
   const TrainResult resumed = t.run();
   const TrainResult fresh = train(config("fresh"));
   ASSERT_EQ(resumed.step_losses.size(), fresh.step_losses.size());
-  for (size_t i = 0; i < fresh.step_losses.size(); ++i) EXPECT_EQ(resumed.step_losses[i], fresh.step_losses[i]);
+  for (size_t i = 0; i < fresh.step_losses.size(); ++i)
+    EXPECT_EQ(resumed.step_losses[i], fresh.step_losses[i]);
 }
 
 TEST_F(TrainerTest, ResumeWithAnotherBatchShapeIsRejected) {
@@ -186,19 +210,24 @@ TEST_F(TrainerTest, KeepLastPrunesOldCheckpoints) {
   EXPECT_NE(all[1].find("step_00000008"), std::string::npos);
 }
 
-
 TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
   const fs::path shard = root_ / "data" / "train_000000.bin";
   std::string bytes = read_file(shard.string());
   bytes[0] = 'X';
   std::ofstream(shard, std::ios::binary | std::ios::trunc) << bytes;
-  std::string msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("bad"), l);
+  });
   EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
   EXPECT_NE(msg.find("magic"), std::string::npos) << msg;
 
   write_token_shard(shard.string(), corpus(6000, 1), kVocab);
   fs::resize_file(shard, fs::file_size(shard) - 10);
-  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("bad"), l);
+  });
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
 
   // An id >= vocab inside a shard whose header is intact (bytes corrupted after writing).
@@ -209,7 +238,10 @@ TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
     const uint16_t bad = 60000;
     f.write(reinterpret_cast<const char*>(&bad), 2);
   }
-  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("bad"), l);
+  });
   EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
   EXPECT_NE(msg.find("token id 60000 at offset 1234"), std::string::npos) << msg;
 
@@ -217,12 +249,18 @@ TEST_F(TrainerTest, BadDataIsRejectedNamingTheShard) {
   std::vector<int32_t> big = corpus(6000, 1);
   big[100] = kVocab + 5;
   write_token_shard(shard.string(), big, kVocab + 10);
-  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("bad"), l);
+  });
   EXPECT_NE(msg.find("train_000000.bin"), std::string::npos) << msg;
   EXPECT_FALSE(fs::exists(root_ / "bad" / "checkpoints"));
 
   fs::remove_all(root_ / "data");
-  msg = error_message_of([&] { std::ostringstream l; Trainer t(config("bad"), l); });
+  msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("bad"), l);
+  });
   EXPECT_NE(msg.find("data.dir"), std::string::npos) << msg;
 }
 
@@ -230,7 +268,10 @@ TEST_F(TrainerTest, UnwritableOutputDirectoryIsRejected) {
   write_file_atomic((root_ / "a_file").string(), "x");
   TrainConfig c = config("unused");
   c.out_dir = (root_ / "a_file" / "run").string();
-  const std::string msg = error_message_of([&] { std::ostringstream l; Trainer t(c, l); });
+  const std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(c, l);
+  });
   EXPECT_NE(msg.find("checkpoint.dir"), std::string::npos) << msg;
   EXPECT_EQ(read_file((root_ / "a_file").string()), "x");
 }
@@ -245,7 +286,8 @@ TEST(TrainingMath, GradientAccumulationMatchesOneLargeBatch) {
     auto tokens = testing::random_tokens(B * T, c.vocab_size, 1);
     auto targets = testing::random_tokens(B * T, c.vocab_size, 2);
     const float big_loss = accumulate_gradients(model, tokens.data(), targets.data(), 1, B, T);
-    std::vector<float> big(model.grads().data<float>(), model.grads().data<float>() + model.num_parameters());
+    std::vector<float> big(model.grads().data<float>(),
+                           model.grads().data<float>() + model.num_parameters());
     const float acc_loss = accumulate_gradients(model, tokens.data(), targets.data(), 2, B / 2, T);
     const float* acc = model.grads().data<float>();
     EXPECT_NEAR(big_loss, acc_loss, 1e-5f);
@@ -265,15 +307,15 @@ TEST(TrainingMath, ClippingScalesToMaxNorm) {
   EXPECT_NEAR(g[1], 0.8f, 1e-6);
   std::vector<float> small = {0.3f, 0.4f};
   EXPECT_FLOAT_EQ(clip_grad_norm(small.data(), 2, 1.0f), 0.5f);
-  EXPECT_EQ(small[0], 0.3f);  // below the limit: untouched
+  EXPECT_EQ(small[0], 0.3f);                                 // below the limit: untouched
   EXPECT_FLOAT_EQ(clip_grad_norm(g.data(), 2, 0.0f), 1.0f);  // 0 = off
 }
 
 TEST(TrainingMath, ScheduleMatchesFormulas) {
   LrSchedule s{1.0f, 0.1f, 10, 110, LrDecay::kCosine};
-  EXPECT_FLOAT_EQ(s.at(0), 0.1f);   // warmup: (step + 1) / warmup
+  EXPECT_FLOAT_EQ(s.at(0), 0.1f);  // warmup: (step + 1) / warmup
   EXPECT_FLOAT_EQ(s.at(9), 1.0f);
-  EXPECT_FLOAT_EQ(s.at(10), 1.0f);  // decay starts at max
+  EXPECT_FLOAT_EQ(s.at(10), 1.0f);     // decay starts at max
   EXPECT_NEAR(s.at(60), 0.55f, 1e-6);  // cosine midpoint: min + (max - min) / 2
   EXPECT_NEAR(s.at(110), 0.1f, 1e-6);
   EXPECT_NEAR(s.at(500), 0.1f, 1e-6);
@@ -296,11 +338,13 @@ TEST(TrainingMath, WeightDecaySkipsEmbeddingsNormsAndBiasesByDefault) {
   model.params().fill(1.0f);
   model.zero_grad();
   opt.step(model.params().data<float>(), model.grads().data<float>(), 0.1f);
-  EXPECT_NEAR(model.param("transformer.h.0.attn.c_attn.weight").data<float>()[0], 1.0f - 0.1f * 0.5f, 1e-6);
+  EXPECT_NEAR(model.param("transformer.h.0.attn.c_attn.weight").data<float>()[0],
+              1.0f - 0.1f * 0.5f, 1e-6);
   EXPECT_EQ(model.param("transformer.wte.weight").data<float>()[0], 1.0f);
 }
 
-// ---- Config validation ---------------------------------------------------------------------------
+// ---- Config validation
+// ---------------------------------------------------------------------------
 
 std::string config_error(const std::vector<std::string>& overrides) {
   std::vector<std::string> o = {"data.dir=somewhere"};
@@ -313,7 +357,8 @@ TEST(TrainConfigTest, UnknownKeyIsNamedWithSuggestion) {
   EXPECT_NE(msg.find("optim.learning_rat"), std::string::npos) << msg;
   const std::string typo = config_error({"optim.weight_decai=0.1"});
   EXPECT_NE(typo.find("did you mean 'weight_decay'"), std::string::npos) << typo;
-  EXPECT_NE(config_error({"optimizer.lr=1"}).find("unknown section 'optimizer'"), std::string::npos);
+  EXPECT_NE(config_error({"optimizer.lr=1"}).find("unknown section 'optimizer'"),
+            std::string::npos);
 }
 
 TEST(TrainConfigTest, WrongTypesAndNegativeSizesAreNamed) {
@@ -339,7 +384,9 @@ TEST(TrainConfigTest, FileErrorsNameTheFile) {
   write_file_atomic(path, "{\"data\": {\"dir\": \"x\"},");
   const std::string msg = error_message_of([&] { load_train_config(path, {}); });
   EXPECT_NE(msg.find(path), std::string::npos) << msg;
-  EXPECT_NE(error_message_of([&] { load_train_config("/no/such/config.json", {}); }).find("/no/such/config.json"),
+  EXPECT_NE(error_message_of([&] {
+              load_train_config("/no/such/config.json", {});
+            }).find("/no/such/config.json"),
             std::string::npos);
   fs::remove(path);
 }
@@ -347,7 +394,8 @@ TEST(TrainConfigTest, FileErrorsNameTheFile) {
 TEST(TrainConfigTest, OverridesApplyOnTopOfTheFile) {
   const std::string path = ::testing::TempDir() + "/tandem_config.json";
   write_file_atomic(path, R"({"data": {"dir": "d", "batch_size": 3}, "optim": {"lr": 0.01}})");
-  const TrainConfig c = load_train_config(path, {"optim.lr=0.5", "model.family=llama", "model.n_kv_head=2"});
+  const TrainConfig c =
+      load_train_config(path, {"optim.lr=0.5", "model.family=llama", "model.n_kv_head=2"});
   EXPECT_EQ(c.batch_size, 3);
   EXPECT_FLOAT_EQ(c.schedule.max_lr, 0.5f);
   EXPECT_FLOAT_EQ(c.schedule.min_lr, 0.05f);

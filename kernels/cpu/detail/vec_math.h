@@ -30,9 +30,13 @@ inline float fast_exp(float x) {
 
 // tanh(x) = 1 - 2 / (e^{2x} + 1); exact limits at +-inf through fast_exp's saturation.
 #pragma omp declare simd
-inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
+inline float fast_tanh(float x) {
+  return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f);
+}
 
 #pragma omp declare simd
-inline float fast_sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+inline float fast_sigmoid(float x) {
+  return 1.0f / (1.0f + fast_exp(-x));
+}
 
 }  // namespace tandem::cpu::detail
