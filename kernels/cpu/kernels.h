@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/weight_layout.h"
+
 namespace tandem::cpu {
 
 // ---- BLAS (blas.cpp) ----------------------------------------------------------------------
@@ -34,9 +36,7 @@ int num_threads();
 void set_num_threads(int n);
 
 // ---- Linear layers (gemm.cpp) -------------------------------------------------------------
-// How a weight matrix is stored. GPT-2's Conv1D keeps [in, out]; nn.Linear (Llama, LM heads)
-// keeps [out, in]. Weights are used in the layout the checkpoint has, so loading is a copy.
-enum class WeightLayout { kInOut, kOutIn };
+using ::tandem::WeightLayout;  // kernels/weight_layout.h
 // out[M,N] = inp[M,K] * W + bias (bias may be null). M == 1 takes the sgemv path.
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M,
                     int K, int N, WeightLayout layout);

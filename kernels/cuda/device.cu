@@ -5,17 +5,11 @@
 #include <string>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/detail/common.cuh"
 
 namespace tandem::cuda {
 
-namespace {
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " +
-                             cudaGetErrorString(status));
-  }
-}
-}  // namespace
+using detail::check;
 
 int device_count() {
   int count = 0;
