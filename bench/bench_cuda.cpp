@@ -6,7 +6,9 @@
 
 #include "kernels/cpu/kernels.h"
 #include "kernels/cuda/cuda.h"
+#include "runtime/random.h"
 #include "runtime/tensor.h"
+#include "runtime/transformer.h"
 
 namespace {
 
@@ -94,5 +96,26 @@ int main() {
   std::printf(
       "(the CUDA attention is the direct reference kernel; a tiled tensor-core kernel is the next "
       "step)\n");
+
+  // The whole GPT-2 small model, forward + backward, fp32 on the GPU.
+  Transformer model(ModelConfig::preset("gpt2"), Device::cuda());
+  model.init_weights(1);
+  const int mb = 4, mt = 1024;
+  Rng rng(2);
+  std::vector<int32_t> tokens(mb * mt), targets(mb * mt);
+  for (int i = 0; i < mb * mt; ++i) {
+    tokens[i] = static_cast<int32_t>(rng.below(50257));
+    targets[i] = static_cast<int32_t>(rng.below(50257));
+  }
+  const double step = best_seconds(
+      [&] {
+        model.zero_grad();
+        model.forward(tokens.data(), targets.data(), mb, mt);
+        model.backward();
+      },
+      3);
+  std::printf(
+      "GPT-2 small forward+backward B=%d T=%d (fp32): %.1f ms, %.0f tokens/s, %.1f TFLOP/s\n", mb,
+      mt, step * 1e3, mb * mt / step, model.flops_per_step(mb, mt) / step / 1e12);
   return 0;
 }

@@ -20,8 +20,8 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
     const int start = std::max(0, static_cast<int>(context.size()) - window);
     const int T = static_cast<int>(context.size()) - start;
     model.forward(context.data() + start, nullptr, 1, T);
-    const float* last = model.logits().data<float>() + static_cast<size_t>(T - 1) * vocab;
-    const int32_t next = sample_token(last, vocab, options.sampling, rng);
+    const Tensor last = model.logits().slice(0, T - 1, T).to(Device::cpu());
+    const int32_t next = sample_token(last.data<float>(), vocab, options.sampling, rng);
     out.push_back(next);
     if (next == options.stop_token) break;
     context.push_back(next);

@@ -17,13 +17,14 @@ void save_pretrained(const Transformer& model, const std::string& dir, DType dty
   std::error_code ec;
   fs::create_directories(dir, ec);
   require(!ec && fs::is_directory(dir), "cannot create model directory ", dir, ": ", ec.message());
-  const float* p = model.params().data<float>();
+  const Tensor host = model.params().to(Device::cpu());  // no copy for a CPU model
+  const float* p = host.data<float>();
   std::vector<SafetensorsTensor> tensors;
   std::vector<Tensor> converted;  // keeps converted copies alive until written
   for (const ParamSpec& s : model.layout().specs()) {
     const void* data = p + s.offset;
     if (dtype != DType::kF32) {
-      converted.push_back(model.params().flat_view(s.offset, s.shape).to_dtype(dtype));
+      converted.push_back(host.flat_view(s.offset, s.shape).to_dtype(dtype));
       data = converted.back().raw_data();
     }
     tensors.push_back({s.name, dtype, s.shape, data});
@@ -70,7 +71,9 @@ void load_weights(Transformer& model, const std::string& path) {
       ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
-  float* p = model.params().data<float>();
+  const bool on_host = model.device().is_cpu();
+  Tensor host = on_host ? model.params() : Tensor::empty(model.params().shape());
+  float* p = host.data<float>();
   std::unordered_set<std::string> used;
   for (const ParamSpec& s : model.layout().specs()) {
     auto it = file_name_of.find(s.name);
@@ -84,6 +87,7 @@ void load_weights(Transformer& model, const std::string& path) {
     throw Error(cat(path, ": unexpected tensor '", e.name, "' (not a parameter of this ",
                     family_name(model.config().family), " config)"));
   }
+  if (!on_host) model.params().copy_from(host);
 }
 
 }  // namespace tandem

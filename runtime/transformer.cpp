@@ -5,16 +5,15 @@
 #include <limits>
 
 #include "kernels/cpu/kernels.h"
+#include "runtime/detail/ops.h"
 #include "runtime/random.h"
 
 namespace tandem {
 
-using cpu::WeightLayout;
-
 // Activations saved by forward for backward, plus backward scratch. Sized for one (B, T).
 struct Transformer::Activations {
   int B = 0, T = 0;
-  std::vector<int32_t> tokens, targets, positions;
+  Tensor tokens, targets, positions;  // I32 [B*T] on the model's device
   bool has_targets = false;
   int num_targets = 0;
   Tensor residual;      // [L+1, N, C]: input of each layer, then the final residual stream
@@ -33,16 +32,19 @@ struct Transformer::Activations {
   Tensor d_residual, d_ln, d_qkv, d_att, d_fc_pre, d_fc_act, scratch;
 };
 
-Transformer::Transformer(const ModelConfig& config) : config_(config) {
+Transformer::Transformer(const ModelConfig& config, Device device)
+    : config_(config), device_(device), ops_(&detail::ops_for(device)) {
   config_.validate();
   build_layout();
-  params_ = Tensor::zeros({layout_.total_numel()});
+  params_ = Tensor::zeros({layout_.total_numel()}, DType::kF32, device_);
   if (config_.is_llama()) {
     const int half = config_.head_dim() / 2;
-    rope_cos_.resize(static_cast<size_t>(config_.max_seq_len) * half);
-    rope_sin_.resize(rope_cos_.size());
-    cpu::rope_tables(rope_cos_.data(), rope_sin_.data(), config_.max_seq_len, config_.head_dim(),
-                     config_.rope_theta);
+    Tensor cos_table = Tensor::empty({static_cast<int64_t>(config_.max_seq_len) * half});
+    Tensor sin_table = Tensor::empty(cos_table.shape());
+    cpu::rope_tables(cos_table.data<float>(), sin_table.data<float>(), config_.max_seq_len,
+                     config_.head_dim(), config_.rope_theta);
+    rope_cos_ = cos_table.to(device_);
+    rope_sin_ = sin_table.to(device_);
   }
 }
 
@@ -121,7 +123,7 @@ void Transformer::build_layout() {
 }
 
 Tensor& Transformer::grads() {
-  if (!grads_.defined()) grads_ = Tensor::zeros({layout_.total_numel()});
+  if (!grads_.defined()) grads_ = Tensor::zeros({layout_.total_numel()}, DType::kF32, device_);
   return grads_;
 }
 
@@ -138,7 +140,8 @@ Tensor Transformer::grad(const std::string& name) {
 void Transformer::init_weights(uint64_t seed) {
   Rng rng(seed);
   const float residual_std = config_.init_std / std::sqrt(2.0f * config_.n_layer);
-  float* p = params_.data<float>();
+  Tensor host = device_.is_cpu() ? params_ : Tensor::empty(params_.shape());
+  float* p = host.data<float>();
   for (const ParamSpec& s : layout_.specs()) {
     float* w = p + s.offset;
     switch (s.kind) {
@@ -156,6 +159,7 @@ void Transformer::init_weights(uint64_t seed) {
       }
     }
   }
+  if (!device_.is_cpu()) params_.copy_from(host);
 }
 
 void Transformer::ensure_activations(int B, int T) {
@@ -168,45 +172,47 @@ void Transformer::ensure_activations(int B, int T) {
   auto a = std::make_shared<Activations>();
   a->B = B;
   a->T = T;
-  a->tokens.resize(N);
-  a->targets.resize(N);
-  a->positions.resize(N);
-  for (int64_t i = 0; i < N; ++i) a->positions[i] = static_cast<int32_t>(i % T);
-  a->residual = Tensor::empty({L + 1, N, C});
-  a->residual_mid = Tensor::empty({L, N, C});
-  a->ln1 = Tensor::empty({L, N, C});
-  a->ln2 = Tensor::empty({L, N, C});
-  a->ln1_mean = Tensor::empty({L, N});
-  a->ln1_rstd = Tensor::empty({L, N});
-  a->ln2_mean = Tensor::empty({L, N});
-  a->ln2_rstd = Tensor::empty({L, N});
-  a->qkv = Tensor::empty({L, N, QKV});
-  a->att = Tensor::empty({L, N, HD});
-  a->att_lse = Tensor::empty({L, B, c.n_head, T});
-  a->fc_pre = Tensor::empty({L, N, UP});
-  a->fc_act = Tensor::empty({L, N, F});
-  a->lnf = Tensor::empty({N, C});
-  a->lnf_mean = Tensor::empty({N});
-  a->lnf_rstd = Tensor::empty({N});
-  a->logits = Tensor::empty({N, V});
-  a->ce_lse = Tensor::empty({N});
-  a->losses = Tensor::empty({N});
-  a->d_residual = Tensor::empty({N, C});
-  a->d_ln = Tensor::empty({N, C});
-  a->d_qkv = Tensor::empty({N, QKV});
-  a->d_att = Tensor::empty({N, HD});
-  a->d_fc_pre = Tensor::empty({N, UP});
-  a->d_fc_act = Tensor::empty({N, F});
-  a->scratch = Tensor::empty({N, C});
+  Tensor positions = Tensor::empty({N}, DType::kI32);
+  for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = static_cast<int32_t>(i % T);
+  a->positions = positions.to(device_);
+  a->tokens = Tensor::empty({N}, DType::kI32, device_);
+  a->targets = Tensor::empty({N}, DType::kI32, device_);
+  a->residual = Tensor::empty({L + 1, N, C}, DType::kF32, device_);
+  a->residual_mid = Tensor::empty({L, N, C}, DType::kF32, device_);
+  a->ln1 = Tensor::empty({L, N, C}, DType::kF32, device_);
+  a->ln2 = Tensor::empty({L, N, C}, DType::kF32, device_);
+  a->ln1_mean = Tensor::empty({L, N}, DType::kF32, device_);
+  a->ln1_rstd = Tensor::empty({L, N}, DType::kF32, device_);
+  a->ln2_mean = Tensor::empty({L, N}, DType::kF32, device_);
+  a->ln2_rstd = Tensor::empty({L, N}, DType::kF32, device_);
+  a->qkv = Tensor::empty({L, N, QKV}, DType::kF32, device_);
+  a->att = Tensor::empty({L, N, HD}, DType::kF32, device_);
+  a->att_lse = Tensor::empty({L, B, c.n_head, T}, DType::kF32, device_);
+  a->fc_pre = Tensor::empty({L, N, UP}, DType::kF32, device_);
+  a->fc_act = Tensor::empty({L, N, F}, DType::kF32, device_);
+  a->lnf = Tensor::empty({N, C}, DType::kF32, device_);
+  a->lnf_mean = Tensor::empty({N}, DType::kF32, device_);
+  a->lnf_rstd = Tensor::empty({N}, DType::kF32, device_);
+  a->logits = Tensor::empty({N, V}, DType::kF32, device_);
+  a->ce_lse = Tensor::empty({N}, DType::kF32, device_);
+  a->losses = Tensor::empty({N}, DType::kF32, device_);
+  a->d_residual = Tensor::empty({N, C}, DType::kF32, device_);
+  a->d_ln = Tensor::empty({N, C}, DType::kF32, device_);
+  a->d_qkv = Tensor::empty({N, QKV}, DType::kF32, device_);
+  a->d_att = Tensor::empty({N, HD}, DType::kF32, device_);
+  a->d_fc_pre = Tensor::empty({N, UP}, DType::kF32, device_);
+  a->d_fc_act = Tensor::empty({N, F}, DType::kF32, device_);
+  a->scratch = Tensor::empty({N, C}, DType::kF32, device_);
   acts_ = std::move(a);
 }
 
 void Transformer::norm_forward(float* out, float* mean, float* rstd, const float* inp,
                                const float* p, int64_t w, int64_t b, int N) const {
   if (config_.is_llama()) {
-    cpu::rmsnorm_forward(out, rstd, inp, p + w, N, config_.n_embd, config_.norm_eps);
+    ops_->rmsnorm_forward(out, rstd, inp, p + w, N, config_.n_embd, config_.norm_eps);
   } else {
-    cpu::layernorm_forward(out, mean, rstd, inp, p + w, p + b, N, config_.n_embd, config_.norm_eps);
+    ops_->layernorm_forward(out, mean, rstd, inp, p + w, p + b, N, config_.n_embd,
+                            config_.norm_eps);
   }
 }
 
@@ -215,11 +221,24 @@ void Transformer::norm_backward(float* dinp, const float* dout, const float* inp
   const float* p = params_.data<float>();
   float* g = grads_.data<float>();
   if (config_.is_llama()) {
-    cpu::rmsnorm_backward(dinp, g + w, dout, inp, p + w, rstd, N, config_.n_embd);
+    ops_->rmsnorm_backward(dinp, g + w, dout, inp, p + w, rstd, N, config_.n_embd);
   } else {
-    cpu::layernorm_backward(dinp, g + w, g + b, dout, inp, p + w, mean, rstd, N, config_.n_embd);
+    ops_->layernorm_backward(dinp, g + w, g + b, dout, inp, p + w, mean, rstd, N, config_.n_embd);
   }
 }
+
+namespace {
+// Copies dst.numel() int32 values from host memory into dst (on any device).
+void upload(Tensor& dst, const int32_t* src) {
+  if (dst.device().is_cpu()) {
+    std::memcpy(dst.raw_data(), src, dst.nbytes());
+    return;
+  }
+  Tensor host = Tensor::empty(dst.shape(), DType::kI32);
+  std::memcpy(host.raw_data(), src, dst.nbytes());
+  dst.copy_from(host);
+}
+}  // namespace
 
 float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B, int T) {
   const ModelConfig& c = config_;
@@ -239,9 +258,9 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
   }
   ensure_activations(B, T);
   Activations& a = *acts_;
-  std::memcpy(a.tokens.data(), tokens, sizeof(int32_t) * N);
+  upload(a.tokens, tokens);
   a.has_targets = targets != nullptr;
-  if (a.has_targets) std::memcpy(a.targets.data(), targets, sizeof(int32_t) * N);
+  if (a.has_targets) upload(a.targets, targets);
 
   const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
   const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
@@ -252,8 +271,8 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
   auto bias = [&](int64_t off) { return off >= 0 ? p + off : nullptr; };
   const size_t NC = static_cast<size_t>(N) * C;
 
-  cpu::embedding_forward(a.residual.data<float>(), a.tokens.data(), a.positions.data(), p + wte_,
-                         llama ? nullptr : p + wpe_, N, C);
+  ops_->embedding_forward(a.residual.data<float>(), a.tokens.data<int32_t>(),
+                          a.positions.data<int32_t>(), p + wte_, llama ? nullptr : p + wpe_, N, C);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerOffsets& o = layers_[l];
     float* x = a.residual.data<float>() + l * NC;
@@ -270,42 +289,44 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
 
     norm_forward(ln1, a.ln1_mean.data<float>() + l * N, a.ln1_rstd.data<float>() + l * N, x, p,
                  o.ln1_w, o.ln1_b, N);
-    cpu::matmul_forward(qkv, ln1, p + o.qkv_w, bias(o.qkv_b), N, C, QKV, wl);
+    ops_->matmul_forward(qkv, ln1, p + o.qkv_w, bias(o.qkv_b), N, C, QKV, wl);
     if (llama) {
-      cpu::rope_forward(qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D, QKV);
-      cpu::rope_forward(qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV, D,
-                        QKV);
+      ops_->rope_forward(qkv, a.positions.data<int32_t>(), rope_cos_.data<float>(),
+                         rope_sin_.data<float>(), N, H, D, QKV);
+      ops_->rope_forward(qkv + HD, a.positions.data<int32_t>(), rope_cos_.data<float>(),
+                         rope_sin_.data<float>(), N, KV, D, QKV);
     }
-    cpu::attention_forward(att, lse, qkv, B, T, H, KV, D);
-    cpu::matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
-    cpu::add(x_mid, x, scratch, NC);
+    ops_->attention_forward(att, lse, qkv, B, T, H, KV, D);
+    ops_->matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
+    ops_->add(x_mid, x, scratch, NC);
 
     norm_forward(ln2, a.ln2_mean.data<float>() + l * N, a.ln2_rstd.data<float>() + l * N, x_mid, p,
                  o.ln2_w, o.ln2_b, N);
-    cpu::matmul_forward(fc_pre, ln2, p + o.up_w, bias(o.up_b), N, C, UP, wl);
+    ops_->matmul_forward(fc_pre, ln2, p + o.up_w, bias(o.up_b), N, C, UP, wl);
     if (llama) {
-      cpu::swiglu_forward(fc_act, fc_pre, N, F);
+      ops_->swiglu_forward(fc_act, fc_pre, N, F);
     } else {
-      cpu::gelu_forward(fc_act, fc_pre, static_cast<size_t>(N) * F);
+      ops_->gelu_forward(fc_act, fc_pre, static_cast<size_t>(N) * F);
     }
-    cpu::matmul_forward(scratch, fc_act, p + o.down_w, bias(o.down_b), N, F, C, wl);
-    cpu::add(x_out, x_mid, scratch, NC);
+    ops_->matmul_forward(scratch, fc_act, p + o.down_w, bias(o.down_b), N, F, C, wl);
+    ops_->add(x_out, x_mid, scratch, NC);
   }
   const float* x_final = a.residual.data<float>() + c.n_layer * NC;
   norm_forward(a.lnf.data<float>(), a.lnf_mean.data<float>(), a.lnf_rstd.data<float>(), x_final, p,
                lnf_w_, lnf_b_, N);
-  cpu::matmul_forward(a.logits.data<float>(), a.lnf.data<float>(), p + lm_head_, nullptr, N, C,
-                      c.vocab_size, WeightLayout::kOutIn);
+  ops_->matmul_forward(a.logits.data<float>(), a.lnf.data<float>(), p + lm_head_, nullptr, N, C,
+                       c.vocab_size, WeightLayout::kOutIn);
   if (!a.has_targets) {
     a.num_targets = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
-  a.num_targets =
-      cpu::cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
-                                 a.logits.data<float>(), a.targets.data(), N, c.vocab_size);
+  a.num_targets = ops_->cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
+                                              a.logits.data<float>(), a.targets.data<int32_t>(), N,
+                                              c.vocab_size);
   if (a.num_targets == 0) return std::numeric_limits<float>::quiet_NaN();
   double total = 0.0;
-  const float* losses = a.losses.data<float>();
+  const Tensor host_losses = a.losses.to(Device::cpu());
+  const float* losses = host_losses.data<float>();
   for (int i = 0; i < N; ++i) total += losses[i];
   return static_cast<float>(total / a.num_targets);
 }
@@ -328,12 +349,12 @@ void Transformer::backward() {
 
   float* dlogits = a.logits.data<float>();  // overwritten in place
   const float dloss = a.num_targets > 0 ? 1.0f / a.num_targets : 0.0f;
-  cpu::cross_entropy_backward(dlogits, a.logits.data<float>(), a.ce_lse.data<float>(),
-                              a.targets.data(), dloss, N, c.vocab_size);
+  ops_->cross_entropy_backward(dlogits, a.logits.data<float>(), a.ce_lse.data<float>(),
+                               a.targets.data<int32_t>(), dloss, N, c.vocab_size);
   float* d_ln = a.d_ln.data<float>();
   float* d_res = a.d_residual.data<float>();
-  cpu::matmul_backward(d_ln, g + lm_head_, nullptr, dlogits, a.lnf.data<float>(), p + lm_head_, N,
-                       C, c.vocab_size, WeightLayout::kOutIn);
+  ops_->matmul_backward(d_ln, g + lm_head_, nullptr, dlogits, a.lnf.data<float>(), p + lm_head_, N,
+                        C, c.vocab_size, WeightLayout::kOutIn);
   a.d_residual.zero();
   norm_backward(d_res, d_ln, a.residual.data<float>() + c.n_layer * NC, a.lnf_mean.data<float>(),
                 a.lnf_rstd.data<float>(), lnf_w_, lnf_b_, N);
@@ -355,38 +376,39 @@ void Transformer::backward() {
     const float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
 
     // MLP block: x_out = x_mid + down(act(up(norm2(x_mid)))); d_res holds d x_out.
-    cpu::matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N, F,
-                         C, wl);
+    ops_->matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N,
+                          F, C, wl);
     if (llama) {
-      cpu::swiglu_backward(d_fc_pre, d_fc_act, fc_pre, N, F);
+      ops_->swiglu_backward(d_fc_pre, d_fc_act, fc_pre, N, F);
     } else {
-      cpu::gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
+      ops_->gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
     }
-    cpu::matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
+    ops_->matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
     norm_backward(d_res, d_ln, x_mid, a.ln2_mean.data<float>() + l * N,
                   a.ln2_rstd.data<float>() + l * N, o.ln2_w, o.ln2_b, N);
 
     // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
-    cpu::matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att, p + o.attn_out_w,
-                         N, HD, C, wl);
-    cpu::attention_backward(d_qkv, d_att, qkv, att, lse, B, T, H, KV, D);
+    ops_->matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att,
+                          p + o.attn_out_w, N, HD, C, wl);
+    ops_->attention_backward(d_qkv, d_att, qkv, att, lse, B, T, H, KV, D);
     if (llama) {
-      cpu::rope_backward(d_qkv, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, H, D,
-                         QKV);
-      cpu::rope_backward(d_qkv + HD, a.positions.data(), rope_cos_.data(), rope_sin_.data(), N, KV,
-                         D, QKV);
+      ops_->rope_backward(d_qkv, a.positions.data<int32_t>(), rope_cos_.data<float>(),
+                          rope_sin_.data<float>(), N, H, D, QKV);
+      ops_->rope_backward(d_qkv + HD, a.positions.data<int32_t>(), rope_cos_.data<float>(),
+                          rope_sin_.data<float>(), N, KV, D, QKV);
     }
-    cpu::matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV, wl);
+    ops_->matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
+                          wl);
     norm_backward(d_res, d_ln, x, a.ln1_mean.data<float>() + l * N,
                   a.ln1_rstd.data<float>() + l * N, o.ln1_w, o.ln1_b, N);
   }
-  cpu::embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data(),
-                          a.positions.data(), N, C);
+  ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
+                           a.positions.data<int32_t>(), N, C);
   a.has_targets = false;  // the logits buffer now holds gradients
 }
 
 void Transformer::zero_grad() {
-  cpu::fill_zero(grads().data<float>(), static_cast<size_t>(grads_.numel()));
+  ops_->zero(grads().data<float>(), static_cast<size_t>(grads_.numel()));
 }
 
 Tensor Transformer::logits() const {

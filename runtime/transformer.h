@@ -18,11 +18,18 @@
 
 namespace tandem {
 
+namespace detail {
+struct Ops;
+}
+
 class Transformer {
  public:
-  explicit Transformer(const ModelConfig& config);
+  // Parameters, gradients and activations live on `device` (CPU, or CUDA in a CUDA build); the
+  // kernels of that device run the model. Token and target arrays are always host memory.
+  explicit Transformer(const ModelConfig& config, Device device = Device::cpu());
 
   const ModelConfig& config() const { return config_; }
+  Device device() const { return device_; }
   const ParamLayout& layout() const { return layout_; }
   Tensor& params() { return params_; }
   const Tensor& params() const { return params_; }
@@ -44,7 +51,7 @@ class Transformer {
   void backward();
   void zero_grad();
 
-  // [B*T, vocab] logits of the last forward.
+  // [B*T, vocab] logits of the last forward, on the model's device.
   Tensor logits() const;
   // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
   double flops_per_step(int B, int T) const;
@@ -69,7 +76,9 @@ class Transformer {
   Tensor grads_;
   std::vector<LayerOffsets> layers_;
   int64_t wte_ = 0, wpe_ = -1, lnf_w_ = 0, lnf_b_ = -1, lm_head_ = 0;
-  std::vector<float> rope_cos_, rope_sin_;
+  Device device_;
+  const detail::Ops* ops_;      // the kernels of device_
+  Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
 };
 

@@ -1,0 +1,95 @@
+#include "runtime/detail/ops.h"
+
+#include "kernels/cpu/kernels.h"
+#include "runtime/error.h"
+#ifdef TANDEM_HAVE_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
+
+namespace tandem::detail {
+
+namespace {
+
+const Ops kCpuOps = {
+    cpu::matmul_forward,
+    cpu::matmul_backward,
+    cpu::embedding_forward,
+    cpu::embedding_backward,
+    cpu::layernorm_forward,
+    cpu::layernorm_backward,
+    cpu::rmsnorm_forward,
+    cpu::rmsnorm_backward,
+    cpu::gelu_forward,
+    cpu::gelu_backward,
+    cpu::swiglu_forward,
+    cpu::swiglu_backward,
+    cpu::rope_forward,
+    cpu::rope_backward,
+    cpu::attention_forward,
+    cpu::attention_backward,
+    cpu::cross_entropy_forward,
+    cpu::cross_entropy_backward,
+    cpu::add,
+    cpu::fill_zero,
+};
+
+#ifdef TANDEM_HAVE_CUDA
+// The CUDA kernels take a trailing stream; these entries use the default stream.
+const Ops kCudaOps = {
+    [](float* o, const float* i, const float* w, const float* b, int M, int K, int N,
+       WeightLayout l) { cuda::matmul_forward(o, i, w, b, M, K, N, l); },
+    [](float* di, float* dw, float* db, const float* g, const float* i, const float* w, int M,
+       int K, int N, WeightLayout l) { cuda::matmul_backward(di, dw, db, g, i, w, M, K, N, l); },
+    [](float* o, const int32_t* t, const int32_t* p, const float* wte, const float* wpe, int N,
+       int C) { cuda::embedding_forward(o, t, p, wte, wpe, N, C); },
+    [](float* dwte, float* dwpe, const float* g, const int32_t* t, const int32_t* p, int N, int C) {
+      cuda::embedding_backward(dwte, dwpe, g, t, p, N, C);
+    },
+    [](float* o, float* m, float* r, const float* i, const float* w, const float* b, int N, int C,
+       float eps) { cuda::layernorm_forward(o, m, r, i, w, b, N, C, eps); },
+    [](float* di, float* dw, float* db, const float* g, const float* i, const float* w,
+       const float* m, const float* r, int N,
+       int C) { cuda::layernorm_backward(di, dw, db, g, i, w, m, r, N, C); },
+    [](float* o, float* r, const float* i, const float* w, int N, int C, float eps) {
+      cuda::rmsnorm_forward(o, r, i, w, N, C, eps);
+    },
+    [](float* di, float* dw, const float* g, const float* i, const float* w, const float* r, int N,
+       int C) { cuda::rmsnorm_backward(di, dw, g, i, w, r, N, C); },
+    [](float* o, const float* i, size_t n) { cuda::gelu_forward(o, i, n); },
+    [](float* di, const float* i, const float* g, size_t n) { cuda::gelu_backward(di, i, g, n); },
+    [](float* o, const float* i, int N, int F) { cuda::swiglu_forward(o, i, N, F); },
+    [](float* di, const float* g, const float* i, int N, int F) {
+      cuda::swiglu_backward(di, g, i, N, F);
+    },
+    [](float* x, const int32_t* p, const float* c, const float* s, int N, int h, int d,
+       int stride) { cuda::rope_forward(x, p, c, s, N, h, d, stride); },
+    [](float* x, const int32_t* p, const float* c, const float* s, int N, int h, int d,
+       int stride) { cuda::rope_backward(x, p, c, s, N, h, d, stride); },
+    [](float* o, float* l, const float* qkv, int B, int T, int H, int KV, int D) {
+      cuda::attention_forward(o, l, qkv, B, T, H, KV, D);
+    },
+    [](float* d, const float* g, const float* qkv, const float* o, const float* l, int B, int T,
+       int H, int KV, int D) { cuda::attention_backward(d, g, qkv, o, l, B, T, H, KV, D); },
+    [](float* losses, float* lse, const float* logits, const int32_t* t, int N, int V) {
+      return cuda::cross_entropy_forward(losses, lse, logits, t, N, V);
+    },
+    [](float* d, const float* logits, const float* lse, const int32_t* t, float dloss, int N,
+       int V) { cuda::cross_entropy_backward(d, logits, lse, t, dloss, N, V); },
+    [](float* o, const float* a, const float* b, size_t n) { cuda::add(o, a, b, n); },
+    [](float* x, size_t n) { cuda::fill(x, 0.0f, n); },
+};
+#endif
+
+}  // namespace
+
+const Ops& ops_for(Device device) {
+  if (device.is_cpu()) return kCpuOps;
+#ifdef TANDEM_HAVE_CUDA
+  cuda::set_device(device.index);
+  return kCudaOps;
+#else
+  throw Error("this build of Tandem has no CUDA backend (configure with TANDEM_CUDA=ON)");
+#endif
+}
+
+}  // namespace tandem::detail
