@@ -142,21 +142,12 @@ int run_prepare(const Flags& f) {
     const int vocab = f.number<int>("vocab-size", 4096);
     require(vocab >= 257, "prepare: --vocab-size must be >= 257, got ", vocab);
     std::vector<std::string> texts;
-    for (const auto& in : inputs) {
-      if (fs::is_directory(in)) {
-        for (const auto& e : fs::recursive_directory_iterator(in)) {
-          if (e.is_regular_file()) texts.push_back(tandem::read_file(e.path().string()));
-        }
-      } else {
-        texts.push_back(tandem::read_file(in));
-      }
-    }
+    for (const auto& file : tandem::collect_input_files(inputs, out))
+      texts.push_back(tandem::read_file(file));
     std::fprintf(stderr, "tandem: training a %d-token BPE vocabulary...\n", vocab);
     tokenizer = tandem::BpeTokenizer::train(texts, vocab);
   }
   require(tokenizer->eot_id() >= 0, "prepare: the tokenizer has no <|endoftext|> token");
-  // Tokenizer files first: prepare.json, written last by prepare_corpus, marks a complete dataset.
-  tokenizer->save_dir(out);
   tandem::PrepareOptions opt;
   opt.inputs = inputs;
   const tandem::BpeTokenizer& tok = *tokenizer;
@@ -166,6 +157,8 @@ int run_prepare(const Flags& f) {
   opt.out_dir = out;
   opt.val_fraction = f.number<double>("val-fraction", 0.05);
   opt.shard_tokens = f.number<int64_t>("shard-tokens", 100'000'000);
+  // The tokenizer files are published with the shards, before prepare.json marks the set done.
+  opt.write_extra_files = [&tok](const std::string& dir) { tok.save_dir(dir); };
   const tandem::PrepareSummary s = tandem::prepare_corpus(opt);
   std::printf(
       "tandem: %s: %llu train + %llu val tokens, vocab %lld, %zu + %zu shards, tokenizer files "

@@ -341,6 +341,8 @@ std::shared_ptr<BpeTokenizer::State> make_state(std::vector<std::string> token_b
 // left to right. A heap of (rank, position) visits the same merges in the same order; pairs
 // created while one rank is being applied wait until that rank is done, as in the reference.
 std::vector<int32_t> BpeTokenizer::State::merge_piece(std::string_view piece) const {
+  require(piece.size() < static_cast<size_t>(INT32_MAX), "tokenizer: a single pre-token of ",
+          piece.size(), " bytes is too long to encode (limit 2 GiB)");
   const auto num_symbols = static_cast<int32_t>(piece.size());
   std::vector<int32_t> ids(piece.size());
   for (int32_t k = 0; k < num_symbols; ++k) {
@@ -480,7 +482,14 @@ BpeTokenizer BpeTokenizer::load(const std::string& encoder_json_path,
     }
     merges.push_back(spec);
   }
-  require(!merges_file.bad(), "error reading tokenizer file ", vocab_bpe_path);
+  require(!merges_file.bad() && (merges_file.eof() || !merges_file.fail()),
+          "error reading tokenizer file ", vocab_bpe_path);
+  // Every token beyond the 256 bytes (and the end-of-text token) comes from a merge; an empty or
+  // truncated merges file would silently encode byte by byte.
+  const size_t specials = id_of_text.count("<|endoftext|>");
+  require(token_bytes.size() <= 256 + specials || !merges.empty(), vocab_bpe_path,
+          ": no merges, but ", encoder_json_path, " has ", token_bytes.size(),
+          " tokens (an empty or truncated file?)");
   return BpeTokenizer(
       make_state(std::move(token_bytes), std::move(merges), cat(encoder_json_path)));
 }

@@ -44,4 +44,12 @@ inline std::string error_message_of(const std::function<void()>& action) {
   return "";
 }
 
+// A prepare.json for a data directory holding train_000000.bin and val_000000.bin.
+inline std::string prepare_summary_json(int vocab_size, int eot_token) {
+  return "{\"vocab_size\": " + std::to_string(vocab_size) +
+         ", \"eot_token\": " + std::to_string(eot_token) +
+         ", \"train\": {\"shards\": [\"train_000000.bin\"]}, \"val\": {\"shards\": "
+         "[\"val_000000.bin\"]}}";
+}
+
 }  // namespace tandem::testing

@@ -1,6 +1,7 @@
 #include "training/prepare.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,7 +43,25 @@ void validate_options(const PrepareOptions& options) {
   require(!options.out_dir.empty(), "prepare: out_dir is empty");
 }
 
-std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs) {
+bool is_under(const fs::path& path, const fs::path& dir) {
+  if (dir.empty()) return false;
+  std::error_code error;
+  const fs::path p = fs::weakly_canonical(path, error);
+  if (error) return false;
+  auto d = dir.begin(), q = p.begin();
+  for (; d != dir.end(); ++d, ++q) {
+    if (q == p.end() || *d != *q) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs,
+                                             const std::string& exclude_dir) {
+  std::error_code canonical_error;
+  const fs::path excluded =
+      exclude_dir.empty() ? fs::path() : fs::weakly_canonical(exclude_dir, canonical_error);
   std::vector<std::string> files;
   for (const std::string& input : inputs) {
     std::error_code error;
@@ -58,8 +77,15 @@ std::vector<std::string> collect_input_files(const std::vector<std::string>& inp
     fs::recursive_directory_iterator it(input, error);
     require(!error, "prepare: cannot list input directory ", input, ": ", error.message());
     for (; it != fs::recursive_directory_iterator(); it.increment(error)) {
+      // The output directory (its shards, tokenizer files, staging folders) is never an input.
+      if (it->is_directory(error) && is_under(it->path(), excluded)) {
+        it.disable_recursion_pending();
+        continue;
+      }
       std::error_code type_error;
-      if (it->is_regular_file(type_error)) found.push_back(it->path().string());
+      if (it->is_regular_file(type_error) && !is_under(it->path(), excluded)) {
+        found.push_back(it->path().string());
+      }
     }
     require(!error, "prepare: cannot list input directory ", input, ": ", error.message());
     std::sort(found.begin(), found.end());
@@ -69,6 +95,8 @@ std::vector<std::string> collect_input_files(const std::vector<std::string>& inp
           " input path(s) starting with ", inputs.front());
   return files;
 }
+
+namespace {
 
 std::string read_text_file(const std::string& path) {
   std::ifstream stream(path, std::ios::binary);
@@ -223,25 +251,42 @@ void write_prepared_outputs(const PrepareOptions& options, PrepareSummary& summa
   summary.train_tokens = train.total_tokens();
   summary.val_tokens = val.total_tokens();
 
+  // Extra files (the tokenizer's) are staged beside the shards and published with them.
+  std::vector<std::string> extra_names;
+  if (options.write_extra_files) {
+    options.write_extra_files(staging.path());
+    for (const auto& entry : fs::directory_iterator(staging.path())) {
+      const std::string name = entry.path().filename().string();
+      if (!is_prepared_output(name)) extra_names.push_back(name);
+    }
+    std::sort(extra_names.begin(), extra_names.end());
+  }
+
   // Publish: summary staged first, then shards moved, summary last so its presence means done.
   const std::string staged_summary = (fs::path(staging.path()) / kPrepareSummaryFileName).string();
-  write_file_atomic(
-      staged_summary,
-      summary_to_json(options, summary, train.shard_names(), val.shard_names()).dump(2) + "\n");
+  write_file_atomic(staged_summary,
+                    summary_to_json(options, summary, train.shard_names(), val.shard_names())
+                            .dump(2, ' ', false, nlohmann::json::error_handler_t::replace) +
+                        "\n");
 
   std::vector<std::string> published;
   try {
     auto publish = [&](const std::string& name) {
       const std::string from = (fs::path(staging.path()) / name).string();
       const std::string to = (fs::path(options.out_dir) / name).string();
-      require(::rename(from.c_str(), to.c_str()) == 0, "prepare: cannot move ", from, " to ", to,
-              ": ", std::strerror(errno));
+      // Never replace a file another run (or the user) put there meanwhile.
+      if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) {
+        const int error = errno;
+        throw Error(cat("prepare: cannot move ", from, " to ", to, ": ",
+                        error == EEXIST ? "the file already exists" : std::strerror(error)));
+      }
       published.push_back(to);
       return to;
     };
     for (const std::string& name : train.shard_names())
       summary.train_shards.push_back(publish(name));
     for (const std::string& name : val.shard_names()) summary.val_shards.push_back(publish(name));
+    for (const std::string& name : extra_names) publish(name);
     publish(kPrepareSummaryFileName);
   } catch (...) {
     for (const std::string& path : published) ::unlink(path.c_str());
@@ -261,7 +306,7 @@ PrepareSummary prepare_corpus(const PrepareOptions& options) {
   PrepareSummary summary;
   summary.vocab_size = options.vocab_size;
   summary.eot_token = options.eot_token;
-  summary.files = collect_input_files(options.inputs);
+  summary.files = collect_input_files(options.inputs, options.out_dir);
   std::error_code error;
   const bool out_dir_existed = fs::exists(options.out_dir, error);
   prepare_output_directory(options.out_dir);

@@ -33,6 +33,9 @@ struct PrepareOptions {
   std::string out_dir;
   double val_fraction = 0.0;           // in [0, 0.5]
   int64_t shard_tokens = 100'000'000;  // max tokens per shard, >= 1
+  // Optional: writes more files (e.g. the tokenizer's) into the staging directory it is given;
+  // they are published with the shards, before prepare.json, and never replace existing files.
+  std::function<void(const std::string& dir)> write_extra_files;
 };
 
 struct PrepareSummary {
@@ -46,6 +49,11 @@ struct PrepareSummary {
 };
 
 inline constexpr char kPrepareSummaryFileName[] = "prepare.json";
+
+// The regular files of `inputs` in the order prepare reads them (directories walked
+// recursively, sorted by path), skipping anything under exclude_dir (the output directory).
+std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs,
+                                             const std::string& exclude_dir);
 
 // Encodes the inputs and writes the shards and <out_dir>/prepare.json (see above).
 PrepareSummary prepare_corpus(const PrepareOptions& options);

@@ -105,7 +105,7 @@ void write_token_shard(const std::string& path, std::span<const int32_t> tokens,
 }
 
 TokenShard TokenShard::open(const std::string& path, std::optional<uint64_t> expected_vocab_size) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not hang us
   if (fd < 0) {
     throw Error(cat("cannot open token shard ", path, ": ", errno_text(errno)));
   }

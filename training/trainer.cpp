@@ -147,13 +147,26 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   lc.seed = config_.seed;
   lc.vocab_size = data_vocab;
   lc.shuffle = true;
-  train_loader_ = std::make_unique<DataLoader>(DataLoader::from_split(data.string(), "train", lc));
+  // The shards prepare.json lists (not a directory glob, which could pick up strays).
+  auto shards_of = [&](const char* split) {
+    std::vector<std::string> paths;
+    try {
+      for (const auto& name : summary.at(split).at("shards"))
+        paths.push_back((data / name.get<std::string>()).string());
+    } catch (const nlohmann::json::exception&) {
+      throw Error(
+          cat(summary_path.string(), ": no list of ", split, " shards (", split, ".shards)"));
+    }
+    require(!paths.empty(), summary_path.string(), ": the ", split, " split has no shards");
+    return paths;
+  };
+  const std::vector<std::string> train_shards = shards_of("train"), val_shards = shards_of("val");
+  train_loader_ = std::make_unique<DataLoader>(train_shards, lc);
   DataLoaderConfig vc = lc;
   vc.batch_size = config_.batch_size;
   vc.shuffle = false;
-  val_loader_ = std::make_unique<DataLoader>(DataLoader::from_split(data.string(), "val", vc));
-  unigram_val_loss_ = unigram_cross_entropy(list_split_shards(data.string(), "train"),
-                                            list_split_shards(data.string(), "val"), data_vocab);
+  val_loader_ = std::make_unique<DataLoader>(val_shards, vc);
+  unigram_val_loss_ = unigram_cross_entropy(train_shards, val_shards, data_vocab);
 
   // Output directory: must be writable; an existing run is only continued with resume.
   std::error_code ec;
@@ -216,6 +229,12 @@ long Trainer::restore_from(const std::string& dir) {
     same("data", "seq_len", config_.seq_len);
     same("train", "grad_accum", config_.grad_accum);
     same("train", "seed", config_.seed);
+  }
+  if (state.contains("data_windows") && state["data_windows"] != train_loader_->num_windows()) {
+    throw ResumeMismatch(cat("cannot resume ", dir, ": the training data has ",
+                             train_loader_->num_windows(), " windows but that run had ",
+                             state["data_windows"].dump(),
+                             " (was data.dir re-prepared or changed?)"));
   }
   train_loader_->restore(data_state);
   val_history_ = std::move(history);
@@ -290,6 +309,7 @@ std::string Trainer::save(long step, float last_loss) {
                           {"lr", config_.schedule.at(std::max(0L, step - 1))},
                           {"data", train_loader_->state()},
                           {"rng", rng_.state()},
+                          {"data_windows", train_loader_->num_windows()},
                           {"last_loss", last_loss},
                           {"unigram_val_loss", unigram_val_loss_},
                           {"config", config_.to_json()}};

@@ -55,7 +55,7 @@ class CliTest : public ::testing::Test {
     write_token_shard((dir_ / "data" / "train_000000.bin").string(), tokens, 32);
     write_token_shard((dir_ / "data" / "val_000000.bin").string(), tokens, 32);
     write_file_atomic((dir_ / "data" / "prepare.json").string(),
-                      R"({"vocab_size": 32, "eot_token": 31})");
+                      testing::prepare_summary_json(32, 31));
   }
   std::string config(const std::string& body) {
     const std::string path = (dir_ / "config.json").string();
@@ -105,7 +105,7 @@ TEST_F(CliTest, CorruptShard) {
 
 TEST_F(CliTest, TokenIdsAboveVocab) {
   write_file_atomic((dir_ / "data" / "prepare.json").string(),
-                    R"({"vocab_size": 16, "eot_token": 15})");
+                    testing::prepare_summary_json(16, 15));
   expect_one_line_error(run("train" + base()), "train_000000.bin");
 }
 
@@ -160,6 +160,29 @@ TEST_F(CliTest, PrepareNeverOverwritesPreparedData) {
             0);
   EXPECT_TRUE(fs::exists(dir_ / "fresh" / "encoder.json"));
   EXPECT_TRUE(fs::exists(dir_ / "fresh" / "prepare.json"));
+}
+
+TEST_F(CliTest, PrepareSkipsItsOwnOutputInsideTheInputDirectory) {
+  fs::create_directories(dir_ / "corpus");
+  write_file_atomic((dir_ / "corpus" / "a.txt").string(),
+                    "First text of the corpus.\nAnd a second line of it.\n");
+  const std::string out = (dir_ / "corpus" / "prepared").string();
+  ASSERT_EQ(run("prepare --input " + (dir_ / "corpus").string() + " --out " + out +
+                " --train-tokenizer --vocab-size 300 --val-fraction 0.2")
+                .status,
+            0);
+  const auto summary = nlohmann::json::parse(read_file(out + "/prepare.json"));
+  ASSERT_EQ(summary["files"].size(), 1u) << summary.dump();
+  EXPECT_NE(summary["files"][0].get<std::string>().find("a.txt"), std::string::npos);
+}
+
+TEST_F(CliTest, ResumeOnChangedDataIsRejected) {
+  ASSERT_EQ(run("train" + base()).status, 0);
+  std::vector<int32_t> more(8000);
+  for (size_t i = 0; i < more.size(); ++i) more[i] = static_cast<int32_t>(i % 29);
+  write_token_shard((dir_ / "data" / "train_000000.bin").string(), more, 32);
+  expect_one_line_error(run("train" + base() + " --checkpoint.resume=true --train.steps=3"),
+                        "windows");
 }
 
 TEST_F(CliTest, UnknownFlagsAndCommands) {

@@ -39,7 +39,7 @@ class TrainerTest : public ::testing::Test {
     write_token_shard((root_ / "data" / "train_000000.bin").string(), corpus(6000, 1), kVocab);
     write_token_shard((root_ / "data" / "val_000000.bin").string(), corpus(1500, 2), kVocab);
     write_file_atomic((root_ / "data" / "prepare.json").string(),
-                      nlohmann::json({{"vocab_size", kVocab}, {"eot_token", kVocab - 1}}).dump());
+                      testing::prepare_summary_json(kVocab, kVocab - 1));
     cpu::set_num_threads(2);
   }
   TrainConfig config(const std::string& run, const std::vector<std::string>& extra = {}) {
