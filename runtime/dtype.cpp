@@ -166,6 +166,20 @@ void convert_from_f32(const float* src, size_t n, void* dst, DType dst_dtype) {
   }
 }
 
+Device Device::parse(std::string_view text) {
+  if (text == "cpu") return cpu();
+  if (text == "cuda") return cuda(0);
+  if (text.starts_with("cuda:") && text.size() > 5 && text.size() < 9) {
+    int index = 0;
+    for (char ch : text.substr(5)) {
+      require(ch >= '0' && ch <= '9', "device '", text, "' is not cpu, cuda or cuda:N");
+      index = index * 10 + (ch - '0');
+    }
+    return cuda(index);
+  }
+  throw Error(cat("device '", text, "' is not cpu, cuda or cuda:N"));
+}
+
 std::string Device::str() const {
   return type == DeviceType::kCPU ? std::string("cpu") : cat("cuda:", index);
 }

@@ -29,6 +29,8 @@ struct Device {
   int index = 0;
   static Device cpu() { return {}; }
   static Device cuda(int index = 0) { return {DeviceType::kCUDA, index}; }
+  // "cpu", "cuda" or "cuda:N"; throws tandem::Error otherwise.
+  static Device parse(std::string_view text);
   bool is_cpu() const { return type == DeviceType::kCPU; }
   bool operator==(const Device&) const = default;
   std::string str() const;

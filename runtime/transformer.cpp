@@ -5,7 +5,7 @@
 #include <limits>
 
 #include "kernels/cpu/kernels.h"
-#include "runtime/detail/ops.h"
+#include "runtime/ops.h"
 #include "runtime/random.h"
 
 namespace tandem {
@@ -33,7 +33,7 @@ struct Transformer::Activations {
 };
 
 Transformer::Transformer(const ModelConfig& config, Device device)
-    : config_(config), device_(device), ops_(&detail::ops_for(device)) {
+    : config_(config), device_(device), ops_(&ops_for(device)) {
   config_.validate();
   build_layout();
   params_ = Tensor::zeros({layout_.total_numel()}, DType::kF32, device_);

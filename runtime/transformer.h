@@ -18,9 +18,7 @@
 
 namespace tandem {
 
-namespace detail {
 struct Ops;
-}
 
 class Transformer {
  public:
@@ -77,7 +75,7 @@ class Transformer {
   std::vector<LayerOffsets> layers_;
   int64_t wte_ = 0, wpe_ = -1, lnf_w_ = 0, lnf_b_ = -1, lm_head_ = 0;
   Device device_;
-  const detail::Ops* ops_;      // the kernels of device_
+  const Ops* ops_;      // the kernels of device_
   Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
 };

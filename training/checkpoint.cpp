@@ -132,8 +132,10 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
   const ModelConfig& want = model.config();
   const std::string where = (d / "config.json").string();
   auto same = [&](const char* key, auto checkpoint_value, auto config_value) {
-    require(checkpoint_value == config_value, where, ": the checkpoint has model.", key, " = ",
-            checkpoint_value, " but the config has ", config_value);
+    if (checkpoint_value != config_value) {
+      throw CheckpointMismatch(cat(where, ": the checkpoint has model.", key, " = ", checkpoint_value,
+                                   " but the config has ", config_value));
+    }
   };
   same("family", family_name(saved.family), family_name(want.family));
   same("vocab_size", saved.vocab_size, want.vocab_size);

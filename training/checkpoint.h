@@ -36,8 +36,15 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
 // Checkpoint directories under run_dir/checkpoints, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
 
+// A checkpoint that is intact but cannot continue this run (another model shape, batch shape,
+// seed or data): resuming must stop rather than skip it as damaged.
+struct CheckpointMismatch : Error {
+  using Error::Error;
+};
+
 // Loads weights and optimizer state into existing objects and returns trainer_state.json.
-// Throws tandem::Error naming the file at fault.
+// Throws tandem::Error naming the file at fault; CheckpointMismatch when the checkpoint's model
+// differs from `model`'s config (the field, both values).
 nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer);
 
 }  // namespace tandem

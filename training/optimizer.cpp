@@ -2,12 +2,13 @@
 
 #include <cmath>
 
-#include "kernels/cpu/kernels.h"
+#include "runtime/ops.h"
 #include "runtime/safetensors.h"
 
 namespace tandem {
 
-AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config) : config_(config) {
+AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device)
+    : config_(config), ops_(&ops_for(device)) {
   for (const ParamSpec& s : layout.specs()) {
     const float wd = decay_for(s);
     if (!segments_.empty() && segments_.back().weight_decay == wd &&
@@ -18,8 +19,8 @@ AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config) : config_(con
     }
   }
   numel_ = layout.total_numel();
-  m_ = Tensor::zeros({numel_});
-  v_ = Tensor::zeros({numel_});
+  m_ = Tensor::zeros({numel_}, DType::kF32, device);
+  v_ = Tensor::zeros({numel_}, DType::kF32, device);
 }
 
 float AdamW::decay_for(const ParamSpec& spec) const {
@@ -38,23 +39,30 @@ void AdamW::step(float* params, const float* grads, float lr) {
   float* m = m_.data<float>();
   float* v = v_.data<float>();
   for (const Segment& s : segments_) {
-    cpu::adamw_step(params + s.offset, grads + s.offset, m + s.offset, v + s.offset,
+    ops_->adamw_step(params + s.offset, grads + s.offset, m + s.offset, v + s.offset,
                     static_cast<size_t>(s.numel), lr, config_.beta1, config_.beta2, config_.eps,
                     s.weight_decay, step_);
   }
 }
 
 void AdamW::save(const std::string& path) const {
+  const Tensor m = m_.to(Device::cpu()), v = v_.to(Device::cpu());  // no copy on the CPU
   write_safetensors(path,
-                    {{"exp_avg", DType::kF32, {numel_}, m_.raw_data()},
-                     {"exp_avg_sq", DType::kF32, {numel_}, v_.raw_data()}},
+                    {{"exp_avg", DType::kF32, {numel_}, m.raw_data()},
+                     {"exp_avg_sq", DType::kF32, {numel_}, v.raw_data()}},
                     {{"step", std::to_string(step_)}, {"optimizer", "adamw"}});
 }
 
 void AdamW::load(const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::open(path);
-  f.read_f32("exp_avg", {numel_}, m_.data<float>());
-  f.read_f32("exp_avg_sq", {numel_}, v_.data<float>());
+  const bool on_host = m_.device().is_cpu();
+  Tensor m = on_host ? m_ : Tensor::empty(m_.shape()), v = on_host ? v_ : Tensor::empty(v_.shape());
+  f.read_f32("exp_avg", {numel_}, m.data<float>());
+  f.read_f32("exp_avg_sq", {numel_}, v.data<float>());
+  if (!on_host) {
+    m_.copy_from(m);
+    v_.copy_from(v);
+  }
   auto it = f.metadata().find("step");
   require(it != f.metadata().end(), path, ": missing metadata 'step'");
   try {
@@ -78,9 +86,10 @@ float LrSchedule::at(long step) const {
   return static_cast<float>(min_lr + coeff * (max_lr - min_lr));
 }
 
-float clip_grad_norm(float* grads, size_t n, float max_norm) {
-  const float norm = static_cast<float>(std::sqrt(cpu::sum_squares(grads, n)));
-  if (max_norm > 0.0f && norm > max_norm) cpu::scale_inplace(grads, max_norm / (norm + 1e-6f), n);
+float clip_grad_norm(float* grads, size_t n, float max_norm, Device device) {
+  const Ops& ops = ops_for(device);
+  const float norm = static_cast<float>(std::sqrt(ops.sum_squares(grads, n)));
+  if (max_norm > 0.0f && norm > max_norm) ops.scale(grads, max_norm / (norm + 1e-6f), n);
   return norm;
 }
 

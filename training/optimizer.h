@@ -13,6 +13,8 @@
 
 namespace tandem {
 
+struct Ops;
+
 struct AdamWConfig {
   float beta1 = 0.9f;
   float beta2 = 0.95f;
@@ -24,8 +26,10 @@ struct AdamWConfig {
 
 class AdamW {
  public:
-  AdamW(const ParamLayout& layout, const AdamWConfig& config);
+  // The moments live on `device`, with the parameters they update.
+  AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device = Device::cpu());
   // One update with learning rate lr; increments step_count() first (bias correction uses it).
+  // params and grads are flat buffers on the optimizer's device.
   void step(float* params, const float* grads, float lr);
   long step_count() const { return step_; }
   const AdamWConfig& config() const { return config_; }
@@ -45,6 +49,7 @@ class AdamW {
   AdamWConfig config_;
   std::vector<Segment> segments_;  // contiguous runs with the same decay
   int64_t numel_ = 0;
+  const Ops* ops_;  // the kernels of the moments' device
   Tensor m_, v_;
   long step_ = 0;
 };
@@ -62,8 +67,8 @@ struct LrSchedule {
   float at(long step) const;
 };
 
-// Scales grads so that their global L2 norm is at most max_norm (no-op when max_norm <= 0).
-// Returns the norm before clipping.
-float clip_grad_norm(float* grads, size_t n, float max_norm);
+// Scales grads (n floats on `device`) so that their global L2 norm is at most max_norm (no-op
+// when max_norm <= 0). Returns the norm before clipping.
+float clip_grad_norm(float* grads, size_t n, float max_norm, Device device = Device::cpu());
 
 }  // namespace tandem

@@ -193,7 +193,14 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<int>("grad_accum", c.grad_accum, positive<int>(), "> 0")
         .field<uint64_t>("seed", c.seed)
         .field<int>("threads", c.threads, non_negative<int>(), ">= 0");
+    std::string device = "cpu";
+    r.field<std::string>("device", device);
     r.finish();
+    try {
+      c.device = Device::parse(device);
+    } catch (const Error& e) {
+      throw Error(cat(source, ": train.device: ", e.what()));
+    }
   }
   {
     SectionReader r(section(j, "optim"), "optim", source);
@@ -303,7 +310,11 @@ nlohmann::json TrainConfig::to_json() const {
             {"init_std", model.init_std}}},
           {"data", {{"dir", data_dir}, {"batch_size", batch_size}, {"seq_len", seq_len}}},
           {"train",
-           {{"steps", steps}, {"grad_accum", grad_accum}, {"seed", seed}, {"threads", threads}}},
+           {{"steps", steps},
+            {"grad_accum", grad_accum},
+            {"seed", seed},
+            {"threads", threads},
+            {"device", device.str()}}},
           {"optim",
            {{"lr", schedule.max_lr},
             {"min_lr", schedule.min_lr},

@@ -4,7 +4,8 @@
 //   {
 //     "model":      {"preset": "gpt2-tiny", "n_layer": 4, ...},   // ModelConfig fields
 //     "data":       {"dir": "data/kjv", "batch_size": 16, "seq_len": 128},
-//     "train":      {"steps": 1000, "grad_accum": 1, "seed": 1337, "threads": 0},
+//     "train":      {"steps": 1000, "grad_accum": 1, "seed": 1337, "threads": 0,
+//                    "device": "cpu"},
 //     "optim":      {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 50, "schedule": "cosine",
 //                    "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
 //                    "grad_clip": 1.0},
@@ -36,6 +37,7 @@ struct TrainConfig {
   int grad_accum = 1;
   uint64_t seed = 1337;
   int threads = 0;  // 0 = OpenMP default
+  Device device;    // train.device: "cpu" (default), "cuda", "cuda:N"
 
   LrSchedule schedule;
   AdamWConfig adamw;

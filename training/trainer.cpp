@@ -14,6 +14,7 @@
 #include "kernels/cpu/kernels.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
+#include "runtime/ops.h"
 #include "training/checkpoint.h"
 #include "training/prepare.h"
 #include "training/token_shard.h"
@@ -32,8 +33,8 @@ float accumulate_gradients(Transformer& model, const int32_t* inputs, const int3
     model.backward();
   }
   if (micro_batches > 1) {
-    cpu::scale_inplace(model.grads().data<float>(), 1.0f / micro_batches,
-                       static_cast<size_t>(model.num_parameters()));
+    ops_for(model.device())
+        .scale(model.grads().data<float>(), 1.0f / micro_batches, static_cast<size_t>(model.num_parameters()));
   }
   return static_cast<float>(total / micro_batches);
 }
@@ -66,11 +67,6 @@ double unigram_cross_entropy(const std::vector<std::string>& train,
   return n ? nll / static_cast<double>(n) : 0.0;
 }
 
-// The configuration cannot continue a checkpoint (as opposed to a damaged checkpoint, which
-// resume skips): always fatal.
-struct ResumeMismatch : Error {
-  using Error::Error;
-};
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
@@ -105,8 +101,13 @@ void truncate_metrics_after(const std::string& path, long step) {
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& config, std::ostream& log)
-    : config_(config), log_(log), rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
+    : config_(config), log_(log), device_(config.device), rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
   if (config_.threads > 0) cpu::set_num_threads(config_.threads);
+  if (!device_.is_cpu()) {
+    require(cuda_built(), "train.device = ", device_.str(), ", but this build has no CUDA backend");
+    require(device_.index < cuda_device_count(), "train.device = ", device_.str(), ", but this machine has ",
+            cuda_device_count(), " usable CUDA device(s)");
+  }
 
   // Data: prepare.json gives the vocabulary; shards are validated by the loaders.
   const fs::path data(config_.data_dir);
@@ -181,14 +182,14 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
           " already holds a run (checkpoints or ", config_.metrics_file,
           "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
 
-  model_ = std::make_unique<Transformer>(config_.model);
+  model_ = std::make_unique<Transformer>(config_.model, device_);
   model_->init_weights(config_.seed);
-  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw);
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
 
   if (config_.resume) resume(metrics_path);
   metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
   require(metrics_->good(), "cannot write metrics file ", metrics_path);
-  peak_gflops_ = cpu::measure_sgemm_gflops(1024, 3);
+  peak_gflops_ = ops_for(device_).measure_sgemm_gflops(device_.is_cpu() ? 1024 : 4096, 3);
 }
 
 Trainer::~Trainer() = default;
@@ -220,7 +221,7 @@ long Trainer::restore_from(const std::string& dir) {
       const nlohmann::json was =
           saved.value(section, nlohmann::json::object()).value(key, nlohmann::json());
       if (!was.is_null() && was != now) {
-        throw ResumeMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ",
+        throw CheckpointMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ",
                                  was.dump(), " in that run but is ", now.dump(),
                                  " now (it decides the order of the data)"));
       }
@@ -231,7 +232,7 @@ long Trainer::restore_from(const std::string& dir) {
     same("train", "seed", config_.seed);
   }
   if (state.contains("data_windows") && state["data_windows"] != train_loader_->num_windows()) {
-    throw ResumeMismatch(cat("cannot resume ", dir, ": the training data has ",
+    throw CheckpointMismatch(cat("cannot resume ", dir, ": the training data has ",
                              train_loader_->num_windows(), " windows but that run had ",
                              state["data_windows"].dump(),
                              " (was data.dir re-prepared or changed?)"));
@@ -256,7 +257,7 @@ void Trainer::resume(const std::string& metrics_path) {
     long step = 0;
     try {
       step = restore_from(*it);
-    } catch (const ResumeMismatch&) {
+    } catch (const CheckpointMismatch&) {
       throw;
     } catch (const Error& e) {
       log_ << "tandem: skipping invalid checkpoint " << *it << ": " << e.what() << "\n";
@@ -272,7 +273,7 @@ void Trainer::resume(const std::string& metrics_path) {
   set_aside();
   // Nothing usable: a failed load may have written part of the weights, so start clean.
   model_->init_weights(config_.seed);
-  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw);
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
   train_loader_->reset();
   rng_ = Rng(config_.seed ^ 0x9e3779b97f4a7c15ull);
   val_history_.clear();
@@ -359,7 +360,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
        << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
-       << " threads\n";
+       << " threads; device " << device_.str() << "\n";
   log_ << "tandem: train " << train_loader_->num_windows() << " windows, val "
        << val_loader_->num_windows() << " windows; unigram baseline val loss " << unigram_val_loss_
        << "\n";
@@ -381,7 +382,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     train_loader_->next_batch(inputs.data(), targets.data());
     loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
     const float norm =
-        clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip);
+        clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip, device_);
     // Stop before a non-finite gradient reaches the weights (and then a checkpoint).
     require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1,
             ": loss ", loss, ", gradient norm ", norm,

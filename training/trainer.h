@@ -71,6 +71,7 @@ class Trainer {
 
   TrainConfig config_;
   std::ostream& log_;
+  Device device_;
   std::unique_ptr<Transformer> model_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<DataLoader> train_loader_, val_loader_;

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "runtime/dtype.h"
 #include "runtime/file_io.h"
 #include "tests/test_support.h"
 #include "training/token_shard.h"
@@ -183,6 +184,14 @@ TEST_F(CliTest, ResumeOnChangedDataIsRejected) {
   write_token_shard((dir_ / "data" / "train_000000.bin").string(), more, 32);
   expect_one_line_error(run("train" + base() + " --checkpoint.resume=true --train.steps=3"),
                         "windows");
+}
+
+TEST_F(CliTest, BadOrMissingDevice) {
+  expect_one_line_error(run("train" + base() + " --train.device=tpu"), "train.device");
+  if (cuda_device_count() == 0) {
+    expect_one_line_error(run("train" + base() + " --train.device=cuda"), "cuda");
+    EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
+  }
 }
 
 TEST_F(CliTest, UnknownFlagsAndCommands) {

@@ -180,6 +180,17 @@ TEST_F(TrainerTest, AllCheckpointsDamagedStartsFromScratchKeepingFiles) {
     EXPECT_EQ(resumed.step_losses[i], fresh.step_losses[i]);
 }
 
+TEST_F(TrainerTest, ResumeWithAnotherModelShapeIsRejectedAndKeepsCheckpoints) {
+  train(config("run"));
+  const std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("run", {"checkpoint.resume=true", "model.n_layer=3"}), l);
+  });
+  EXPECT_NE(msg.find("model.n_layer = 2 but the config has 3"), std::string::npos) << msg;
+  EXPECT_EQ(list_checkpoints((root_ / "run").string()).size(), 2u) << "nothing set aside";
+  EXPECT_FALSE(fs::exists(root_ / "run" / "checkpoints" / "step_00000008.invalid"));
+}
+
 TEST_F(TrainerTest, ResumeWithAnotherBatchShapeIsRejected) {
   train(config("run"));
   const std::string msg = error_message_of([&] {

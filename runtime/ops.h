@@ -1,6 +1,6 @@
-// Kernel dispatch by device: one table of the transformer's kernels per backend, with the CPU
-// signatures (kernels/cpu/kernels.h). The CUDA entries run on the default stream. The runtime
-// picks the table of the tensors' device once, so a model's code is written once for both.
+// Kernel dispatch by device: one table of kernels per backend, with the CPU signatures
+// (kernels/cpu/kernels.h). The CUDA entries run on the default stream. Callers (the model, the
+// optimizer) pick the table of their tensors' device once, so their code is written once.
 #pragma once
 
 #include <cstddef>
@@ -9,7 +9,7 @@
 #include "kernels/weight_layout.h"
 #include "runtime/dtype.h"
 
-namespace tandem::detail {
+namespace tandem {
 
 struct Ops {
   void (*matmul_forward)(float*, const float*, const float*, const float*, int, int, int,
@@ -41,9 +41,14 @@ struct Ops {
                                  int);
   void (*add)(float*, const float*, const float*, size_t);
   void (*zero)(float*, size_t);
+  void (*scale)(float*, float, size_t);
+  void (*adamw_step)(float*, const float*, float*, float*, size_t, float, float, float, float, float, long);
+  double (*sum_squares)(const float*, size_t);  // synchronises
+  // Best sgemm rate of an n^3 product on this device, GFLOP/s (the MFU reference).
+  double (*measure_sgemm_gflops)(int n, int reps);
 };
 
 // The table for a device; throws tandem::Error for CUDA in a build without it.
 const Ops& ops_for(Device device);
 
-}  // namespace tandem::detail
+}  // namespace tandem

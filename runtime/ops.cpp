@@ -1,4 +1,7 @@
-#include "runtime/detail/ops.h"
+#include "runtime/ops.h"
+
+#include <algorithm>
+#include <chrono>
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/error.h"
@@ -6,7 +9,7 @@
 #include "kernels/cuda/cuda.h"
 #endif
 
-namespace tandem::detail {
+namespace tandem {
 
 namespace {
 
@@ -31,6 +34,10 @@ const Ops kCpuOps = {
     cpu::cross_entropy_backward,
     cpu::add,
     cpu::fill_zero,
+    cpu::scale_inplace,
+    cpu::adamw_step,
+    cpu::sum_squares,
+    cpu::measure_sgemm_gflops,
 };
 
 #ifdef TANDEM_HAVE_CUDA
@@ -77,19 +84,54 @@ const Ops kCudaOps = {
        int V) { cuda::cross_entropy_backward(d, logits, lse, t, dloss, N, V); },
     [](float* o, const float* a, const float* b, size_t n) { cuda::add(o, a, b, n); },
     [](float* x, size_t n) { cuda::fill(x, 0.0f, n); },
+    [](float* x, float s, size_t n) { cuda::scale_inplace(x, s, n); },
+    [](float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
+       long step) { cuda::adamw_step(p, g, m, v, n, lr, b1, b2, eps, wd, step); },
+    [](const float* x, size_t n) { return cuda::sum_squares(x, n); },
+    [](int n, int reps) {
+      float* buffers[3];
+      for (auto& b : buffers) {
+        b = static_cast<float*>(cuda::malloc_device(sizeof(float) * n * n));
+        cuda::fill(b, 0.5f, static_cast<size_t>(n) * n);
+      }
+      double best = 0.0;
+      for (int r = 0; r <= reps; ++r) {
+        cuda::synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        cuda::gemm(false, false, n, n, n, 1.0f, buffers[0], n, buffers[1], n, 0.0f, buffers[2], n);
+        cuda::synchronize();
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (r > 0) best = std::max(best, 2.0 * n * n * n / s / 1e9);
+      }
+      for (auto& b : buffers) cuda::free_device(b);
+      return best;
+    },
 };
 #endif
+
+// A table with a missing entry (zero-initialised by aggregate initialisation) is a build error
+// waiting to segfault; check every entry once, at first use.
+const Ops& checked(const Ops& ops, const char* name) {
+  static_assert(sizeof(Ops) % sizeof(void (*)()) == 0, "Ops holds only function pointers");
+  const auto* entries = reinterpret_cast<void (*const*)()>(&ops);
+  for (size_t i = 0; i < sizeof(Ops) / sizeof(void (*)()); ++i) {
+    if (entries[i] == nullptr) throw Error(cat("internal error: kernel table ", name, " has no entry ", i));
+  }
+  return ops;
+}
 
 }  // namespace
 
 const Ops& ops_for(Device device) {
-  if (device.is_cpu()) return kCpuOps;
+  static const Ops& cpu_ops = checked(kCpuOps, "cpu");
+  if (device.is_cpu()) return cpu_ops;
 #ifdef TANDEM_HAVE_CUDA
+  static const Ops& cuda_ops = checked(kCudaOps, "cuda");
   cuda::set_device(device.index);
-  return kCudaOps;
+  return cuda_ops;
 #else
   throw Error("this build of Tandem has no CUDA backend (configure with TANDEM_CUDA=ON)");
 #endif
 }
 
-}  // namespace tandem::detail
+}  // namespace tandem
