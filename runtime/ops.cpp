@@ -85,7 +85,8 @@ const Ops kCudaOps = {
     [](float* o, const float* a, const float* b, size_t n) { cuda::add(o, a, b, n); },
     [](float* x, size_t n) { cuda::fill(x, 0.0f, n); },
     [](float* x, float s, size_t n) { cuda::scale_inplace(x, s, n); },
-    [](float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
+    [](float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
+       float eps, float wd,
        long step) { cuda::adamw_step(p, g, m, v, n, lr, b1, b2, eps, wd, step); },
     [](const float* x, size_t n) { return cuda::sum_squares(x, n); },
     [](int n, int reps) {
@@ -100,7 +101,8 @@ const Ops kCudaOps = {
         const auto t0 = std::chrono::steady_clock::now();
         cuda::gemm(false, false, n, n, n, 1.0f, buffers[0], n, buffers[1], n, 0.0f, buffers[2], n);
         cuda::synchronize();
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double s =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (r > 0) best = std::max(best, 2.0 * n * n * n / s / 1e9);
       }
       for (auto& b : buffers) cuda::free_device(b);
@@ -115,7 +117,8 @@ const Ops& checked(const Ops& ops, const char* name) {
   static_assert(sizeof(Ops) % sizeof(void (*)()) == 0, "Ops holds only function pointers");
   const auto* entries = reinterpret_cast<void (*const*)()>(&ops);
   for (size_t i = 0; i < sizeof(Ops) / sizeof(void (*)()); ++i) {
-    if (entries[i] == nullptr) throw Error(cat("internal error: kernel table ", name, " has no entry ", i));
+    if (entries[i] == nullptr)
+      throw Error(cat("internal error: kernel table ", name, " has no entry ", i));
   }
   return ops;
 }

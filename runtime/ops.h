@@ -42,7 +42,8 @@ struct Ops {
   void (*add)(float*, const float*, const float*, size_t);
   void (*zero)(float*, size_t);
   void (*scale)(float*, float, size_t);
-  void (*adamw_step)(float*, const float*, float*, float*, size_t, float, float, float, float, float, long);
+  void (*adamw_step)(float*, const float*, float*, float*, size_t, float, float, float, float,
+                     float, long);
   double (*sum_squares)(const float*, size_t);  // synchronises
   // Best sgemm rate of an n^3 product on this device, GFLOP/s (the MFU reference).
   double (*measure_sgemm_gflops)(int n, int reps);

@@ -7,7 +7,18 @@
 #include <functional>
 #include <string>
 
+#include "runtime/dtype.h"
 #include "runtime/error.h"
+
+// GPU tests call this first: it skips (with the reason) without a CUDA build or a usable device.
+// A macro, since GTEST_SKIP returns from the enclosing function.
+#define TANDEM_SKIP_WITHOUT_GPU()                                                    \
+  do {                                                                               \
+    if (!::tandem::cuda_built())                                                     \
+      GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)"; \
+    if (::tandem::cuda_device_count() == 0)                                          \
+      GTEST_SKIP() << "no usable CUDA device on this machine";                       \
+  } while (0)
 
 namespace tandem::testing {
 

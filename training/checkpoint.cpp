@@ -133,8 +133,8 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
   const std::string where = (d / "config.json").string();
   auto same = [&](const char* key, auto checkpoint_value, auto config_value) {
     if (checkpoint_value != config_value) {
-      throw CheckpointMismatch(cat(where, ": the checkpoint has model.", key, " = ", checkpoint_value,
-                                   " but the config has ", config_value));
+      throw CheckpointMismatch(cat(where, ": the checkpoint has model.", key, " = ",
+                                   checkpoint_value, " but the config has ", config_value));
     }
   };
   same("family", family_name(saved.family), family_name(want.family));

@@ -40,8 +40,8 @@ void AdamW::step(float* params, const float* grads, float lr) {
   float* v = v_.data<float>();
   for (const Segment& s : segments_) {
     ops_->adamw_step(params + s.offset, grads + s.offset, m + s.offset, v + s.offset,
-                    static_cast<size_t>(s.numel), lr, config_.beta1, config_.beta2, config_.eps,
-                    s.weight_decay, step_);
+                     static_cast<size_t>(s.numel), lr, config_.beta1, config_.beta2, config_.eps,
+                     s.weight_decay, step_);
   }
 }
 

@@ -34,7 +34,8 @@ float accumulate_gradients(Transformer& model, const int32_t* inputs, const int3
   }
   if (micro_batches > 1) {
     ops_for(model.device())
-        .scale(model.grads().data<float>(), 1.0f / micro_batches, static_cast<size_t>(model.num_parameters()));
+        .scale(model.grads().data<float>(), 1.0f / micro_batches,
+               static_cast<size_t>(model.num_parameters()));
   }
   return static_cast<float>(total / micro_batches);
 }
@@ -66,7 +67,6 @@ double unigram_cross_entropy(const std::vector<std::string>& train,
   }
   return n ? nll / static_cast<double>(n) : 0.0;
 }
-
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
@@ -101,12 +101,15 @@ void truncate_metrics_after(const std::string& path, long step) {
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& config, std::ostream& log)
-    : config_(config), log_(log), device_(config.device), rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
+    : config_(config),
+      log_(log),
+      device_(config.device),
+      rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
   if (config_.threads > 0) cpu::set_num_threads(config_.threads);
   if (!device_.is_cpu()) {
     require(cuda_built(), "train.device = ", device_.str(), ", but this build has no CUDA backend");
-    require(device_.index < cuda_device_count(), "train.device = ", device_.str(), ", but this machine has ",
-            cuda_device_count(), " usable CUDA device(s)");
+    require(device_.index < cuda_device_count(), "train.device = ", device_.str(),
+            ", but this machine has ", cuda_device_count(), " usable CUDA device(s)");
   }
 
   // Data: prepare.json gives the vocabulary; shards are validated by the loaders.
@@ -222,8 +225,8 @@ long Trainer::restore_from(const std::string& dir) {
           saved.value(section, nlohmann::json::object()).value(key, nlohmann::json());
       if (!was.is_null() && was != now) {
         throw CheckpointMismatch(cat("cannot resume ", dir, ": ", section, ".", key, " was ",
-                                 was.dump(), " in that run but is ", now.dump(),
-                                 " now (it decides the order of the data)"));
+                                     was.dump(), " in that run but is ", now.dump(),
+                                     " now (it decides the order of the data)"));
       }
     };
     same("data", "batch_size", config_.batch_size);
@@ -233,9 +236,9 @@ long Trainer::restore_from(const std::string& dir) {
   }
   if (state.contains("data_windows") && state["data_windows"] != train_loader_->num_windows()) {
     throw CheckpointMismatch(cat("cannot resume ", dir, ": the training data has ",
-                             train_loader_->num_windows(), " windows but that run had ",
-                             state["data_windows"].dump(),
-                             " (was data.dir re-prepared or changed?)"));
+                                 train_loader_->num_windows(), " windows but that run had ",
+                                 state["data_windows"].dump(),
+                                 " (was data.dir re-prepared or changed?)"));
   }
   train_loader_->restore(data_state);
   val_history_ = std::move(history);
@@ -381,8 +384,8 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     const float lr = config_.schedule.at(step);
     train_loader_->next_batch(inputs.data(), targets.data());
     loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
-    const float norm =
-        clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(), config_.grad_clip, device_);
+    const float norm = clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(),
+                                      config_.grad_clip, device_);
     // Stop before a non-finite gradient reaches the weights (and then a checkpoint).
     require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1,
             ": loss ", loss, ", gradient norm ", norm,

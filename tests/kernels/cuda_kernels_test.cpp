@@ -8,19 +8,13 @@
 #include "kernels/cpu/kernels.h"
 #include "runtime/random.h"
 #include "runtime/tensor.h"
+#include "tests/test_support.h"
 #ifdef TANDEM_HAVE_CUDA
 #include "kernels/cuda/cuda.h"
 #endif
 
 namespace tandem {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                                 \
-  do {                                                                                     \
-    if (!cuda_built())                                                                     \
-      GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)";       \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no usable CUDA device on this machine"; \
-  } while (0)
 
 #ifdef TANDEM_HAVE_CUDA
 
@@ -62,7 +56,7 @@ void expect_close(const std::vector<float>& gpu, const std::vector<float>& cpu, 
 }
 
 TEST(CudaKernels, MatmulMatchesCpuInBothLayouts) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   for (WeightLayout layout : {WeightLayout::kInOut, WeightLayout::kOutIn}) {
     for (int M : {1, 37}) {
       const int K = 48, N = 70;
@@ -86,7 +80,7 @@ TEST(CudaKernels, MatmulMatchesCpuInBothLayouts) {
 }
 
 TEST(CudaKernels, NormsMatchCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   const int N = 19, C = 300;
   auto x = randn(N * C, 5, 2.0f), w = randn(C, 6), b = randn(C, 7), dout = randn(N * C, 8);
   std::vector<float> out(N * C), mean(N), rstd(N), dx(N * C, 1.0f), dw(C, 0.0f), db(C, 0.0f);
@@ -120,7 +114,7 @@ TEST(CudaKernels, NormsMatchCpu) {
 }
 
 TEST(CudaKernels, ActivationsMatchCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   const int N = 13, F = 77;
   auto x = randn(N * 2 * F, 9, 3.0f), dout = randn(N * 2 * F, 10);
   std::vector<float> g(N * 2 * F), dg(N * 2 * F), s(N * F), ds(N * 2 * F);
@@ -140,7 +134,7 @@ TEST(CudaKernels, ActivationsMatchCpu) {
 }
 
 TEST(CudaKernels, EmbeddingAndRopeMatchCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   const int V = 11, P = 9, C = 40, N = 30;
   auto wte = randn(V * C, 11), wpe = randn(P * C, 12), dout = randn(N * C, 13);
   Rng r(14);
@@ -176,7 +170,7 @@ TEST(CudaKernels, EmbeddingAndRopeMatchCpu) {
 }
 
 TEST(CudaKernels, AttentionMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   for (auto [B, T, H, KV, D] :
        {std::array<int, 5>{2, 37, 4, 2, 16}, std::array<int, 5>{1, 130, 6, 6, 32}}) {
     const int row = (H + 2 * KV) * D;
@@ -198,7 +192,7 @@ TEST(CudaKernels, AttentionMatchesCpu) {
 }
 
 TEST(CudaKernels, CrossEntropyAndOptimizerMatchCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   const int N = 9, V = 1000;
   auto logits = randn(N * V, 18, 3.0f);
   std::vector<int32_t> targets = {1, 999, -1, 5, 0, 500, -1, 3, 7};
@@ -233,7 +227,7 @@ TEST(CudaKernels, CrossEntropyAndOptimizerMatchCpu) {
 
 #else
 TEST(CudaKernels, SkippedWithoutCudaBuild) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
 }
 #endif
 

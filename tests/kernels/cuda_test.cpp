@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "runtime/tensor.h"
+#include "tests/test_support.h"
 #ifdef TANDEM_HAVE_CUDA
 #include "kernels/cuda/cuda.h"
 #endif
@@ -11,16 +12,8 @@
 namespace tandem {
 namespace {
 
-// GTEST_SKIP returns from the enclosing function, so this is a macro used in each test body.
-#define SKIP_WITHOUT_GPU()                                                                 \
-  do {                                                                                     \
-    if (!cuda_built())                                                                     \
-      GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)";       \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no usable CUDA device on this machine"; \
-  } while (0)
-
 TEST(Cuda, AxpyMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
 #ifdef TANDEM_HAVE_CUDA
   const size_t n = 1 << 20;
   Tensor x = Tensor::empty({static_cast<int64_t>(n)});
@@ -40,7 +33,7 @@ TEST(Cuda, AxpyMatchesCpu) {
 }
 
 TEST(Cuda, TensorRoundTripsThroughDevice) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   Tensor x = Tensor::empty({3, 5});
   for (int i = 0; i < 15; ++i) x.data<float>()[i] = 0.5f * i;
   Tensor z = Tensor::zeros({3, 5}, DType::kF32, Device::cuda());

@@ -12,13 +12,6 @@
 namespace tandem {
 namespace {
 
-#define SKIP_WITHOUT_GPU()                                                                 \
-  do {                                                                                     \
-    if (!cuda_built())                                                                     \
-      GTEST_SKIP() << "this build has no CUDA backend (TANDEM_CUDA=OFF or no nvcc)";       \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no usable CUDA device on this machine"; \
-  } while (0)
-
 double max_relative_diff(const Tensor& a, const Tensor& b) {
   const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
   double diff = 0, ref = 0;
@@ -53,17 +46,17 @@ void check_family(const ModelConfig& config) {
 }
 
 TEST(TransformerCuda, Gpt2MatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   check_family(testing::tiny_gpt2());
 }
 
 TEST(TransformerCuda, LlamaGqaMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   check_family(testing::tiny_llama());
 }
 
 TEST(TransformerCuda, SaveFromGpuLoadsOnCpuWithSameLogits) {
-  SKIP_WITHOUT_GPU();
+  TANDEM_SKIP_WITHOUT_GPU();
   testing::ScratchDir dir("tandem_cuda_io");
   Transformer gpu_model(testing::tiny_llama(), Device::cuda());
   gpu_model.init_weights(9);
