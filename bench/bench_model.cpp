@@ -5,6 +5,7 @@
 //   build/bench/bench_model                                  GPT-2 small (124M), B=4, T=64
 //   build/bench/bench_model --train-config launch/configs/demo.json   the demo job's step
 //   options: --model PRESET --batch B --seq T --steps N --threads N --reference TOKENS_PER_S
+//            --device cpu|cuda (on a GPU the MFU reference is the device's measured sgemm)
 //
 // MFU = model FLOPs (6 x matmul params x tokens + attention) / step time / measured sgemm peak.
 #include <chrono>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "runtime/ops.h"
 #include "runtime/random.h"
 #include "runtime/transformer.h"
 #include "training/optimizer.h"
@@ -32,6 +34,7 @@ int main(int argc, char** argv) {
   std::string preset = "gpt2", train_config;
   int B = 4, T = 64, K = 1, steps = 5, threads = 2;
   double reference = -1;
+  std::string device_name = "cpu";
   bool batch_given = false, seq_given = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
@@ -52,6 +55,8 @@ int main(int argc, char** argv) {
       threads = std::atoi(value);
     else if (key == "--reference")
       reference = std::atof(value);
+    else if (key == "--device")
+      device_name = value;
     else {
       std::fprintf(stderr, "bench_model: unknown option %s\n", key.c_str());
       return 2;
@@ -60,6 +65,7 @@ int main(int argc, char** argv) {
   try {
     tandem::cpu::set_num_threads(threads);
     tandem::cpu::check_blas_is_openmp();
+    const tandem::Device device = tandem::Device::parse(device_name);
     tandem::ModelConfig model_config = tandem::ModelConfig::preset(preset);
     tandem::AdamWConfig adamw;
     float grad_clip = 1.0f;
@@ -73,14 +79,15 @@ int main(int argc, char** argv) {
       if (!seq_given) T = tc.seq_len;
       K = tc.grad_accum;
       name = train_config;
-    } else if (preset == "gpt2" && reference < 0) {
+    } else if (preset == "gpt2" && reference < 0 && device.is_cpu()) {
       reference = 125.0;  // PyTorch 1.13 (Debian), 2 threads, OpenMP OpenBLAS: ~2.0 s/step
     }
-    const double peak = tandem::cpu::measure_sgemm_gflops(2048, 12);
+    const tandem::Ops& ops = tandem::ops_for(device);
+    const double peak = ops.measure_sgemm_gflops(device.is_cpu() ? 2048 : 4096, 12);
 
-    tandem::Transformer model(model_config);
+    tandem::Transformer model(model_config, device);
     model.init_weights(1);
-    tandem::AdamW optimizer(model.layout(), adamw);
+    tandem::AdamW optimizer(model.layout(), adamw, device);
     tandem::Rng rng(2);
     const size_t n_tokens = static_cast<size_t>(B) * T * K;
     std::vector<int32_t> tokens(n_tokens), targets(n_tokens);
@@ -100,15 +107,19 @@ int main(int argc, char** argv) {
       model.zero_grad();
       auto t0 = std::chrono::steady_clock::now();
       model.forward(tokens.data(), targets.data(), B, T);
+      ops.synchronize();
       fwd += seconds_since(t0);
       t0 = std::chrono::steady_clock::now();
       model.backward();
+      ops.synchronize();
       bwd += seconds_since(t0);
 
       t0 = std::chrono::steady_clock::now();
       tandem::accumulate_gradients(model, tokens.data(), targets.data(), K, B, T);
-      tandem::clip_grad_norm(model.grads().data<float>(), model.num_parameters(), grad_clip);
+      tandem::clip_grad_norm(model.grads().data<float>(), model.num_parameters(), grad_clip,
+                             device);
       optimizer.step(params, model.grads().data<float>(), 1e-4f);
+      ops.synchronize();
       step_time += seconds_since(t0);
     }
     fwd /= steps;
@@ -117,10 +128,12 @@ int main(int argc, char** argv) {
     const double fb = fwd + bwd;
     const double micro_tokens = static_cast<double>(B) * T,
                  micro_flops = model.flops_per_step(B, T);
-    std::printf("model %s: %s, %.1fM params, B=%d x accum %d, T=%d, %d threads\n", name.c_str(),
+    std::printf("model %s on %s: %s, %.1fM params, B=%d x accum %d, T=%d, %d threads\n",
+                name.c_str(), device.str().c_str(),
                 tandem::family_name(model_config.family).c_str(), model.num_parameters() / 1e6, B,
                 K, T, threads);
-    std::printf("sgemm peak        %8.1f GFLOP/s (2048^3, best of 12)\n", peak);
+    std::printf("sgemm peak        %8.1f GFLOP/s (%s, best of 12)\n", peak,
+                device.is_cpu() ? "2048^3" : "4096^3, cuBLAS fp32");
     std::printf("forward           %8.1f ms\n", fwd * 1e3);
     std::printf("backward          %8.1f ms\n", bwd * 1e3);
     std::printf("forward+backward  %8.1f ms  %8.1f tokens/s  %6.1f GFLOP/s  MFU %.0f%%\n", fb * 1e3,

@@ -107,7 +107,7 @@ int print_usage() {
       "            --train-tokenizer --vocab-size N; [--val-fraction 0.05] [--shard-tokens N]\n"
       "  train     --config FILE [--section.key=value ...]   (see launch/configs/)\n"
       "  generate  --model DIR (a checkpoint) --prompt TEXT [--max-new-tokens 64]\n"
-      "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--seed 0]\n"
+      "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--seed 0] [--device cuda]\n"
       "  info      build and machine facts (CUDA, BLAS threading, threads)\n");
   return 0;
 }
@@ -199,13 +199,16 @@ int run_train(int argc, char** argv) {
 }
 
 int run_generate(const Flags& f) {
-  f.allow_only(
-      {"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed", "threads"},
-      "generate");
+  f.allow_only({"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed",
+                "threads", "device"},
+               "generate");
   require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
   const std::string dir = f.get("model");
   if (f.has("threads")) tandem::cpu::set_num_threads(f.number<int>("threads", 0));
-  auto model = tandem::load_pretrained(dir);
+  const tandem::Device device = tandem::Device::parse(f.get("device", "cpu"));
+  require(device.is_cpu() || device.index < tandem::cuda_device_count(), "generate: --device ",
+          device.str(), " is not available (", tandem::cuda_device_count(), " CUDA device(s))");
+  auto model = tandem::load_pretrained(dir, device);
   require(fs::exists(fs::path(dir) / "encoder.json"), dir,
           " has no tokenizer files (encoder.json, vocab.bpe)");
   const auto tok = tandem::BpeTokenizer::load_dir(dir);

@@ -45,10 +45,10 @@ ModelConfig load_config(const std::string& path) {
   return ModelConfig::from_hf_json(j, path);
 }
 
-std::unique_ptr<Transformer> load_pretrained(const std::string& dir) {
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device) {
   const std::string config_path = (fs::path(dir) / "config.json").string();
   require(fs::exists(config_path), "model directory ", dir, " has no config.json");
-  auto model = std::make_unique<Transformer>(load_config(config_path));
+  auto model = std::make_unique<Transformer>(load_config(config_path), device);
   load_weights(*model, (fs::path(dir) / "model.safetensors").string());
   return model;
 }

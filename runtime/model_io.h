@@ -12,8 +12,8 @@ namespace tandem {
 
 // Writes dir/config.json and dir/model.safetensors (dtype F32, BF16 or F16); creates dir.
 void save_pretrained(const Transformer& model, const std::string& dir, DType dtype = DType::kF32);
-// Reads dir/config.json and dir/model.safetensors.
-std::unique_ptr<Transformer> load_pretrained(const std::string& dir);
+// Reads dir/config.json and dir/model.safetensors into a model on `device`.
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device = Device::cpu());
 ModelConfig load_config(const std::string& config_json_path);
 // Copies every parameter of `model` from a safetensors file. Errors name the file and tensor:
 // a missing tensor, a wrong shape or dtype, or an unexpected tensor (other than known buffers

@@ -38,6 +38,7 @@ const Ops kCpuOps = {
     cpu::adamw_step,
     cpu::sum_squares,
     cpu::measure_sgemm_gflops,
+    [] {},
 };
 
 #ifdef TANDEM_HAVE_CUDA
@@ -108,6 +109,7 @@ const Ops kCudaOps = {
       for (auto& b : buffers) cuda::free_device(b);
       return best;
     },
+    [] { cuda::synchronize(); },
 };
 #endif
 

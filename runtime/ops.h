@@ -47,6 +47,8 @@ struct Ops {
   double (*sum_squares)(const float*, size_t);  // synchronises
   // Best sgemm rate of an n^3 product on this device, GFLOP/s (the MFU reference).
   double (*measure_sgemm_gflops)(int n, int reps);
+  // Waits for queued work (a no-op on the CPU): for timing.
+  void (*synchronize)();
 };
 
 // The table for a device; throws tandem::Error for CUDA in a build without it.
