@@ -35,20 +35,8 @@ int main() {
     std::printf("bench_cuda: no CUDA device; nothing to measure\n");
     return 0;
   }
-  const int n = 4096;
-  Tensor a = Tensor::zeros({n, n}, DType::kF32, Device::cuda()),
-         b = Tensor::zeros({n, n}, DType::kF32, Device::cuda()),
-         c = Tensor::zeros({n, n}, DType::kF32, Device::cuda());
-  a.fill(0.5f);
-  b.fill(0.25f);
-  const double t_gemm = best_seconds(
-      [&] {
-        cuda::gemm(false, false, n, n, n, 1.0f, a.data<float>(), n, b.data<float>(), n, 0.0f,
-                   c.data<float>(), n);
-      },
-      10);
-  std::printf("cuBLAS sgemm %d^3 (fp32, no TF32): %.1f TFLOP/s\n", n,
-              2.0 * n * n * n / t_gemm / 1e12);
+  std::printf("cuBLAS sgemm 4096^3 (fp32, no TF32): %.1f TFLOP/s\n",
+              cuda::measure_sgemm_gflops(4096, 10) / 1e3);
 
   const int B = 4, T = 1024, H = 12, KV = 12, D = 64, row = (H + 2 * KV) * D;
   const double flops = 4.0 * B * H * (T * (T + 1) / 2.0) * D;

@@ -29,4 +29,14 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   return out;
 }
 
+std::string generate_text(Transformer& model, const BpeTokenizer& tokenizer,
+                          const std::string& prompt, GenerateOptions options) {
+  std::vector<int32_t> ids = tokenizer.encode(prompt);
+  if (ids.empty()) ids = {tokenizer.eot_id() >= 0 ? tokenizer.eot_id() : 0};
+  options.stop_token = tokenizer.eot_id();
+  std::vector<int32_t> out = generate(model, ids, options);
+  if (!out.empty() && out.back() == options.stop_token) out.pop_back();
+  return prompt + tokenizer.decode(out);
+}
+
 }  // namespace tandem

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "inference/sampler.h"
+#include "runtime/tokenizer.h"
 #include "runtime/transformer.h"
 
 namespace tandem {
@@ -21,5 +22,10 @@ struct GenerateOptions {
 // Returns only the new tokens. The context is cropped to the model's max_seq_len.
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const GenerateOptions& options);
+
+// Text in, text out: encodes `prompt` (an empty one starts from the end-of-text token), stops at
+// end-of-text, and returns the prompt followed by the decoded continuation.
+std::string generate_text(Transformer& model, const BpeTokenizer& tokenizer,
+                          const std::string& prompt, GenerateOptions options);
 
 }  // namespace tandem

@@ -128,9 +128,8 @@ int run_prepare(const Flags& f) {
   require(f.has("out"), "prepare: --out is required");
   const std::vector<std::string> inputs = f.values.at("input");
   const std::string out = f.get("out");
-  for (const auto& in : inputs) require(fs::exists(in), "prepare: input ", in, " does not exist");
-  require(!fs::exists(fs::path(out) / tandem::kPrepareSummaryFileName), "prepare: ", out,
-          " already holds prepared data (prepare.json); choose another --out or remove it");
+  tandem::require_unprepared_output(out);  // before the (slow) tokenizer training
+  const std::vector<std::string> files = tandem::collect_input_files(inputs, out);
 
   std::optional<tandem::BpeTokenizer> tokenizer;
   if (f.has("tokenizer")) {
@@ -142,14 +141,13 @@ int run_prepare(const Flags& f) {
     const int vocab = f.number<int>("vocab-size", 4096);
     require(vocab >= 257, "prepare: --vocab-size must be >= 257, got ", vocab);
     std::vector<std::string> texts;
-    for (const auto& file : tandem::collect_input_files(inputs, out))
-      texts.push_back(tandem::read_file(file));
+    for (const auto& file : files) texts.push_back(tandem::read_file(file));
     std::fprintf(stderr, "tandem: training a %d-token BPE vocabulary...\n", vocab);
     tokenizer = tandem::BpeTokenizer::train(texts, vocab);
   }
   require(tokenizer->eot_id() >= 0, "prepare: the tokenizer has no <|endoftext|> token");
   tandem::PrepareOptions opt;
-  opt.inputs = inputs;
+  opt.inputs = files;  // already walked: prepare reads exactly what the tokenizer saw
   const tandem::BpeTokenizer& tok = *tokenizer;
   opt.encode = [&tok](std::string_view text) { return tok.encode(text); };
   opt.eot_token = tokenizer->eot_id();
@@ -212,18 +210,13 @@ int run_generate(const Flags& f) {
   require(fs::exists(fs::path(dir) / "encoder.json"), dir,
           " has no tokenizer files (encoder.json, vocab.bpe)");
   const auto tok = tandem::BpeTokenizer::load_dir(dir);
-  std::vector<int32_t> prompt = tok.encode(f.get("prompt"));
-  if (prompt.empty()) prompt = {tok.eot_id() >= 0 ? tok.eot_id() : 0};
   tandem::GenerateOptions opt;
   opt.max_new_tokens = f.number<int>("max-new-tokens", 64);
   opt.sampling.temperature = f.number<float>("temperature", 0.8f);
   opt.sampling.top_k = f.number<int>("top-k", 40);
   opt.sampling.top_p = f.number<float>("top-p", 1.0f);
   opt.seed = f.number<uint64_t>("seed", 0);
-  opt.stop_token = tok.eot_id();
-  std::vector<int32_t> out = tandem::generate(*model, prompt, opt);
-  if (!out.empty() && out.back() == tok.eot_id()) out.pop_back();
-  std::printf("%s%s\n", f.get("prompt").c_str(), tok.decode(out).c_str());
+  std::printf("%s\n", tandem::generate_text(*model, tok, f.get("prompt"), opt).c_str());
   return 0;
 }
 

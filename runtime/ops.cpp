@@ -1,8 +1,5 @@
 #include "runtime/ops.h"
 
-#include <algorithm>
-#include <chrono>
-
 #include "kernels/cpu/kernels.h"
 #include "runtime/error.h"
 #ifdef TANDEM_HAVE_CUDA
@@ -90,25 +87,7 @@ const Ops kCudaOps = {
        float eps, float wd,
        long step) { cuda::adamw_step(p, g, m, v, n, lr, b1, b2, eps, wd, step); },
     [](const float* x, size_t n) { return cuda::sum_squares(x, n); },
-    [](int n, int reps) {
-      float* buffers[3];
-      for (auto& b : buffers) {
-        b = static_cast<float*>(cuda::malloc_device(sizeof(float) * n * n));
-        cuda::fill(b, 0.5f, static_cast<size_t>(n) * n);
-      }
-      double best = 0.0;
-      for (int r = 0; r <= reps; ++r) {
-        cuda::synchronize();
-        const auto t0 = std::chrono::steady_clock::now();
-        cuda::gemm(false, false, n, n, n, 1.0f, buffers[0], n, buffers[1], n, 0.0f, buffers[2], n);
-        cuda::synchronize();
-        const double s =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (r > 0) best = std::max(best, 2.0 * n * n * n / s / 1e9);
-      }
-      for (auto& b : buffers) cuda::free_device(b);
-      return best;
-    },
+    [](int n, int reps) { return cuda::measure_sgemm_gflops(n, reps); },
     [] { cuda::synchronize(); },
 };
 #endif

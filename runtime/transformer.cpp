@@ -10,8 +10,52 @@
 
 namespace tandem {
 
+namespace {
+// Row widths of the activations, derived once from the config.
+struct Dims {
+  explicit Dims(const ModelConfig& c)
+      : C(c.n_embd),
+        H(c.n_head),
+        KV(c.n_kv_head),
+        D(c.head_dim()),
+        QKV((c.n_head + 2 * c.n_kv_head) * c.head_dim()),
+        HD(c.n_head * c.head_dim()),
+        F(c.ffn_hidden),
+        UP(c.is_llama() ? 2 * c.ffn_hidden : c.ffn_hidden),
+        llama(c.is_llama()),
+        layout(c.is_llama() ? WeightLayout::kOutIn : WeightLayout::kInOut) {}
+  int C, H, KV, D, QKV, HD, F, UP;  // UP: the MLP's up-projection (GPT-2 c_fc, Llama gate|up)
+  bool llama;
+  WeightLayout layout;  // of every matrix but the LM head (always [out, in])
+};
+
+// The slices of one layer's saved activations.
+struct LayerActs {
+  float *x, *x_mid, *x_out, *ln1, *ln2, *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+  float *qkv, *att, *lse, *fc_pre, *fc_act;
+};
+}  // namespace
+
 // Activations saved by forward for backward, plus backward scratch. Sized for one (B, T).
 struct Transformer::Activations {
+  LayerActs layer(int l, const Dims& d) const {
+    const size_t N = static_cast<size_t>(B) * T, NC = N * d.C;
+    return {residual.data<float>() + l * NC,
+            residual_mid.data<float>() + l * NC,
+            residual.data<float>() + (l + 1) * NC,
+            ln1.data<float>() + l * NC,
+            ln2.data<float>() + l * NC,
+            ln1_mean.data<float>() + l * N,
+            ln1_rstd.data<float>() + l * N,
+            ln2_mean.data<float>() + l * N,
+            ln2_rstd.data<float>() + l * N,
+            qkv.data<float>() + l * N * d.QKV,
+            att.data<float>() + l * N * d.HD,
+            att_lse.data<float>() + l * N * d.H,
+            fc_pre.data<float>() + l * N * d.UP,
+            fc_act.data<float>() + l * N * d.F};
+  }
+
   int B = 0, T = 0;
   Tensor tokens, targets, positions;  // I32 [B*T] on the model's device
   bool has_targets = false;
@@ -165,9 +209,9 @@ void Transformer::init_weights(uint64_t seed) {
 void Transformer::ensure_activations(int B, int T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
   const ModelConfig& c = config_;
-  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, C = c.n_embd, V = c.vocab_size;
-  const int64_t D = c.head_dim(), QKV = (c.n_head + 2LL * c.n_kv_head) * D, HD = c.n_head * D;
-  const int64_t UP = c.is_llama() ? 2LL * c.ffn_hidden : c.ffn_hidden, F = c.ffn_hidden;
+  const Dims d(c);
+  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, V = c.vocab_size;
+  const int64_t C = d.C, QKV = d.QKV, HD = d.HD, UP = d.UP, F = d.F;
   acts_.reset();  // free the old set before allocating the new one
   auto a = std::make_shared<Activations>();
   a->B = B;
@@ -262,11 +306,10 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
   a.has_targets = targets != nullptr;
   if (a.has_targets) upload(a.targets, targets);
 
-  const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
-  const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
-  const bool llama = c.is_llama();
-  const WeightLayout wl = llama ? WeightLayout::kOutIn : WeightLayout::kInOut;
-  const int UP = llama ? 2 * F : F;
+  const Dims d(c);
+  const int C = d.C, H = d.H, KV = d.KV, D = d.D, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP;
+  const bool llama = d.llama;
+  const WeightLayout wl = d.layout;
   const float* p = params_.data<float>();
   auto bias = [&](int64_t off) { return off >= 0 ? p + off : nullptr; };
   const size_t NC = static_cast<size_t>(N) * C;
@@ -275,20 +318,12 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
                           a.positions.data<int32_t>(), p + wte_, llama ? nullptr : p + wpe_, N, C);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerOffsets& o = layers_[l];
-    float* x = a.residual.data<float>() + l * NC;
-    float* x_mid = a.residual_mid.data<float>() + l * NC;
-    float* x_out = a.residual.data<float>() + (l + 1) * NC;
-    float* ln1 = a.ln1.data<float>() + l * NC;
-    float* ln2 = a.ln2.data<float>() + l * NC;
-    float* qkv = a.qkv.data<float>() + static_cast<size_t>(l) * N * QKV;
-    float* att = a.att.data<float>() + static_cast<size_t>(l) * N * HD;
-    float* lse = a.att_lse.data<float>() + static_cast<size_t>(l) * N * H;
-    float* fc_pre = a.fc_pre.data<float>() + static_cast<size_t>(l) * N * UP;
-    float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
+    const LayerActs la = a.layer(l, d);
+    float *x = la.x, *x_mid = la.x_mid, *x_out = la.x_out, *ln1 = la.ln1, *ln2 = la.ln2;
+    float *qkv = la.qkv, *att = la.att, *lse = la.lse, *fc_pre = la.fc_pre, *fc_act = la.fc_act;
     float* scratch = a.scratch.data<float>();
 
-    norm_forward(ln1, a.ln1_mean.data<float>() + l * N, a.ln1_rstd.data<float>() + l * N, x, p,
-                 o.ln1_w, o.ln1_b, N);
+    norm_forward(ln1, la.ln1_mean, la.ln1_rstd, x, p, o.ln1_w, o.ln1_b, N);
     ops_->matmul_forward(qkv, ln1, p + o.qkv_w, bias(o.qkv_b), N, C, QKV, wl);
     if (llama) {
       ops_->rope_forward(qkv, a.positions.data<int32_t>(), rope_cos_.data<float>(),
@@ -300,8 +335,7 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
     ops_->matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
     ops_->add(x_mid, x, scratch, NC);
 
-    norm_forward(ln2, a.ln2_mean.data<float>() + l * N, a.ln2_rstd.data<float>() + l * N, x_mid, p,
-                 o.ln2_w, o.ln2_b, N);
+    norm_forward(ln2, la.ln2_mean, la.ln2_rstd, x_mid, p, o.ln2_w, o.ln2_b, N);
     ops_->matmul_forward(fc_pre, ln2, p + o.up_w, bias(o.up_b), N, C, UP, wl);
     if (llama) {
       ops_->swiglu_forward(fc_act, fc_pre, N, F);
@@ -336,11 +370,10 @@ void Transformer::backward() {
   Activations& a = *acts_;
   const ModelConfig& c = config_;
   const int B = a.B, T = a.T, N = B * T;
-  const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
-  const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
-  const bool llama = c.is_llama();
-  const WeightLayout wl = llama ? WeightLayout::kOutIn : WeightLayout::kInOut;
-  const int UP = llama ? 2 * F : F;
+  const Dims d(c);
+  const int C = d.C, H = d.H, KV = d.KV, D = d.D, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP;
+  const bool llama = d.llama;
+  const WeightLayout wl = d.layout;
   const size_t NC = static_cast<size_t>(N) * C;
   grads();
   const float* p = params_.data<float>();
@@ -365,15 +398,9 @@ void Transformer::backward() {
   float* d_fc_act = a.d_fc_act.data<float>();
   for (int l = c.n_layer - 1; l >= 0; --l) {
     const LayerOffsets& o = layers_[l];
-    const float* x = a.residual.data<float>() + l * NC;
-    const float* x_mid = a.residual_mid.data<float>() + l * NC;
-    const float* ln1 = a.ln1.data<float>() + l * NC;
-    const float* ln2 = a.ln2.data<float>() + l * NC;
-    const float* qkv = a.qkv.data<float>() + static_cast<size_t>(l) * N * QKV;
-    const float* att = a.att.data<float>() + static_cast<size_t>(l) * N * HD;
-    const float* lse = a.att_lse.data<float>() + static_cast<size_t>(l) * N * H;
-    const float* fc_pre = a.fc_pre.data<float>() + static_cast<size_t>(l) * N * UP;
-    const float* fc_act = a.fc_act.data<float>() + static_cast<size_t>(l) * N * F;
+    const LayerActs la = a.layer(l, d);
+    const float *x = la.x, *x_mid = la.x_mid, *ln1 = la.ln1, *ln2 = la.ln2, *qkv = la.qkv;
+    const float *att = la.att, *lse = la.lse, *fc_pre = la.fc_pre, *fc_act = la.fc_act;
 
     // MLP block: x_out = x_mid + down(act(up(norm2(x_mid)))); d_res holds d x_out.
     ops_->matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N,
@@ -384,8 +411,7 @@ void Transformer::backward() {
       ops_->gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
     }
     ops_->matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
-    norm_backward(d_res, d_ln, x_mid, a.ln2_mean.data<float>() + l * N,
-                  a.ln2_rstd.data<float>() + l * N, o.ln2_w, o.ln2_b, N);
+    norm_backward(d_res, d_ln, x_mid, la.ln2_mean, la.ln2_rstd, o.ln2_w, o.ln2_b, N);
 
     // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
     ops_->matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att,
@@ -399,8 +425,7 @@ void Transformer::backward() {
     }
     ops_->matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
                           wl);
-    norm_backward(d_res, d_ln, x, a.ln1_mean.data<float>() + l * N,
-                  a.ln1_rstd.data<float>() + l * N, o.ln1_w, o.ln1_b, N);
+    norm_backward(d_res, d_ln, x, la.ln1_mean, la.ln1_rstd, o.ln1_w, o.ln1_b, N);
   }
   ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
                            a.positions.data<int32_t>(), N, C);

@@ -9,7 +9,6 @@
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/model_io.h"
-#include "runtime/safetensors.h"
 
 namespace tandem {
 
@@ -103,14 +102,15 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
   return final_dir.string();
 }
 
-namespace {
-// Checks that every file of a checkpoint opens and parses; throws naming the first bad file.
-void validate_checkpoint(const fs::path& dir) {
+nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer) {
+  // Each file is read once, and each read validates it (the safetensors header, the JSON):
+  // a damaged checkpoint fails here with the file named, before or while the state is loaded.
+  const fs::path d(dir);
   for (const char* name :
        {"trainer_state.json", "config.json", "model.safetensors", "optimizer.safetensors"}) {
-    require(fs::exists(dir / name), (dir / name).string(), ": missing");
+    require(fs::exists(d / name), (d / name).string(), ": missing");
   }
-  const std::string state_path = (dir / "trainer_state.json").string();
+  const std::string state_path = (d / "trainer_state.json").string();
   nlohmann::json state;
   try {
     state = nlohmann::json::parse(read_file(state_path));
@@ -119,15 +119,6 @@ void validate_checkpoint(const fs::path& dir) {
   }
   require(state.contains("step") && state["step"].is_number_integer(), state_path,
           ": no integer 'step'");
-  load_config((dir / "config.json").string());
-  SafetensorsFile::open((dir / "model.safetensors").string());
-  SafetensorsFile::open((dir / "optimizer.safetensors").string());
-}
-}  // namespace
-
-nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW& optimizer) {
-  const fs::path d(dir);
-  validate_checkpoint(d);
   const ModelConfig saved = load_config((d / "config.json").string());
   const ModelConfig& want = model.config();
   const std::string where = (d / "config.json").string();
@@ -148,7 +139,7 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
   same("tie_embeddings", saved.tie_embeddings, want.tie_embeddings);
   load_weights(model, (d / "model.safetensors").string());
   optimizer.load((d / "optimizer.safetensors").string());
-  return nlohmann::json::parse(read_file((d / "trainer_state.json").string()));
+  return state;
 }
 
 }  // namespace tandem

@@ -73,6 +73,25 @@ void AdamW::load(const std::string& path) {
   require(step_ >= 0, path, ": metadata 'step' is negative");
 }
 
+const char* lr_decay_name(LrDecay decay) {
+  switch (decay) {
+    case LrDecay::kCosine:
+      return "cosine";
+    case LrDecay::kLinear:
+      return "linear";
+    case LrDecay::kConstant:
+      return "constant";
+  }
+  return "?";
+}
+
+std::optional<LrDecay> lr_decay_from_name(std::string_view name) {
+  for (LrDecay d : {LrDecay::kCosine, LrDecay::kLinear, LrDecay::kConstant}) {
+    if (name == lr_decay_name(d)) return d;
+  }
+  return std::nullopt;
+}
+
 float LrSchedule::at(long step) const {
   if (warmup_steps > 0 && step < warmup_steps) {
     return max_lr * static_cast<float>(step + 1) / static_cast<float>(warmup_steps);

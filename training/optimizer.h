@@ -5,7 +5,9 @@
 // and, by default, applies to weight matrices only: not to embeddings, norms or biases.
 #pragma once
 
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "runtime/parameters.h"
@@ -66,6 +68,10 @@ struct LrSchedule {
   LrDecay decay = LrDecay::kCosine;
   float at(long step) const;
 };
+
+// Config spelling of a decay: "cosine", "linear", "constant" (and back; nullopt if unknown).
+const char* lr_decay_name(LrDecay decay);
+std::optional<LrDecay> lr_decay_from_name(std::string_view name);
 
 // Scales grads (n floats on `device`) so that their global L2 norm is at most max_norm (no-op
 // when max_norm <= 0). Returns the norm before clipping.

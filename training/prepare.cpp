@@ -43,25 +43,10 @@ void validate_options(const PrepareOptions& options) {
   require(!options.out_dir.empty(), "prepare: out_dir is empty");
 }
 
-bool is_under(const fs::path& path, const fs::path& dir) {
-  if (dir.empty()) return false;
-  std::error_code error;
-  const fs::path p = fs::weakly_canonical(path, error);
-  if (error) return false;
-  auto d = dir.begin(), q = p.begin();
-  for (; d != dir.end(); ++d, ++q) {
-    if (q == p.end() || *d != *q) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs,
                                              const std::string& exclude_dir) {
-  std::error_code canonical_error;
-  const fs::path excluded =
-      exclude_dir.empty() ? fs::path() : fs::weakly_canonical(exclude_dir, canonical_error);
   std::vector<std::string> files;
   for (const std::string& input : inputs) {
     std::error_code error;
@@ -77,13 +62,14 @@ std::vector<std::string> collect_input_files(const std::vector<std::string>& inp
     fs::recursive_directory_iterator it(input, error);
     require(!error, "prepare: cannot list input directory ", input, ": ", error.message());
     for (; it != fs::recursive_directory_iterator(); it.increment(error)) {
-      // The output directory (its shards, tokenizer files, staging folders) is never an input.
-      if (it->is_directory(error) && is_under(it->path(), excluded)) {
-        it.disable_recursion_pending();
-        continue;
-      }
       std::error_code type_error;
-      if (it->is_regular_file(type_error) && !is_under(it->path(), excluded)) {
+      if (it->is_directory(type_error)) {
+        // The output directory (its shards, tokenizer files, staging folders) is never an input.
+        std::error_code same_error;
+        if (!exclude_dir.empty() && fs::equivalent(it->path(), exclude_dir, same_error)) {
+          it.disable_recursion_pending();
+        }
+      } else if (it->is_regular_file(type_error)) {
         found.push_back(it->path().string());
       }
     }
@@ -119,6 +105,14 @@ void prepare_output_directory(const std::string& out_dir) {
   std::error_code error;
   fs::create_directories(out_dir, error);
   require(!error, "prepare: cannot create output directory ", out_dir, ": ", error.message());
+  require_unprepared_output(out_dir);
+}
+
+}  // namespace
+
+void require_unprepared_output(const std::string& out_dir) {
+  std::error_code error;
+  if (!fs::exists(out_dir, error)) return;
   require(fs::is_directory(out_dir, error), "prepare: output path ", out_dir,
           " is not a directory");
   fs::directory_iterator it(out_dir, error);
@@ -129,6 +123,8 @@ void prepare_output_directory(const std::string& out_dir) {
             " already holds prepared data (", name, "); remove it or choose an empty directory");
   }
 }
+
+namespace {
 
 // A directory inside out_dir holding files until they are complete; removed on destruction.
 class StagingDirectory {

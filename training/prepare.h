@@ -55,6 +55,11 @@ inline constexpr char kPrepareSummaryFileName[] = "prepare.json";
 std::vector<std::string> collect_input_files(const std::vector<std::string>& inputs,
                                              const std::string& exclude_dir);
 
+// Throws unless out_dir is missing or holds no prepared data (train_*.bin, val_*.bin,
+// prepare.json): prepare never mixes or replaces datasets. prepare_corpus checks this itself;
+// callers with slow work before it (training a tokenizer) call it first to fail early.
+void require_unprepared_output(const std::string& out_dir);
+
 // Encodes the inputs and writes the shards and <out_dir>/prepare.json (see above).
 PrepareSummary prepare_corpus(const PrepareOptions& options);
 

@@ -1,9 +1,7 @@
 #include "training/train_config.h"
 
 #include <algorithm>
-#include <cmath>
 #include <functional>
-#include <map>
 
 #include "runtime/error.h"
 #include "runtime/file_io.h"
@@ -55,31 +53,26 @@ class SectionReader {
     known_.push_back(key);
     auto it = j_.find(key);
     if (it == j_.end()) return *this;
-    T value;
-    try {
-      if constexpr (std::is_same_v<T, bool>) {
-        require(it->is_boolean(), "");
-      } else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) {
-        require(it->is_number_unsigned(), "");
-      } else if constexpr (std::is_integral_v<T>) {
-        require(it->is_number_integer(), "");
-      } else if constexpr (std::is_floating_point_v<T>) {
-        require(it->is_number(), "");
-      } else {
-        require(it->is_string(), "");
-      }
-      value = it->get<T>();
-    } catch (const std::exception&) {
-      throw Error(cat(source_, ": ", section_, ".", key, " = ", it->dump(),
-                      " has the wrong type (expected ", type_name<T>(), ")"));
+    bool type_ok;
+    if constexpr (std::is_same_v<T, bool>) {
+      type_ok = it->is_boolean();
+    } else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) {
+      type_ok = it->is_number_unsigned();
+    } else if constexpr (std::is_integral_v<T>) {
+      type_ok = it->is_number_integer();
+    } else if constexpr (std::is_floating_point_v<T>) {
+      type_ok = it->is_number();
+    } else {
+      type_ok = it->is_string();
     }
+    require(type_ok, source_, ": ", section_, ".", key, " = ", it->dump(),
+            " has the wrong type (expected ", type_name<T>(), ")");
+    const T value = it->get<T>();
     require(!valid || valid(value), source_, ": ", section_, ".", key, " = ", it->dump(),
             " is invalid", expectation[0] ? cat(" (expected ", expectation, ")") : std::string());
     out = value;
     return *this;
   }
-
-  bool has(const std::string& key) const { return j_.contains(key); }
 
   void finish() const {
     for (auto it = j_.begin(); it != j_.end(); ++it) {
@@ -170,9 +163,10 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<bool>("tie_embeddings", c.model.tie_embeddings)
         .field<float>("init_std", c.model.init_std, positive<float>(), "> 0");
     r.finish();
-    if (!kv_given && !c.model.is_llama()) c.model.n_kv_head = c.model.n_head;
-    if (!kv_given && c.model.is_llama() && c.model.n_head % c.model.n_kv_head != 0)
+    // Without n_kv_head: GPT-2 has none (MHA); a Llama preset's GQA stays when it still divides.
+    if (!kv_given && (!c.model.is_llama() || c.model.n_head % c.model.n_kv_head != 0)) {
       c.model.n_kv_head = c.model.n_head;
+    }
     c.vocab_size_from_data = !m.contains("vocab_size");
     try {
       c.model.validate();
@@ -211,7 +205,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<long>("warmup_steps", c.schedule.warmup_steps, non_negative<long>(), ">= 0")
         .field<std::string>(
             "schedule", schedule,
-            [](const std::string& s) { return s == "cosine" || s == "linear" || s == "constant"; },
+            [](const std::string& s) { return lr_decay_from_name(s).has_value(); },
             "\"cosine\", \"linear\" or \"constant\"")
         .field<float>("weight_decay", c.adamw.weight_decay, non_negative<float>(), ">= 0")
         .field<float>("beta1", c.adamw.beta1, in_unit_interval(), "in [0, 1)")
@@ -221,9 +215,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<bool>("decay_norms_and_biases", c.adamw.decay_norms_and_biases)
         .field<float>("grad_clip", c.grad_clip, non_negative<float>(), ">= 0 (0 = off)");
     r.finish();
-    c.schedule.decay = schedule == "cosine"   ? LrDecay::kCosine
-                       : schedule == "linear" ? LrDecay::kLinear
-                                              : LrDecay::kConstant;
+    c.schedule.decay = *lr_decay_from_name(schedule);
     if (!min_lr_given) c.schedule.min_lr = 0.1f * c.schedule.max_lr;
     require(c.schedule.min_lr <= c.schedule.max_lr, source, ": optim.min_lr = ", c.schedule.min_lr,
             " is larger than optim.lr = ", c.schedule.max_lr);
@@ -292,9 +284,7 @@ TrainConfig load_train_config(const std::string& file, const std::vector<std::st
 }
 
 nlohmann::json TrainConfig::to_json() const {
-  const char* decay = schedule.decay == LrDecay::kCosine   ? "cosine"
-                      : schedule.decay == LrDecay::kLinear ? "linear"
-                                                           : "constant";
+  const char* decay = lr_decay_name(schedule.decay);
   return {{"model",
            {{"family", family_name(model.family)},
             {"vocab_size", model.vocab_size},

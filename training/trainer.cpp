@@ -101,10 +101,7 @@ void truncate_metrics_after(const std::string& path, long step) {
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& config, std::ostream& log)
-    : config_(config),
-      log_(log),
-      device_(config.device),
-      rng_(config.seed ^ 0x9e3779b97f4a7c15ull) {
+    : config_(config), log_(log), device_(config.device) {
   if (config_.threads > 0) cpu::set_num_threads(config_.threads);
   if (!device_.is_cpu()) {
     require(cuda_built(), "train.device = ", device_.str(), ", but this build has no CUDA backend");
@@ -186,10 +183,8 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
           "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
 
   model_ = std::make_unique<Transformer>(config_.model, device_);
-  model_->init_weights(config_.seed);
   optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
-
-  if (config_.resume) resume(metrics_path);
+  if (!config_.resume || !resume(metrics_path)) start_fresh();
   metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
   require(metrics_->good(), "cannot write metrics file ", metrics_path);
   peak_gflops_ = ops_for(device_).measure_sgemm_gflops(device_.is_cpu() ? 1024 : 4096, 3);
@@ -245,7 +240,16 @@ long Trainer::restore_from(const std::string& dir) {
   return step;
 }
 
-void Trainer::resume(const std::string& metrics_path) {
+void Trainer::start_fresh() {
+  model_->init_weights(config_.seed);
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
+  train_loader_->reset();
+  rng_ = Rng(config_.seed ^ 0x9e3779b97f4a7c15ull);  // sampling stream, apart from the init's
+  val_history_.clear();
+  start_step_ = 0;
+}
+
+bool Trainer::resume(const std::string& metrics_path) {
   const std::vector<std::string> all = list_checkpoints(config_.out_dir);
   std::vector<std::string> rejected;
   // Set invalid checkpoints aside (renamed, never deleted) so later saves and pruning skip them.
@@ -271,22 +275,18 @@ void Trainer::resume(const std::string& metrics_path) {
     start_step_ = step;
     log_ << "tandem: resumed from " << *it << " at step " << start_step_ << "\n";
     truncate_metrics_after(metrics_path, start_step_);
-    return;
+    return true;
   }
   set_aside();
-  // Nothing usable: a failed load may have written part of the weights, so start clean.
-  model_->init_weights(config_.seed);
-  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
-  train_loader_->reset();
-  rng_ = Rng(config_.seed ^ 0x9e3779b97f4a7c15ull);
-  val_history_.clear();
-  start_step_ = 0;
+  // Nothing usable (a failed load may have written part of the weights: the caller starts
+  // fresh, which rewrites all of them).
   log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
   std::error_code ec;
   if (fs::exists(metrics_path)) {
     fs::rename(metrics_path, metrics_path + ".previous", ec);
     log_ << "tandem: kept the old metrics as " << metrics_path << ".previous\n";
   }
+  return false;
 }
 
 void Trainer::write_metrics(const nlohmann::json& line) {
@@ -327,27 +327,18 @@ std::string Trainer::save(long step, float last_loss) {
 
 std::string Trainer::sample_text() {
   if (config_.sample_tokens <= 0) return "";
-  std::vector<int32_t> prompt;
-  if (tokenizer_ && !config_.sample_prompt.empty())
-    prompt = tokenizer_->encode(config_.sample_prompt);
-  if (prompt.empty()) prompt = {eot_token_ >= 0 ? eot_token_ : 0};
   GenerateOptions opt;
   opt.max_new_tokens = config_.sample_tokens;
   opt.sampling.temperature = config_.sample_temperature;
   opt.sampling.top_k = config_.sample_top_k;
   opt.seed = rng_.next_u64();
+  if (tokenizer_) return generate_text(*model_, *tokenizer_, config_.sample_prompt, opt);
+  // Data without tokenizer files: token ids, from the end-of-text token.
   opt.stop_token = eot_token_;
-  const std::vector<int32_t> out = generate(*model_, prompt, opt);
-  if (!tokenizer_) {
-    std::string s;
-    for (int32_t t : out) s += std::to_string(t) + " ";
-    return s;
-  }
-  std::vector<int32_t> visible;
-  for (int32_t t : out) {
-    if (t != eot_token_) visible.push_back(t);
-  }
-  return (config_.sample_prompt.empty() ? "" : config_.sample_prompt) + tokenizer_->decode(visible);
+  std::string s;
+  for (int32_t t : generate(*model_, {eot_token_ >= 0 ? eot_token_ : 0}, opt))
+    s += std::to_string(t) + " ";
+  return s;
 }
 
 TrainResult Trainer::run(const std::atomic<int>* stop) {
@@ -367,13 +358,15 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   log_ << "tandem: train " << train_loader_->num_windows() << " windows, val "
        << val_loader_->num_windows() << " windows; unigram baseline val loss " << unigram_val_loss_
        << "\n";
-  if (start_step_ == 0 && config_.eval_every > 0) {
+  // Validation loss at `step`: kept for checkpoints and the result, logged and written.
+  auto record_eval = [&](long step) {
     const float v = evaluate();
-    val_history_.emplace_back(0, v);
-    result.val_losses.emplace_back(0, v);
-    write_metrics({{"step", 0}, {"val_loss", v}});
-    log_ << "tandem: step 0 val loss " << v << "\n";
-  }
+    val_history_.emplace_back(step, v);
+    result.val_losses.emplace_back(step, v);
+    write_metrics({{"step", step}, {"val_loss", v}});
+    log_ << (tty && step > 0 ? "\n" : "") << "tandem: step " << step << " val loss " << v << "\n";
+  };
+  if (start_step_ == 0 && config_.eval_every > 0) record_eval(0);
 
   const auto t_start = std::chrono::steady_clock::now();
   double tokens_done = 0.0, compute_seconds = 0.0;
@@ -416,20 +409,12 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       log_ << (tty ? "\r" : "") << line << (tty ? "\033[K" : "\n") << std::flush;
     }
     const bool last = step == config_.steps;
-    if ((config_.eval_every > 0 && step % config_.eval_every == 0) || last) {
-      const float v = evaluate();
-      val_history_.emplace_back(step, v);
-      result.val_losses.emplace_back(step, v);
-      write_metrics({{"step", step}, {"val_loss", v}});
-      log_ << (tty ? "\n" : "") << "tandem: step " << step << " val loss " << v << "\n";
-    }
+    if ((config_.eval_every > 0 && step % config_.eval_every == 0) || last) record_eval(step);
     const bool stopping = stop != nullptr && stop->load() != 0;
     if ((config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) || last ||
         stopping) {
       result.last_checkpoint = save(step, loss);
-      if (stopping || config_.checkpoint_every > 0) {
-        log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << "\n";
-      }
+      log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << "\n";
     }
     if (stopping) {
       result.interrupted = true;
@@ -449,9 +434,6 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     log_ << "tandem: val loss " << val_history_.front().second << " (step "
          << val_history_.front().first << ") -> " << val_history_.back().second << " (step "
          << val_history_.back().first << "); unigram baseline " << unigram_val_loss_ << "\n";
-  }
-  if (!result.last_checkpoint.empty() && config_.checkpoint_every == 0 && !result.interrupted) {
-    log_ << "tandem: checkpoint " << result.last_checkpoint << "\n";  // not yet printed
   }
   if (!result.sample.empty()) log_ << "tandem: sample:\n" << result.sample << "\n";
   return result;

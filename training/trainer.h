@@ -60,9 +60,11 @@ class Trainer {
   float evaluate();
 
  private:
+  // Initial weights, optimizer state, data position and sampling RNG of a new run.
+  void start_fresh();
   // Resumes from the newest checkpoint that loads; damaged ones are reported and renamed
-  // `<dir>.invalid`. With none, starts from scratch.
-  void resume(const std::string& metrics_path);
+  // `<dir>.invalid`. Returns false when none loads (the caller then starts fresh).
+  bool resume(const std::string& metrics_path);
   // Loads one checkpoint into the model, optimizer, data loader and RNG; returns its step.
   long restore_from(const std::string& dir);
   void write_metrics(const nlohmann::json& line);

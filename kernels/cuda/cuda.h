@@ -37,6 +37,9 @@ void scale_inplace(float* x, float s, size_t n, void* stream = nullptr);
 // Row-major, as cpu::gemm. Uses one cuBLAS handle per device (created on first use).
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc, void* stream = nullptr);
+// Best sgemm rate of `reps` n^3 products (after a warm-up), GFLOP/s: the MFU reference, as
+// cpu::measure_sgemm_gflops is on the CPU.
+double measure_sgemm_gflops(int n, int reps);
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M,
                     int K, int N, WeightLayout layout, void* stream = nullptr);
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,

@@ -2,6 +2,8 @@
 // the column-major C^T = op(B)^T op(A)^T, i.e. with the operands swapped.
 #include <cublas_v2.h>
 
+#include <algorithm>
+#include <chrono>
 #include <mutex>
 #include <vector>
 
@@ -61,6 +63,26 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
   if (status != CUBLAS_STATUS_SUCCESS) {
     throw std::runtime_error("cuBLAS: cublasSgemm failed with status " + std::to_string(status));
   }
+}
+
+double measure_sgemm_gflops(int n, int reps) {
+  const size_t count = static_cast<size_t>(n) * n;
+  float* buffers[3];
+  for (auto& b : buffers) {
+    b = static_cast<float*>(malloc_device(sizeof(float) * count));
+    fill(b, 0.5f, count);
+  }
+  double best = 0.0;
+  for (int r = 0; r <= reps; ++r) {
+    synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    gemm(false, false, n, n, n, 1.0f, buffers[0], n, buffers[1], n, 0.0f, buffers[2], n);
+    synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, 2.0 * n * n * n / s / 1e9);  // r == 0 warms up
+  }
+  for (auto& b : buffers) free_device(b);
+  return best;
 }
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M,

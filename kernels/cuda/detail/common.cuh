@@ -29,41 +29,29 @@ inline unsigned grid_for(size_t n, unsigned block) {
   return static_cast<unsigned>(blocks == 0 ? 1 : (blocks < 65535 ? blocks : 65535));
 }
 
-__device__ inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ inline float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-// The order of additions is fixed by the launch shape, so results are deterministic.
-__device__ inline float block_sum(float v) {
+// Reduces v over the block (blockDim.x a multiple of 32, at most 1024) with `op`; every thread
+// gets the result. The order of operations is fixed by the launch shape: deterministic.
+template <typename Op>
+__device__ inline float block_reduce(float v, float identity, Op op) {
   __shared__ float partial[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  __syncthreads();
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  __syncthreads();  // a previous reduction's readers are done with partial[]
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  const int warps = blockDim.x / 32;
-  v = lane < warps ? partial[lane] : 0.0f;
-  return warp_sum(v);
+  v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : identity;
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ inline float block_sum(float v) {
+  return block_reduce(v, 0.0f, [](float a, float b) { return a + b; });
 }
 
 __device__ inline float block_max(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / 32;
-  v = lane < warps ? partial[lane] : -INFINITY;
-  return warp_max(v);
+  return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
 }  // namespace tandem::cuda::detail
