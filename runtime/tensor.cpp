@@ -211,12 +211,17 @@ Tensor Tensor::to_dtype(DType dtype) const {
   return out;
 }
 
+Tensor Tensor::host_mirror() const {
+  return device().is_cpu() ? *this : empty(shape_, dtype_);
+}
+
 void Tensor::copy_from(const Tensor& src) {
   require(src.shape_ == shape_ && src.dtype_ == dtype_, "copy_from: shape/dtype mismatch ",
           shape_str(src.shape_), " ", dtype_name(src.dtype_), " -> ", shape_str(shape_), " ",
           dtype_name(dtype_));
   require(is_contiguous() && src.is_contiguous(), "copy_from needs contiguous tensors");
   const size_t bytes = nbytes();
+  if (raw_data() == src.raw_data() && device() == src.device()) return;  // a host mirror of itself
   if (device().is_cpu() && src.device().is_cpu()) {
     std::memcpy(raw_data(), src.raw_data(), bytes);
     return;

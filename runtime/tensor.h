@@ -71,8 +71,11 @@ class Tensor {
   Tensor clone() const;       // always a new packed copy
   Tensor to(Device device) const;
   Tensor to_dtype(DType dtype) const;  // floating conversions on the CPU
-  void copy_from(const Tensor& src);   // same shape and dtype; any devices
-  void fill(float value);              // F32 only
+  // Host memory to fill for this tensor: itself on the CPU, else a new host tensor of the same
+  // shape and dtype. Fill it, then copy_from it (a no-op when it is this tensor).
+  Tensor host_mirror() const;
+  void copy_from(const Tensor& src);  // same shape and dtype; any devices
+  void fill(float value);             // F32 only
   void zero();
 
  private:

@@ -184,7 +184,7 @@ Tensor Transformer::grad(const std::string& name) {
 void Transformer::init_weights(uint64_t seed) {
   Rng rng(seed);
   const float residual_std = config_.init_std / std::sqrt(2.0f * config_.n_layer);
-  Tensor host = device_.is_cpu() ? params_ : Tensor::empty(params_.shape());
+  Tensor host = params_.host_mirror();
   float* p = host.data<float>();
   for (const ParamSpec& s : layout_.specs()) {
     float* w = p + s.offset;
@@ -203,7 +203,7 @@ void Transformer::init_weights(uint64_t seed) {
       }
     }
   }
-  if (!device_.is_cpu()) params_.copy_from(host);
+  params_.copy_from(host);
 }
 
 void Transformer::ensure_activations(int B, int T) {
@@ -274,11 +274,7 @@ void Transformer::norm_backward(float* dinp, const float* dout, const float* inp
 namespace {
 // Copies dst.numel() int32 values from host memory into dst (on any device).
 void upload(Tensor& dst, const int32_t* src) {
-  if (dst.device().is_cpu()) {
-    std::memcpy(dst.raw_data(), src, dst.nbytes());
-    return;
-  }
-  Tensor host = Tensor::empty(dst.shape(), DType::kI32);
+  Tensor host = dst.host_mirror();
   std::memcpy(host.raw_data(), src, dst.nbytes());
   dst.copy_from(host);
 }

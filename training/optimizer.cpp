@@ -55,14 +55,11 @@ void AdamW::save(const std::string& path) const {
 
 void AdamW::load(const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::open(path);
-  const bool on_host = m_.device().is_cpu();
-  Tensor m = on_host ? m_ : Tensor::empty(m_.shape()), v = on_host ? v_ : Tensor::empty(v_.shape());
+  Tensor m = m_.host_mirror(), v = v_.host_mirror();
   f.read_f32("exp_avg", {numel_}, m.data<float>());
   f.read_f32("exp_avg_sq", {numel_}, v.data<float>());
-  if (!on_host) {
-    m_.copy_from(m);
-    v_.copy_from(v);
-  }
+  m_.copy_from(m);
+  v_.copy_from(v);
   auto it = f.metadata().find("step");
   require(it != f.metadata().end(), path, ": missing metadata 'step'");
   try {
