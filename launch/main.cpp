@@ -35,19 +35,17 @@ struct UsageError : Error {
   using Error::Error;
 };
 
-// --name value / --name=value flags; repeated flags accumulate; bare words are positionals.
+// --name value / --name=value flags; repeated flags accumulate. No command takes bare words, so
+// one is an error (it is usually a value whose flag was mistyped away).
 struct Flags {
   std::map<std::string, std::vector<std::string>> values;
-  std::vector<std::string> positionals;
 
   static Flags parse(int argc, char** argv, int first, const std::vector<std::string>& switches) {
     Flags f;
     for (int i = first; i < argc; ++i) {
       std::string a = argv[i];
-      if (!a.starts_with("--")) {
-        f.positionals.push_back(a);
-        continue;
-      }
+      if (!a.starts_with("--"))
+        throw UsageError(cat("unexpected argument '", a, "' (flags start with --)"));
       a = a.substr(2);
       const size_t eq = a.find('=');
       if (eq != std::string::npos) {

@@ -194,6 +194,11 @@ TEST_F(CliTest, BadOrMissingDevice) {
   }
 }
 
+TEST_F(CliTest, StrayArgumentsAreRejected) {
+  expect_one_line_error(run("generate " + (dir_ / "model").string()), "unexpected argument");
+  expect_one_line_error(run("prepare --input a.txt out"), "unexpected argument 'out'");
+}
+
 TEST_F(CliTest, UnknownFlagsAndCommands) {
   expect_one_line_error(run("generate --modle x"), "--modle");
   EXPECT_EQ(run("frobnicate").status, 2);
