@@ -96,6 +96,32 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int B, int T, int H, int KV, int D);
 
+// ---- Paged attention for inference (paged_attention.cpp) -------------------------------------
+// The KV cache of one layer is k_cache/v_cache [num_slots, KV * D]; slot = block * block_size +
+// offset. paged_kv_write copies row n's KV heads (k + n * row_stride, v + n * row_stride) into
+// slot_mapping[n].
+void paged_kv_write(float* k_cache, float* v_cache, const float* k, const float* v, int row_stride,
+                    const int32_t* slot_mapping, int N, int KV, int D);
+// out [N, H * D]: query row n (heads at q + n * q_stride) belongs to sequence row_seq[n] (a row
+// of block_tables [*, max_blocks_per_seq]) at absolute position row_pos[n], and attends to that
+// sequence's keys at positions 0..row_pos[n] (causal by position), which must be in the cache.
+// GQA: head h reads kv head h / (H / KV). Each (row, head) is computed alone in a fixed order,
+// so results do not depend on the other rows of the batch.
+void paged_attention_forward(float* out, const float* q, int q_stride, const float* k_cache,
+                             const float* v_cache, const int32_t* block_tables,
+                             int max_blocks_per_seq, const int32_t* row_seq,
+                             const int32_t* row_pos, int N, int H, int KV, int D, int block_size);
+
+// ---- Batch-invariant linear layers for inference (linear_rows.cpp) ---------------------------
+// out[M,N] = inp[M,K] * W^T + bias with W [N,K] (nn.Linear layout) in f32 or bf16 (the upper
+// half of an f32). Each output element is computed by one fixed sequence of operations, so a
+// row's result is bitwise the same whatever the other rows are; the weights are streamed once
+// per 64 input rows (batch-1 decode reads them once per token).
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M,
+                 int K, int N);
+void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                      int M, int K, int N);
+
 // ---- Softmax + cross-entropy (cross_entropy.cpp) -------------------------------------------
 // losses[n] = lse_n - logits[n, targets[n]]; rows with targets[n] < 0 are ignored (loss 0).
 // lse [N] is saved for backward. Returns the number of rows with a target.
