@@ -37,6 +37,7 @@ const Ops kCpuOps = {
     cpu::measure_sgemm_gflops,
     cpu::paged_kv_write,
     cpu::paged_attention_forward,
+    cpu::gelu_forward_rows,
     cpu::linear_rows,
     cpu::linear_rows_bf16,
     [] {},
@@ -97,6 +98,9 @@ const Ops kCudaOps = {
     [](float* o, const float* q, int qs, const float* kc, const float* vc, const int32_t* bt,
        int mb, const int32_t* rs, const int32_t* rp, int N, int H, int KV, int D, int bs) {
       cuda::paged_attention_forward(o, q, qs, kc, vc, bt, mb, rs, rp, N, H, KV, D, bs);
+    },
+    [](float* o, const float* i, int N, int C) {
+      cuda::gelu_forward(o, i, static_cast<size_t>(N) * C);
     },
     [](float* o, const float* i, const float* w, const float* b, int M, int K, int N) {
       cuda::linear_rows(o, i, w, b, M, K, N);

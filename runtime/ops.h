@@ -53,6 +53,7 @@ struct Ops {
   void (*paged_attention_forward)(float*, const float*, int, const float*, const float*,
                                   const int32_t*, int, const int32_t*, const int32_t*, int, int,
                                   int, int, int);
+  void (*gelu_forward_rows)(float*, const float*, int, int);
   void (*linear_rows)(float*, const float*, const float*, const float*, int, int, int);
   void (*linear_rows_bf16)(float*, const float*, const uint16_t*, const float*, int, int, int);
   // Waits for queued work (a no-op on the CPU): for timing.

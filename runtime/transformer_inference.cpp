@@ -229,7 +229,7 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
     if (llama) {
       ops_->swiglu_forward(fc_act, fc_pre, N, F);
     } else {
-      ops_->gelu_forward(fc_act, fc_pre, static_cast<size_t>(N) * F);
+      ops_->gelu_forward_rows(fc_act, fc_pre, N, F);
     }
     linear(tmp, fc_act, w.down, bias(o.down_b), N, F, C);
     ops_->add(x, x, tmp, NC);

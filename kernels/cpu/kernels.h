@@ -68,6 +68,9 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
 // ---- Activations (gelu.cpp, swiglu.cpp) ----------------------------------------------------
 // GELU, tanh approximation (GPT-2's "gelu_new").
 void gelu_forward(float* out, const float* inp, size_t n);
+// The same math over N rows of C, each row by one thread from its first column: a row's result
+// does not depend on N or the thread count (the inference path's batch invariance).
+void gelu_forward_rows(float* out, const float* inp, int N, int C);
 void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n);
 // inp [N, 2F] holds gate (first F columns) then up; out [N, F] = silu(gate) * up.
 void swiglu_forward(float* out, const float* inp, int N, int F);
@@ -109,16 +112,16 @@ void paged_kv_write(float* k_cache, float* v_cache, const float* k, const float*
 // so results do not depend on the other rows of the batch.
 void paged_attention_forward(float* out, const float* q, int q_stride, const float* k_cache,
                              const float* v_cache, const int32_t* block_tables,
-                             int max_blocks_per_seq, const int32_t* row_seq,
-                             const int32_t* row_pos, int N, int H, int KV, int D, int block_size);
+                             int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
+                             int N, int H, int KV, int D, int block_size);
 
 // ---- Batch-invariant linear layers for inference (linear_rows.cpp) ---------------------------
 // out[M,N] = inp[M,K] * W^T + bias with W [N,K] (nn.Linear layout) in f32 or bf16 (the upper
 // half of an f32). Each output element is computed by one fixed sequence of operations, so a
 // row's result is bitwise the same whatever the other rows are; the weights are streamed once
 // per 64 input rows (batch-1 decode reads them once per token).
-void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M,
-                 int K, int N);
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                 int N);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                       int M, int K, int N);
 

@@ -5,6 +5,9 @@
 // one chain per element, so a row's result never depends on M, its place in the batch or the
 // thread count. The weights are read once per block of 64 input rows: batch-1 decode streams
 // them once per token, which is what bounds decode on a CPU.
+#include <immintrin.h>
+
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/kernels.h"
@@ -12,26 +15,62 @@
 namespace tandem::cpu {
 
 namespace {
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
+// Eight float lanes with an explicit fused multiply-add: AVX2/AVX-512 machines use the FMA
+// instruction, others an exactly rounded std::fma per lane, so every build and every
+// micro-kernel shape runs the same arithmetic (the compiler is given no contraction choices).
+#if defined(__AVX2__) && defined(__FMA__)
+using Lanes = __m256;
+inline Lanes zero_lanes() {
+  return _mm256_setzero_ps();
+}
+inline Lanes load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline Lanes load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Lanes fma8(Lanes a, Lanes b, Lanes c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+inline float lane(Lanes v, int i) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  return f[i];
+}
+#else
+struct Lanes {
+  float v[8];
+};
+inline Lanes zero_lanes() {
+  return Lanes{};
+}
+inline Lanes load8(const float* p) {
+  Lanes l;
+  std::memcpy(l.v, p, sizeof(l.v));
+  return l;
+}
+inline Lanes load8(const uint16_t* p) {
+  Lanes l;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&l.v[i], &bits, sizeof(float));
+  }
+  return l;
+}
+inline Lanes fma8(Lanes a, Lanes b, Lanes c) {
+  Lanes r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+inline float lane(Lanes v, int i) {
+  return v.v[i];
+}
+#endif
 
 constexpr int kRowBlock = 64;   // input rows whose dots share one pass over the weights
 constexpr int kWeightRows = 4;  // weight rows per micro-kernel
 
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline v8f load8(const uint16_t* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u32 w = __builtin_convertvector(h, v8u32) << 16;
-  v8f v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
 inline float to_f32(float x) {
   return x;
 }
@@ -42,23 +81,25 @@ inline float to_f32(uint16_t x) {
   return f;
 }
 // Fixed pairwise order: ((0+4)+(2+6)) + ((1+5)+(3+7)).
-inline float hsum(v8f a) {
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+inline float hsum(Lanes a) {
+  float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = lane(a, i);
+  return ((f[0] + f[4]) + (f[2] + f[6])) + ((f[1] + f[5]) + (f[3] + f[7]));
 }
 
 // Dots of R weight rows with S input rows; every element uses the same chain.
 template <int R, int S, typename W>
 inline void dots(float* out, int ldo, const float* inp, int K, const W* weight, const float* bias) {
   const int K8 = K & ~7;
-  v8f acc[R][S];
+  Lanes acc[R][S];
   for (int r = 0; r < R; ++r)
-    for (int s = 0; s < S; ++s) acc[r][s] = v8f{};
+    for (int s = 0; s < S; ++s) acc[r][s] = zero_lanes();
   for (int k = 0; k < K8; k += 8) {
-    v8f x[S];
+    Lanes x[S];
     for (int s = 0; s < S; ++s) x[s] = load8(inp + static_cast<size_t>(s) * K + k);
     for (int r = 0; r < R; ++r) {
-      const v8f w = load8(weight + static_cast<size_t>(r) * K + k);
-      for (int s = 0; s < S; ++s) acc[r][s] += w * x[s];
+      const Lanes w = load8(weight + static_cast<size_t>(r) * K + k);
+      for (int s = 0; s < S; ++s) acc[r][s] = fma8(w, x[s], acc[r][s]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -66,8 +107,8 @@ inline void dots(float* out, int ldo, const float* inp, int K, const W* weight, 
       float v = hsum(acc[r][s]);
       const float* xr = inp + static_cast<size_t>(s) * K;
       const W* wr = weight + static_cast<size_t>(r) * K;
-      for (int k = K8; k < K; ++k) v += to_f32(wr[k]) * xr[k];
-      if (bias != nullptr) v += bias[r];
+      for (int k = K8; k < K; ++k) v = std::fma(to_f32(wr[k]), xr[k], v);
+      if (bias != nullptr) v = v + bias[r];
       out[static_cast<size_t>(s) * ldo + r] = v;
     }
   }

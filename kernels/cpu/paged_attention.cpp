@@ -39,7 +39,9 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
 #pragma omp parallel
   {
-    std::vector<float> scores;
+    // Scores live at a 64-byte aligned address: the vectorised loops below then split every
+    // row the same way (no alignment peeling that depends on where the buffer landed).
+    std::vector<float> scores_storage;
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int n = 0; n < N; ++n) {
       for (int h = 0; h < H; ++h) {
@@ -48,7 +50,9 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
         const int32_t* table = block_tables + static_cast<size_t>(row_seq[n]) * max_blocks_per_seq;
         const float* qh = q + static_cast<size_t>(n) * q_stride + static_cast<size_t>(h) * D;
         float* o = out + (static_cast<size_t>(n) * H + h) * D;
-        if (scores.size() < static_cast<size_t>(len)) scores.resize(len);
+        if (scores_storage.size() < static_cast<size_t>(len) + 16) scores_storage.resize(len + 16);
+        float* scores = scores_storage.data();
+        scores += (64 - reinterpret_cast<uintptr_t>(scores) % 64) % 64 / sizeof(float);
         float max_score = -std::numeric_limits<float>::infinity();
         for (int j = 0; j < len; ++j) {
           const size_t slot =
@@ -62,7 +66,7 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
           max_score = s > max_score ? s : max_score;
         }
         float sum = 0.0f;
-        float* sc = scores.data();
+        float* sc = scores;
 #pragma omp simd reduction(+ : sum)
         for (int j = 0; j < len; ++j) {
           const float p = detail::fast_exp(sc[j] - max_score);

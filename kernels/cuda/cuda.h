@@ -85,13 +85,12 @@ void paged_kv_write(float* k_cache, float* v_cache, const float* k, const float*
                     const int32_t* slot_mapping, int N, int KV, int D, void* stream = nullptr);
 void paged_attention_forward(float* out, const float* q, int q_stride, const float* k_cache,
                              const float* v_cache, const int32_t* block_tables,
-                             int max_blocks_per_seq, const int32_t* row_seq,
-                             const int32_t* row_pos, int N, int H, int KV, int D, int block_size,
-                             void* stream = nullptr);
+                             int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
+                             int N, int H, int KV, int D, int block_size, void* stream = nullptr);
 // Inference linear layers with [out, in] weights (linear_rows.cu), as cpu::linear_rows (f32 on
 // cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16.
-void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M,
-                 int K, int N, void* stream = nullptr);
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                 int N, void* stream = nullptr);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                       int M, int K, int N, void* stream = nullptr);
 // Returns the number of rows with a target (synchronises the stream).
