@@ -102,6 +102,7 @@ Engine::Engine(Transformer& model, EngineConfig config)
   inference.max_batched_tokens = config_.max_batched_tokens;
   inference.max_logit_rows = config_.max_seqs;
   inference.bf16_weights = config_.bf16_weights;
+  inference.batch_invariant = config_.batch_invariant;
   model_.prepare_inference(inference);
   cache_ = std::make_unique<KvCache>(mc, num_blocks, config_.block_size, model.device());
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);

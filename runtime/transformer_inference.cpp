@@ -2,17 +2,21 @@
 // paged KV cache (see runtime/kv_cache.h and the top of runtime/transformer.h).
 #include <cstring>
 
+#include "kernels/cpu/kernels.h"
 #include "runtime/ops.h"
 #include "runtime/transformer.h"
 
 namespace tandem {
 
 namespace {
-// One matrix as the inference kernels read it: [out, in], f32 or bf16, on the model's device.
+// One matrix as the inference kernels read it: [out, in] f32 or packed bf16 (see
+// cpu::linear_rows), or the parameters in their own layout for the sgemm path.
 struct InferenceMatrix {
-  Tensor storage;  // empty when `f32` points into the parameters
+  Tensor storage;  // empty when the parameters are read in place
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
+  const float* params = nullptr;  // sgemm path: the parameters as stored
+  WeightLayout layout = WeightLayout::kOutIn;
 };
 }  // namespace
 
@@ -50,6 +54,11 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
   // rows x cols matrix at `offset`, stored [in, out] (transpose) or [out, in].
   auto matrix = [&](int64_t offset, int64_t out, int64_t in, bool stored_in_out) {
     InferenceMatrix m;
+    if (!options.bf16_weights && !options.batch_invariant) {
+      m.params = params_.data<float>() + offset;
+      m.layout = stored_in_out ? WeightLayout::kInOut : WeightLayout::kOutIn;
+      return m;
+    }
     if (!stored_in_out && !options.bf16_weights && device_.is_cpu()) {
       m.f32 = params_.data<float>() + offset;  // already [out, in]: read in place
       return m;
@@ -65,7 +74,8 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
     }
     if (options.bf16_weights) {
       Tensor b = Tensor::empty({out, in}, DType::kBF16);
-      convert_from_f32(dst, static_cast<size_t>(out * in), b.raw_data(), DType::kBF16);
+      cpu::pack_bf16_rows(static_cast<uint16_t*>(b.raw_data()), dst, static_cast<int>(out),
+                          static_cast<int>(in));
       m.storage = b.to(device_);
       m.bf16 = static_cast<const uint16_t*>(m.storage.raw_data());
     } else {
@@ -183,6 +193,8 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
                     int K, int Nout) {
     if (w.bf16 != nullptr) {
       ops_->linear_rows_bf16(out, in, w.bf16, b, M, K, Nout);
+    } else if (w.params != nullptr) {
+      ops_->matmul_forward(out, in, w.params, b, M, K, Nout, w.layout);
     } else {
       ops_->linear_rows(out, in, w.f32, b, M, K, Nout);
     }

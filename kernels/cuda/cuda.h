@@ -88,7 +88,8 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
                              int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
                              int N, int H, int KV, int D, int block_size, void* stream = nullptr);
 // Inference linear layers with [out, in] weights (linear_rows.cu), as cpu::linear_rows (f32 on
-// cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16.
+// cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16 (weights
+// packed by cpu::pack_bf16_rows).
 void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
                  int N, void* stream = nullptr);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,

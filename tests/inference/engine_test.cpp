@@ -60,6 +60,8 @@ void check_batch_invariance(const ModelConfig& config) {
   GenerationDelta alone;
   {
     EngineConfig ec;
+  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.prefix_caching = false;
     ec.num_blocks = 64;
     Engine engine(model, ec);
@@ -69,6 +71,8 @@ void check_batch_invariance(const ModelConfig& config) {
   }
   for (bool chunked : {false, true}) {
     EngineConfig ec;
+  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.num_blocks = 400;
     ec.block_size = 16;
     ec.max_batched_tokens = chunked ? 24 : 512;
@@ -111,6 +115,8 @@ TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
   }
   auto run = [&](bool caching) {
     EngineConfig ec;
+  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.prefix_caching = caching;
     ec.num_blocks = 100;
     ec.block_size = 8;
@@ -144,6 +150,8 @@ TEST(Engine, PreemptedRequestsFinishWithTheSameOutputs) {
   }
   auto run = [&](int num_blocks) {
     EngineConfig ec;
+  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.num_blocks = num_blocks;
     ec.block_size = 4;
     ec.max_batched_tokens = 64;
@@ -170,6 +178,7 @@ TEST(Engine, SeededSamplingIsReproducible) {
   r.sampling.top_p = 0.9f;
   r.seed = 42;
   EngineConfig ec;
+  ec.batch_invariant = true;
   ec.num_blocks = 200;
   Engine engine(model, ec);
   const auto a = engine.generate({r})[0];
@@ -186,6 +195,7 @@ TEST(Engine, StopStringsSplitAcrossTokensAreCaught) {
   Transformer model(engine_llama());
   model.init_weights(9);
   EngineConfig ec;
+  ec.batch_invariant = true;
   ec.num_blocks = 100;
   ec.token_text = letter;
   Engine engine(model, ec);
@@ -221,6 +231,7 @@ TEST(Engine, BadRequestsGetAnErrorAndOthersAreServed) {
   Transformer model(engine_llama());
   model.init_weights(2);
   EngineConfig ec;
+  ec.batch_invariant = true;
   ec.num_blocks = 4;
   ec.block_size = 16;  // 64 token slots
   Engine engine(model, ec);
@@ -258,6 +269,7 @@ TEST(Engine, AbortFreesBlocksAtOnce) {
   Transformer model(engine_llama());
   model.init_weights(2);
   EngineConfig ec;
+  ec.batch_invariant = true;
   ec.num_blocks = 50;
   ec.block_size = 4;
   ec.prefix_caching = false;
@@ -278,6 +290,7 @@ TEST(Engine, LoopThreadServesConcurrentSubmitters) {
   Transformer model(engine_gpt2());
   model.init_weights(6);
   EngineConfig ec;
+  ec.batch_invariant = true;
   ec.num_blocks = 300;
   Engine engine(model, ec);
   std::vector<GenerationDelta> expected;

@@ -31,7 +31,8 @@ ModelConfig with_context(ModelConfig c, int max_seq_len) {
 
 // Runs one sequence through forward_paged in chunks of `chunk` rows (blocks handed out in a
 // scrambled order) and compares every row's logits with the dense forward's.
-void check_paged_matches_dense(const ModelConfig& config, int block_size, int chunk, bool bf16) {
+void check_paged_matches_dense(const ModelConfig& config, int block_size, int chunk, bool bf16,
+                               bool invariant = true) {
   const int T = 70;
   Transformer model(config);
   model.init_weights(21);
@@ -43,6 +44,7 @@ void check_paged_matches_dense(const ModelConfig& config, int block_size, int ch
   opt.max_batched_tokens = 64;
   opt.max_logit_rows = 64;
   opt.bf16_weights = bf16;
+  opt.batch_invariant = invariant;
   model.prepare_inference(opt);
   const int blocks_needed = (T + block_size - 1) / block_size;
   const int num_blocks = blocks_needed + 3;
@@ -92,7 +94,10 @@ TEST(PagedForward, IncrementalDecodeMatchesDenseForward) {
   for (const ModelConfig& config :
        {with_context(testing::tiny_gpt2(), 80), with_context(testing::tiny_llama(), 80)}) {
     for (int block_size : {1, 16, 64}) {
-      for (int chunk : {1, 7, 64}) check_paged_matches_dense(config, block_size, chunk, false);
+      for (int chunk : {1, 7, 64}) {
+        check_paged_matches_dense(config, block_size, chunk, false, true);
+        check_paged_matches_dense(config, block_size, chunk, false, false);
+      }
     }
   }
 }
@@ -111,6 +116,7 @@ TEST(PagedForward, RowsDoNotDependOnTheRestOfTheBatch) {
   InferenceOptions opt;
   opt.max_batched_tokens = 32;
   opt.max_logit_rows = 32;
+  opt.batch_invariant = true;
   model.prepare_inference(opt);
   const int T = 9, bs = 4, blocks = 3;
   const auto a = random_tokens(T, config.vocab_size, 1), b = random_tokens(T, config.vocab_size, 2);
