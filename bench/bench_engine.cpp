@@ -145,7 +145,8 @@ int main(int argc, char** argv) {
     std::printf(
         "(a) batch-1 decode %s: %.1f tokens/s; bound %.1f tokens/s (%.0f MB per token): %.0f%% "
         "of the bound%s\n",
-        bf16 ? "bf16                 " : (invariant ? "f32, batch-invariant" : "f32, sgemv          "),
+        bf16 ? "bf16                 "
+             : (invariant ? "f32, batch-invariant" : "f32, sgemv          "),
         rate, bound, bytes / 1e6, 100.0 * rate / bound,
         bf16 ? tandem::cat(", ", rate / f32_rate, "x f32").c_str() : "");
   }
@@ -162,7 +163,8 @@ int main(int argc, char** argv) {
     const int new_tokens = quick ? 8 : 32;
     for (int n : {1, 8, 32, 64}) {
       std::vector<GenerationRequest> batch;
-      for (int i = 0; i < n; ++i) batch.push_back(request(random_prompt(32, V, 100 + i), new_tokens));
+      for (int i = 0; i < n; ++i)
+        batch.push_back(request(random_prompt(32, V, 100 + i), new_tokens));
       const auto t0 = Clock::now();
       const auto out = engine.generate(std::move(batch));
       const double t = seconds_since(t0);
@@ -170,10 +172,10 @@ int main(int argc, char** argv) {
       for (const auto& o : out) generated += o.tokens.size();
       const double rate = generated / t;
       if (n == 1) base = rate;
-      std::printf("(b) %s %2d concurrent requests (32-token prompts, %d new tokens): %.1f "
-                  "tokens/s, %.1fx batch 1\n",
-                  invariant ? "batch-invariant" : "sgemm          ", n, new_tokens, rate,
-                  rate / base);
+      std::printf(
+          "(b) %s %2d concurrent requests (32-token prompts, %d new tokens): %.1f "
+          "tokens/s, %.1fx batch 1\n",
+          invariant ? "batch-invariant" : "sgemm          ", n, new_tokens, rate, rate / base);
     }
   }
 
@@ -191,13 +193,14 @@ int main(int argc, char** argv) {
     const double T = 512;
     // Every matrix for every row, the LM head for the last row only, and causal attention.
     const double lm_head = static_cast<double>(V) * config.n_embd;
-    const double flops = 2.0 * (matrix_params - lm_head) * T + 2.0 * lm_head +
-                         2.0 * 2.0 * config.n_layer * config.n_head * (T * (T + 1) / 2) *
-                             config.head_dim();
-    std::printf("(c) %s 512-token prompt: time to first token %.0f ms, prefill %.0f tokens/s, "
-                "%.1f GFLOP/s = %.0f%% of the sgemm peak\n",
-                invariant ? "batch-invariant" : "sgemm          ", ttft * 1e3, T / ttft,
-                flops / ttft / 1e9, 100.0 * flops / ttft / 1e9 / peak);
+    const double flops =
+        2.0 * (matrix_params - lm_head) * T + 2.0 * lm_head +
+        2.0 * 2.0 * config.n_layer * config.n_head * (T * (T + 1) / 2) * config.head_dim();
+    std::printf(
+        "(c) %s 512-token prompt: time to first token %.0f ms, prefill %.0f tokens/s, "
+        "%.1f GFLOP/s = %.0f%% of the sgemm peak\n",
+        invariant ? "batch-invariant" : "sgemm          ", ttft * 1e3, T / ttft, flops / ttft / 1e9,
+        100.0 * flops / ttft / 1e9 / peak);
     if (!invariant) continue;
     // The batch-invariant linear kernel against OpenBLAS on the prefill's GEMM shapes.
     const int M = 512, C = config.n_embd, F = config.ffn_hidden;
@@ -217,9 +220,10 @@ int main(int argc, char** argv) {
         if (rep > 0) t_blas += seconds_since(t1);
       }
     }
-    std::printf("    batch-invariant linear vs OpenBLAS sgemm on one layer's prefill GEMMs "
-                "(M=512): %.1f vs %.1f ms (%.0f%% more time)\n",
-                t_rows / 2 * 1e3, t_blas / 2 * 1e3, 100.0 * (t_rows / t_blas - 1.0));
+    std::printf(
+        "    batch-invariant linear vs OpenBLAS sgemm on one layer's prefill GEMMs "
+        "(M=512): %.1f vs %.1f ms (%.0f%% more time)\n",
+        t_rows / 2 * 1e3, t_blas / 2 * 1e3, 100.0 * (t_rows / t_blas - 1.0));
   }
 
   // (d) shared-prefix workload: 16 requests, one 256-token prefix, distinct 16-token suffixes.
@@ -242,10 +246,11 @@ int main(int argc, char** argv) {
     engine.generate(std::move(batch));
     const double t = seconds_since(t0);
     const auto s = engine.stats();
-    std::printf("(d) shared 256-token prefix, 15 requests after a first one, prefix caching %s: "
-                "%.2f s, prefix hit rate %.0f%%, prompt tokens computed %lld\n",
-                caching ? "on " : "off", t, 100.0 * s.prefix_hit_rate,
-                static_cast<long long>(s.prompt_tokens_computed));
+    std::printf(
+        "(d) shared 256-token prefix, 15 requests after a first one, prefix caching %s: "
+        "%.2f s, prefix hit rate %.0f%%, prompt tokens computed %lld\n",
+        caching ? "on " : "off", t, 100.0 * s.prefix_hit_rate,
+        static_cast<long long>(s.prompt_tokens_computed));
   }
   return 0;
 }

@@ -49,8 +49,8 @@ struct EngineConfig {
   // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
   // prefill, prefix hits, preemption): InferenceOptions::batch_invariant. Costs prefill speed.
   bool batch_invariant = false;
-  int32_t eos_token = -1;     // ends a request unless it sets ignore_eos; -1 = none
-  uint64_t seed = 0;          // requests without a seed use seed ^ f(request id)
+  int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
+  uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };

@@ -2,7 +2,8 @@
 //
 //   tandem prepare  --input PATH... --out DIR (--tokenizer DIR | --train-tokenizer --vocab-size N)
 //   tandem train    --config FILE [--section.key=value ...]
-//   tandem generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
+//   tandem generate --model DIR --prompt TEXT | --prompts-file FILE --output OUT.jsonl [...]
+//   tandem tokenize --tokenizer DIR --text TEXT;  tandem score --model DIR --text TEXT
 //   tandem info
 // Errors from bad input are printed as one line "tandem: error: ..." with exit status 1; usage
 // errors exit with 2.
@@ -14,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "launch/generate_command.h"
 #include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
@@ -105,7 +106,15 @@ int print_usage() {
       "            --train-tokenizer --vocab-size N; [--val-fraction 0.05] [--shard-tokens N]\n"
       "  train     --config FILE [--section.key=value ...]   (see launch/configs/)\n"
       "  generate  --model DIR (a checkpoint) --prompt TEXT [--max-new-tokens 64]\n"
-      "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--seed 0] [--device cuda]\n"
+      "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--min-p 0] [--seed 0]\n"
+      "            [--repetition-penalty 1] [--presence-penalty 0] [--frequency-penalty 0]\n"
+      "            [--stop TEXT]... [--stop-token-id N]... [--ignore-eos] [--logprobs N]\n"
+      "            [--prompts-file FILE --output OUT.jsonl] (offline batch, JSON lines)\n"
+      "            [--kv-cache-mb 256] [--block-size 16] [--max-batched-tokens 512]\n"
+      "            [--max-seqs 64] [--no-prefix-caching] [--bf16] [--batch-invariant]\n"
+      "            [--threads N] [--device cuda]\n"
+      "  tokenize  --tokenizer DIR (or --model DIR) --text TEXT | --file FILE   -> token ids\n"
+      "  score     --model DIR --text TEXT | --file FILE   -> log-likelihood, perplexity\n"
       "  info      build and machine facts (CUDA, BLAS threading, threads)\n");
   return 0;
 }
@@ -195,27 +204,68 @@ int run_train(int argc, char** argv) {
 }
 
 int run_generate(const Flags& f) {
-  f.allow_only({"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed",
-                "threads", "device"},
+  f.allow_only({"model", "prompt", "prompts-file", "output", "max-new-tokens", "temperature",
+                "top-k", "top-p", "min-p", "repetition-penalty", "presence-penalty",
+                "frequency-penalty", "seed", "stop", "stop-token-id", "ignore-eos", "logprobs",
+                "threads", "device", "kv-cache-mb", "block-size", "max-batched-tokens",
+                "max-seqs", "no-prefix-caching", "bf16", "batch-invariant"},
                "generate");
   require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
-  const std::string dir = f.get("model");
-  if (f.has("threads")) tandem::cpu::set_num_threads(f.number<int>("threads", 0));
-  const tandem::Device device = tandem::Device::parse(f.get("device", "cpu"));
-  require(device.is_cpu() || device.index < tandem::cuda_device_count(), "generate: --device ",
-          device.str(), " is not available (", tandem::cuda_device_count(), " CUDA device(s))");
-  auto model = tandem::load_pretrained(dir, device);
-  require(fs::exists(fs::path(dir) / "encoder.json"), dir,
-          " has no tokenizer files (encoder.json, vocab.bpe)");
-  const auto tok = tandem::BpeTokenizer::load_dir(dir);
-  tandem::GenerateOptions opt;
-  opt.max_new_tokens = f.number<int>("max-new-tokens", 64);
-  opt.sampling.temperature = f.number<float>("temperature", 0.8f);
-  opt.sampling.top_k = f.number<int>("top-k", 40);
-  opt.sampling.top_p = f.number<float>("top-p", 1.0f);
-  opt.seed = f.number<uint64_t>("seed", 0);
-  std::printf("%s\n", tandem::generate_text(*model, tok, f.get("prompt"), opt).c_str());
-  return 0;
+  require(f.has("prompt") || f.has("prompts-file"), "generate: give --prompt or --prompts-file");
+  tandem::GenerateCommandOptions o;
+  o.model_dir = f.get("model");
+  o.prompt = f.get("prompt");
+  o.prompts_file = f.get("prompts-file");
+  o.output = f.get("output");
+  o.device = f.get("device", "cpu");
+  o.threads = f.number<int>("threads", 0);
+  o.max_new_tokens = f.number<int>("max-new-tokens", o.max_new_tokens);
+  o.temperature = f.number<float>("temperature", o.temperature);
+  o.top_k = f.number<int>("top-k", o.top_k);
+  o.top_p = f.number<float>("top-p", o.top_p);
+  o.min_p = f.number<float>("min-p", o.min_p);
+  o.repetition_penalty = f.number<float>("repetition-penalty", o.repetition_penalty);
+  o.presence_penalty = f.number<float>("presence-penalty", o.presence_penalty);
+  o.frequency_penalty = f.number<float>("frequency-penalty", o.frequency_penalty);
+  o.seed = f.number<uint64_t>("seed", o.seed);
+  if (f.has("stop")) o.stop = f.values.at("stop");
+  if (f.has("stop-token-id")) {
+    for (const std::string& v : f.values.at("stop-token-id")) {
+      Flags one;
+      one.values["stop-token-id"] = {v};
+      o.stop_token_ids.push_back(one.number<int32_t>("stop-token-id", 0));
+    }
+  }
+  o.ignore_eos = f.has("ignore-eos");
+  o.logprobs = f.number<int>("logprobs", o.logprobs);
+  o.kv_cache_mb = f.number<int64_t>("kv-cache-mb", o.kv_cache_mb);
+  o.block_size = f.number<int>("block-size", o.block_size);
+  o.max_batched_tokens = f.number<int>("max-batched-tokens", o.max_batched_tokens);
+  o.max_seqs = f.number<int>("max-seqs", o.max_seqs);
+  o.prefix_caching = !f.has("no-prefix-caching");
+  o.bf16_weights = f.has("bf16");
+  o.batch_invariant = f.has("batch-invariant");
+  return tandem::run_generate_command(o);
+}
+
+int run_tokenize(const Flags& f) {
+  f.allow_only({"tokenizer", "model", "text", "file"}, "tokenize");
+  tandem::TokenizeCommandOptions o;
+  o.tokenizer_dir = f.get("tokenizer", f.get("model"));
+  o.text = f.get("text");
+  o.file = f.get("file");
+  return tandem::run_tokenize_command(o);
+}
+
+int run_score(const Flags& f) {
+  f.allow_only({"model", "text", "file", "device", "threads"}, "score");
+  tandem::ScoreCommandOptions o;
+  o.model_dir = f.get("model");
+  o.text = f.get("text");
+  o.file = f.get("file");
+  o.device = f.get("device", "cpu");
+  o.threads = f.number<int>("threads", 0);
+  return tandem::run_score_command(o);
 }
 
 }  // namespace
@@ -227,7 +277,11 @@ int main(int argc, char** argv) {
     if (command == "info") return run_info();
     if (command == "prepare") return run_prepare(Flags::parse(argc, argv, 2, {"train-tokenizer"}));
     if (command == "train") return run_train(argc, argv);
-    if (command == "generate") return run_generate(Flags::parse(argc, argv, 2, {}));
+    if (command == "generate")
+      return run_generate(Flags::parse(argc, argv, 2,
+                                       {"ignore-eos", "no-prefix-caching", "bf16", "batch-invariant"}));
+    if (command == "tokenize") return run_tokenize(Flags::parse(argc, argv, 2, {}));
+    if (command == "score") return run_score(Flags::parse(argc, argv, 2, {}));
     std::fprintf(stderr, "tandem: unknown command '%s' (try 'tandem help')\n", command.c_str());
     return 2;
   } catch (const UsageError& e) {
