@@ -211,7 +211,6 @@ int run_generate(const Flags& f) {
                 "max-seqs", "no-prefix-caching", "bf16", "batch-invariant"},
                "generate");
   require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
-  require(f.has("prompt") || f.has("prompts-file"), "generate: give --prompt or --prompts-file");
   tandem::GenerateCommandOptions o;
   o.model_dir = f.get("model");
   o.prompt = f.get("prompt");

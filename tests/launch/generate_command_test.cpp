@@ -100,7 +100,7 @@ TEST_F(GenerateCommandTest, TokenizeAndScore) {
   ASSERT_EQ(t.status, 0) << t.err;
   EXPECT_FALSE(t.out.empty());
   const Output s =
-      run("score --model " + dir() + " --text 'hello world' --threads 1 --kv-cache-mb 8", "score");
+      run("score --model " + dir() + " --text 'hello world' --threads 1", "score");
   ASSERT_EQ(s.status, 0) << s.err;
   EXPECT_NE(s.out.find("perplexity"), std::string::npos) << s.out;
   const Output bad =
