@@ -8,7 +8,8 @@
 //       kernel against OpenBLAS sgemm on the same prefill shapes);
 //   (d) a shared-prefix workload with and without prefix caching.
 //
-//   build/bench/bench_engine [--model gpt2] [--threads 2] [--decode-tokens 64] [--quick]
+//   build/bench/bench_engine [--model gpt2] [--threads 2] [--decode-tokens 64] [--sections abcd]
+//                            [--quick]
 // Weights are random (init_weights); the engine's work does not depend on their values.
 #include <chrono>
 #include <cstdio>
@@ -84,6 +85,7 @@ int main(int argc, char** argv) {
   std::string preset = "gpt2";
   int threads = 2, decode_tokens = 64;
   bool quick = false;
+  std::string sections = "abcd";
   for (int i = 1; i < argc; ++i) {
     const std::string key = argv[i];
     if (key == "--quick") {
@@ -101,10 +103,12 @@ int main(int argc, char** argv) {
       threads = std::atoi(value);
     } else if (key == "--decode-tokens") {
       decode_tokens = std::atoi(value);
+    } else if (key == "--sections") {
+      sections = value;
     } else {
       std::fprintf(stderr,
                    "bench_engine: unknown option %s (--model, --threads, --decode-tokens, "
-                   "--quick)\n",
+                   "--sections abcd, --quick)\n",
                    key.c_str());
       return 2;
     }
@@ -130,7 +134,8 @@ int main(int argc, char** argv) {
 
   // (a) batch-1 decode, f32 and bf16.
   double f32_rate = 0;
-  for (int variant = 0; variant < 3; ++variant) {
+  const auto run = [&](char section) { return sections.find(section) != std::string::npos; };
+  for (int variant = 0; variant < 3 && run('a'); ++variant) {
     const bool bf16 = variant == 2, invariant = variant == 1;
     EngineConfig ec;
     ec.bf16_weights = bf16;
@@ -153,6 +158,7 @@ int main(int argc, char** argv) {
 
   // (b) throughput with concurrent requests.
   for (bool invariant : {false, true}) {
+    if (!run('b')) break;
     EngineConfig ec;
     ec.batch_invariant = invariant;
     ec.kv_cache_mb = 1024;
@@ -181,6 +187,7 @@ int main(int argc, char** argv) {
 
   // (c) time to first token of a 512-token prompt.
   for (bool invariant : {false, true}) {
+    if (!run('c')) break;
     EngineConfig ec;
     ec.batch_invariant = invariant;
     ec.max_batched_tokens = 512;
@@ -228,6 +235,7 @@ int main(int argc, char** argv) {
 
   // (d) shared-prefix workload: 16 requests, one 256-token prefix, distinct 16-token suffixes.
   for (bool caching : {false, true}) {
+    if (!run('d')) break;
     EngineConfig ec;
     ec.prefix_caching = caching;
     ec.kv_cache_mb = 1024;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -121,9 +122,10 @@ EngineConfig engine_config(const GenerateCommandOptions& o, const BpeTokenizer& 
   return ec;
 }
 
-int generate_one(const GenerateCommandOptions& o, Engine& engine, const BpeTokenizer& tok) {
+int generate_one(const GenerateCommandOptions& o, const std::string& prompt, Engine& engine,
+                 const BpeTokenizer& tok) {
   GenerationRequest r = base_request(o);
-  r.prompt = encode_prompt(tok, o.prompt);
+  r.prompt = encode_prompt(tok, prompt);
   auto stream = engine.add_request(std::move(r));
   engine.start();
   bool first = true;
@@ -131,7 +133,7 @@ int generate_one(const GenerateCommandOptions& o, Engine& engine, const BpeToken
   while (auto d = stream->next()) {
     // A rejected request ends before anything is printed.
     require(d->finish != FinishReason::kError, d->error);
-    if (first) write_bytes(stdout, o.prompt);
+    if (first) write_bytes(stdout, prompt);
     first = false;
     write_bytes(stdout, d->text);
     std::fflush(stdout);
@@ -245,7 +247,18 @@ int run_generate_command(const GenerateCommandOptions& o) {
   auto model = load_model(o.model_dir, o.device, o.threads);
   const BpeTokenizer tok = load_tokenizer(o.model_dir);
   Engine engine(*model, engine_config(o, tok));
-  return o.prompts_file.empty() ? generate_one(o, engine, tok) : generate_file(o, engine, tok);
+  if (!o.prompts_file.empty()) return generate_file(o, engine, tok);
+  if (!o.interactive) return generate_one(o, o.prompt, engine, tok);
+  std::fprintf(stderr, "tandem: one prompt per line; end of input (Ctrl-D) quits\n");
+  std::string line;
+  while (std::fprintf(stderr, "> "), std::getline(std::cin, line)) {
+    try {
+      generate_one(o, line, engine, tok);
+    } catch (const Error& e) {  // a bad prompt is reported; the loop goes on
+      std::fprintf(stderr, "tandem: error: %s\n", e.what());
+    }
+  }
+  return 0;
 }
 
 int run_tokenize_command(const TokenizeCommandOptions& o) {

@@ -1,7 +1,9 @@
 // The inference commands of the tandem CLI, as functions of plain option structs so any flag
 // parser can drive them:
-//   generate  one prompt (text streamed to stdout as it is produced), or a prompts file
-//             (offline batch generation through the engine, JSON lines out, progress on stderr);
+//   generate  one prompt (text streamed to stdout as it is produced), a prompt loop on stdin
+//             (--interactive, the engine and its prefix cache kept between prompts), or a prompts
+//             file (offline batch generation through the engine, JSON lines out, progress on
+//             stderr);
 //   tokenize  text -> token ids;
 //   score     log-likelihood and perplexity of a text under a model.
 // Bad input throws tandem::Error naming the flag, file or line; output is written byte-exact
@@ -20,6 +22,7 @@ struct GenerateCommandOptions {
   std::string prompt;        // one prompt ...
   std::string prompts_file;  // ... or one JSON per line: "text" or {"prompt": "text", ...}
   std::string output;        // JSON lines for --prompts-file (required with it)
+  bool interactive = false;  // a prompt loop: one prompt per stdin line, until end of input
   std::string device = "cpu";
   int threads = 0;  // 0 = OpenMP's default
   // Sampling (defaults for every prompt; a prompts-file line may override them by name).

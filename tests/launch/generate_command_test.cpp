@@ -72,6 +72,18 @@ TEST_F(GenerateCommandTest, OutputIsByteExactWithNulBytes) {
   EXPECT_EQ(o.out, std::string("hi") + std::string(5, '\0') + "\n");
 }
 
+TEST_F(GenerateCommandTest, InteractiveAnswersEachStdinLine) {
+  const std::string input = scratch_ / "stdin.txt";
+  write_file_atomic(input, "hi\nyo\n");
+  const Output o = run("generate --model " + dir() +
+                           " --interactive --max-new-tokens 2 --temperature 0 --threads 1"
+                           " --kv-cache-mb 8 <" +
+                           input,
+                       "interactive");
+  ASSERT_EQ(o.status, 0) << o.err;
+  EXPECT_EQ(o.out, std::string("hi") + std::string(2, '\0') + "\nyo" + std::string(2, '\0') + "\n");
+}
+
 TEST_F(GenerateCommandTest, PromptsFileGivesOneJsonLinePerPromptAndErrorsInPlace) {
   const std::string prompts = scratch_ / "prompts.jsonl";
   const std::string out = scratch_ / "out.jsonl";
@@ -99,8 +111,7 @@ TEST_F(GenerateCommandTest, TokenizeAndScore) {
   const Output t = run("tokenize --model " + dir() + " --text 'hello world'", "tokenize");
   ASSERT_EQ(t.status, 0) << t.err;
   EXPECT_FALSE(t.out.empty());
-  const Output s =
-      run("score --model " + dir() + " --text 'hello world' --threads 1", "score");
+  const Output s = run("score --model " + dir() + " --text 'hello world' --threads 1", "score");
   ASSERT_EQ(s.status, 0) << s.err;
   EXPECT_NE(s.out.find("perplexity"), std::string::npos) << s.out;
   const Output bad =
