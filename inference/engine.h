@@ -47,8 +47,8 @@ struct EngineConfig {
   bool prefix_caching = true;
   bool bf16_weights = false;  // bf16 weight copy for inference (half the bytes per decode step)
   // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
-  // prefill, prefix hits, preemption): InferenceOptions::batch_invariant. Costs prefill speed.
-  bool batch_invariant = false;
+  // prefill, prefix hits, preemption) on the CPU: InferenceOptions::batch_invariant.
+  bool batch_invariant = true;
   int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
   uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.

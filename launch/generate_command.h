@@ -46,7 +46,7 @@ struct GenerateCommandOptions {
   int max_seqs = 64;
   bool prefix_caching = true;
   bool bf16_weights = false;
-  bool batch_invariant = false;
+  bool batch_invariant = true;
 };
 
 struct TokenizeCommandOptions {

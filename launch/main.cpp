@@ -111,7 +111,7 @@ int print_usage() {
       "            [--stop TEXT]... [--stop-token-id N]... [--ignore-eos] [--logprobs N]\n"
       "            [--prompts-file FILE --output OUT.jsonl] (offline batch, JSON lines)\n"
       "            [--kv-cache-mb 256] [--block-size 16] [--max-batched-tokens 512]\n"
-      "            [--max-seqs 64] [--no-prefix-caching] [--bf16] [--batch-invariant]\n"
+      "            [--max-seqs 64] [--no-prefix-caching] [--bf16] [--no-batch-invariant]\n"
       "            [--interactive] (one prompt per stdin line) [--threads N] [--device cuda]\n"
       "  tokenize  --tokenizer DIR (or --model DIR) --text TEXT | --file FILE   -> token ids\n"
       "  score     --model DIR --text TEXT | --file FILE   -> log-likelihood, perplexity\n"
@@ -204,11 +204,33 @@ int run_train(int argc, char** argv) {
 }
 
 int run_generate(const Flags& f) {
-  f.allow_only({"model", "prompt", "prompts-file", "output", "max-new-tokens", "temperature",
-                "top-k", "top-p", "min-p", "repetition-penalty", "presence-penalty",
-                "frequency-penalty", "seed", "stop", "stop-token-id", "ignore-eos", "logprobs",
-                "threads", "device", "kv-cache-mb", "block-size", "max-batched-tokens",
-                "max-seqs", "no-prefix-caching", "bf16", "batch-invariant", "interactive"},
+  f.allow_only({"model",
+                "prompt",
+                "prompts-file",
+                "output",
+                "max-new-tokens",
+                "temperature",
+                "top-k",
+                "top-p",
+                "min-p",
+                "repetition-penalty",
+                "presence-penalty",
+                "frequency-penalty",
+                "seed",
+                "stop",
+                "stop-token-id",
+                "ignore-eos",
+                "logprobs",
+                "threads",
+                "device",
+                "kv-cache-mb",
+                "block-size",
+                "max-batched-tokens",
+                "max-seqs",
+                "no-prefix-caching",
+                "bf16",
+                "no-batch-invariant",
+                "interactive"},
                "generate");
   require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
   tandem::GenerateCommandOptions o;
@@ -243,7 +265,7 @@ int run_generate(const Flags& f) {
   o.max_seqs = f.number<int>("max-seqs", o.max_seqs);
   o.prefix_caching = !f.has("no-prefix-caching");
   o.bf16_weights = f.has("bf16");
-  o.batch_invariant = f.has("batch-invariant");
+  o.batch_invariant = !f.has("no-batch-invariant");
   o.interactive = f.has("interactive");
   return tandem::run_generate_command(o);
 }
@@ -278,9 +300,9 @@ int main(int argc, char** argv) {
     if (command == "prepare") return run_prepare(Flags::parse(argc, argv, 2, {"train-tokenizer"}));
     if (command == "train") return run_train(argc, argv);
     if (command == "generate")
-      return run_generate(Flags::parse(argc, argv, 2,
-                                       {"ignore-eos", "no-prefix-caching", "bf16", "batch-invariant",
-                                        "interactive"}));
+      return run_generate(Flags::parse(
+          argc, argv, 2,
+          {"ignore-eos", "no-prefix-caching", "bf16", "no-batch-invariant", "interactive"}));
     if (command == "tokenize") return run_tokenize(Flags::parse(argc, argv, 2, {}));
     if (command == "score") return run_score(Flags::parse(argc, argv, 2, {}));
     std::fprintf(stderr, "tandem: unknown command '%s' (try 'tandem help')\n", command.c_str());

@@ -87,9 +87,9 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
                              const float* v_cache, const int32_t* block_tables,
                              int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
                              int N, int H, int KV, int D, int block_size, void* stream = nullptr);
-// Inference linear layers with [out, in] weights (linear_rows.cu), as cpu::linear_rows (f32 on
-// cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16 (weights
-// packed by cpu::pack_bf16_rows).
+// Inference linear layers (linear_rows.cu), as cpu::linear_rows (f32 on cuBLAS: deterministic,
+// not promised batch-invariant) and cpu::linear_rows_bf16, but with plain [out, in] weights
+// (f32, bf16): the CPU's panel packing is a CPU cache layout.
 void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
                  int N, void* stream = nullptr);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,

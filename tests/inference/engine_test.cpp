@@ -130,7 +130,9 @@ TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
   for (size_t i = 0; i < requests.size(); ++i) {
     expect_same_output(cached[i], plain[i], cat("request ", i));
     EXPECT_EQ(plain[i].usage.cached_prompt_tokens, 0);
-    if (i > 0) EXPECT_EQ(cached[i].usage.cached_prompt_tokens, 40) << "request " << i;
+    if (i > 0) {
+      EXPECT_EQ(cached[i].usage.cached_prompt_tokens, 40) << "request " << i;
+    }
   }
   EXPECT_GT(cached_stats.prefix_hit_rate, 0.5);
   EXPECT_EQ(plain_stats.prefix_hit_rate, 0.0);
