@@ -225,11 +225,17 @@ int main(int argc, char** argv) {
     const std::vector<std::pair<int, int>> shapes = {{C, QKV}, {C, C}, {C, F}, {F, C}};
     std::vector<float> x(static_cast<size_t>(M) * F, 0.01f), out(static_cast<size_t>(M) * F);
     std::vector<float> w(static_cast<size_t>(F) * F, 0.02f);
+    std::vector<std::vector<float>> packed;
+    for (auto [K, N] : shapes) {
+      packed.emplace_back(tandem::cpu::packed_linear_size(N, K));
+      tandem::cpu::pack_linear_f32(packed.back().data(), w.data(), N, K);
+    }
     double t_rows = 0, t_blas = 0;
     for (int rep = 0; rep < 3; ++rep) {
-      for (auto [K, N] : shapes) {
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        const auto [K, N] = shapes[i];
         auto t1 = Clock::now();
-        tandem::cpu::linear_rows(out.data(), x.data(), w.data(), nullptr, M, K, N);
+        tandem::cpu::linear_rows(out.data(), x.data(), packed[i].data(), nullptr, M, K, N);
         if (rep > 0) t_rows += seconds_since(t1);
         t1 = Clock::now();
         tandem::cpu::matmul_forward(out.data(), x.data(), w.data(), nullptr, M, K, N,
