@@ -13,7 +13,8 @@
 // Threads: add_request, abort and stats may be called from any thread at any time. Steps run
 // either on the engine's own loop thread (start/stop) or by calling step() yourself, not both.
 // abort() waits for a step in flight, then frees the request's blocks at once. The model and
-// the tokenizer function must outlive the engine; the engine owns the KV pool.
+// the tokenizer function must outlive the engine; the engine owns the KV pool. The engine calls
+// model.prepare_inference, whose buffers it then uses: one live engine per model.
 #pragma once
 
 #include <atomic>
