@@ -74,6 +74,11 @@ class Transformer {
 
   // [B*T, vocab] logits of the last forward, on the model's device.
   Tensor logits() const;
+  // Sizes from the config alone, nothing allocated (for memory estimates before building a
+  // model): the parameter count, and the bytes of the activations (saved for backward, plus the
+  // backward scratch) of a forward+backward over [B, T].
+  static int64_t parameter_count(const ModelConfig& config);
+  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
@@ -93,6 +98,8 @@ class Transformer {
     int64_t ln2_w, ln2_b, up_w, up_b, down_w, down_b;
   };
   struct Activations;
+  struct LayoutOnly {};
+  Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
   struct InferenceState;
 
   void build_layout();
@@ -109,7 +116,7 @@ class Transformer {
   std::vector<LayerOffsets> layers_;
   int64_t wte_ = 0, wpe_ = -1, lnf_w_ = 0, lnf_b_ = -1, lm_head_ = 0;
   Device device_;
-  const Ops* ops_;      // the kernels of device_
+  const Ops* ops_;              // the kernels of device_
   Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
   std::shared_ptr<InferenceState> infer_;

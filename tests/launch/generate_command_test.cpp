@@ -116,9 +116,9 @@ TEST_F(GenerateCommandTest, TokenizeAndScore) {
   EXPECT_NE(s.out.find("perplexity"), std::string::npos) << s.out;
   const Output bad =
       run("generate --model " + dir() + " --prompt hi --top-p 0 --kv-cache-mb 8", "bad");
-  EXPECT_EQ(bad.status, 1);
+  EXPECT_EQ(bad.status, 2) << "an out-of-range flag is a usage error";
   EXPECT_TRUE(bad.out.empty()) << "nothing printed for a rejected request";
-  EXPECT_NE(bad.err.find("top_p"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find("--top-p"), std::string::npos) << bad.err;
 }
 
 }  // namespace
