@@ -121,7 +121,7 @@ int main(int argc, char** argv) {
   const int V = config.vocab_size;
 
   double bandwidth = triad_gb_per_s(size_t{1} << 26, 5);  // 3 x 256 MiB
-  const double peak = tandem::cpu::measure_sgemm_gflops(2048, quick ? 2 : 5);
+  double peak = tandem::cpu::measure_sgemm_gflops(2048, quick ? 2 : 5);
   // Weights read per decoded token: every matrix once, the LM head included.
   double matrix_params = 0;
   for (const auto& s : model.layout().specs()) {
@@ -210,6 +210,8 @@ int main(int argc, char** argv) {
   }
 
   // (c) time to first token of a 512-token prompt.
+  // The peak again, right before the prefill figures it is the reference of (best of the run).
+  if (run('c')) peak = std::max(peak, tandem::cpu::measure_sgemm_gflops(2048, quick ? 2 : 5));
   for (bool invariant : {false, true}) {
     if (!run('c')) break;
     EngineConfig ec;
