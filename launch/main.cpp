@@ -1,13 +1,15 @@
 // The tandem command line: one executable, one subcommand per job.
 //
 //   tandem prepare  --input PATH... --out DIR (--tokenizer DIR | --train-tokenizer --vocab-size N)
-//   tandem train    --config FILE [--section.key=value ...]
+//   tandem train    --config FILE [--section.key=value ...] [--dry-run[=RANKS]]
+//                   (under mpirun -np N: data parallel over N ranks, see README)
 //   tandem generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
 //   tandem info
 // Errors from bad input are printed as one line "tandem: error: ..." with exit status 1; usage
 // errors exit with 2.
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -16,11 +18,14 @@
 
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/nccl_communicator.h"
 #include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/model_io.h"
 #include "runtime/tokenizer.h"
+#include "training/dry_run.h"
 #include "training/prepare.h"
 #include "training/trainer.h"
 
@@ -104,6 +109,9 @@ int print_usage() {
       "            --tokenizer DIR (encoder.json + vocab.bpe, e.g. GPT-2's) or\n"
       "            --train-tokenizer --vocab-size N; [--val-fraction 0.05] [--shard-tokens N]\n"
       "  train     --config FILE [--section.key=value ...]   (see launch/configs/)\n"
+      "            [--dry-run[=RANKS]] prints the memory per rank and exits;\n"
+      "            under mpirun -np N: data parallel over N ranks (--parallel.zero=1 shards "
+      "AdamW)\n"
       "  generate  --model DIR (a checkpoint) --prompt TEXT [--max-new-tokens 64]\n"
       "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--seed 0] [--device cuda]\n"
       "  info      build and machine facts (CUDA, BLAS threading, threads)\n");
@@ -115,6 +123,8 @@ int run_info() {
               tandem::cuda_built() ? "built" : "not built", tandem::cuda_device_count());
   std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n",
               tandem::cpu::blas_parallel_mode(), tandem::cpu::num_threads());
+  std::printf("tandem: MPI library %s; NCCL %s\n", tandem::mpi_library_version().c_str(),
+              tandem::nccl_built() ? tandem::nccl_version().c_str() : "not built");
   return 0;
 }
 
@@ -168,9 +178,13 @@ int run_prepare(const Flags& f) {
 int run_train(int argc, char** argv) {
   std::string config_file;
   std::vector<std::string> overrides;
+  int dry_run_ranks = 0;  // --dry-run[=RANKS]: the memory table only
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--config") {
+    if (a == "--dry-run" || a.starts_with("--dry-run=")) {
+      dry_run_ranks = a == "--dry-run" ? -1 : std::atoi(a.c_str() + 10);
+      if (dry_run_ranks == 0) throw UsageError("--dry-run=RANKS needs a number of ranks >= 1");
+    } else if (a == "--config") {
       if (i + 1 >= argc) throw UsageError("flag --config needs a value");
       config_file = argv[++i];
     } else if (a.starts_with("--config=")) {
@@ -186,6 +200,12 @@ int run_train(int argc, char** argv) {
   require(!config_file.empty() || !overrides.empty(), "train: --config FILE is required");
   tandem::cpu::check_blas_is_openmp();
   const tandem::TrainConfig config = tandem::load_train_config(config_file, overrides);
+  if (dry_run_ranks != 0) {
+    const char* world = std::getenv("OMPI_COMM_WORLD_SIZE");
+    const int ranks = dry_run_ranks > 0 ? dry_run_ranks : (world ? std::atoi(world) : 1);
+    std::printf("%s", tandem::dry_run_report(config, ranks).c_str());
+    return 0;
+  }
   tandem::Trainer trainer(config, std::cout);
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
@@ -231,10 +251,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tandem: unknown command '%s' (try 'tandem help')\n", command.c_str());
     return 2;
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "tandem: usage error: %s\n", e.what());
-    return 2;
+    return tandem::report_failure_and_end_job(cat("usage error: ", e.what()), 2);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "tandem: error: %s\n", e.what());
-    return 1;
+    // Under mpirun this aborts every rank with this rank's message: never a silent hang.
+    return tandem::report_failure_and_end_job(cat("error: ", e.what()), 1);
   }
 }

@@ -71,6 +71,16 @@ void mpi_abort_job(const std::string& message, int code) {
   std::_Exit(code);
 }
 
+int report_failure_and_end_job(const std::string& message, int code) {
+  if (mpi_is_initialized() && mpi_world_size() > 1) {
+    mpi_abort_job(cat("tandem: rank ", mpi_world_rank(), " of ", mpi_world_size(),
+                      " failed: ", message, " (aborting every rank)"),
+                  code);
+  }
+  std::fprintf(stderr, "tandem: %s\n", message.c_str());
+  return code;
+}
+
 struct MpiCommunicator::Handle {
   MPI_Comm comm = MPI_COMM_NULL;
 };

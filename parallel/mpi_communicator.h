@@ -39,6 +39,10 @@ std::string mpi_library_version();
 // Writes `message` (one line, unless empty) to stderr and ends every rank of the job with exit code
 // `code` (MPI_Abort on MPI_COMM_WORLD). Without an initialised MPI, exits this process.
 [[noreturn]] void mpi_abort_job(const std::string& message, int code = 1);
+// For a command's top-level error handler. In a job of several ranks: writes
+// "tandem: rank R of N failed: <message>" and aborts every rank (so a failing rank never leaves
+// the others hanging in a collective). Otherwise writes "tandem: <message>" and returns `code`.
+int report_failure_and_end_job(const std::string& message, int code);
 
 class MpiCommunicator final : public Communicator {
  public:
