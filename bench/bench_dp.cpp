@@ -8,6 +8,8 @@
 //     AdamW) through the single-process path, tokens/s;
 //  2. both ranks data parallel: the same step with the bucketed all-reduce overlapped with
 //     backward, tokens/s of the global batch; scaling = (2) / (1) (ideal 2.0);
+//  (1b. both ranks each stepping alone at the same time, no communication: how much two ranks
+//      slow each other down on this machine, the ceiling for (2));
 //  3. the all-reduce of all buckets alone (after a barrier, blocking): t_comm; the time each step
 //     of (2) still blocked waiting for communication after backward: t_exposed. The share of
 //     all-reduce time hidden behind backward is 1 - t_exposed / t_comm.
@@ -75,13 +77,20 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
     const char* v = argv[i + 1];
-    if (key == "--layers") layers = std::atoi(v);
-    else if (key == "--width") width = std::atoi(v);
-    else if (key == "--vocab") vocab = std::atoi(v);
-    else if (key == "--batch") B = std::atoi(v);
-    else if (key == "--seq") T = std::atoi(v);
-    else if (key == "--steps") steps = std::atoi(v);
-    else if (key == "--bucket-mb") bucket_mb = std::atof(v);
+    if (key == "--layers")
+      layers = std::atoi(v);
+    else if (key == "--width")
+      width = std::atoi(v);
+    else if (key == "--vocab")
+      vocab = std::atoi(v);
+    else if (key == "--batch")
+      B = std::atoi(v);
+    else if (key == "--seq")
+      T = std::atoi(v);
+    else if (key == "--steps")
+      steps = std::atoi(v);
+    else if (key == "--bucket-mb")
+      bucket_mb = std::atof(v);
     else {
       std::fprintf(stderr, "bench_dp: unknown option %s\n", key.c_str());
       return 2;
@@ -119,6 +128,17 @@ int main(int argc, char** argv) {
     }
     quiet_barrier(ctx->world());
 
+    // 1b. Both ranks at once, each alone (no communication): what the machine allows two ranks.
+    StepTimes independent;
+    {
+      LocalCommunicator local("dp");
+      DataParallel dp(model, local, local, {.bucket_mb = bucket_mb, .zero = 0});
+      auto opt = dp.make_optimizer(adamw);
+      ctx->world().barrier();
+      independent = time_steps(model, dp, *opt, steps, B, T, 7);
+    }
+    quiet_barrier(ctx->world());
+
     // 2. Both ranks, data parallel, communication overlapped with backward.
     model.init_weights(1);
     DataParallel dp(model, ctx->dp(), ctx->dp(), {.bucket_mb = bucket_mb, .zero = 0});
@@ -139,20 +159,28 @@ int main(int argc, char** argv) {
 
     if (root) {
       const double tokens = static_cast<double>(B) * T;
-      const double one = tokens / alone.seconds_per_step, two = 2 * tokens / together.seconds_per_step;
-      std::printf("bench_dp: GPT-2 %d layers x %d wide, vocab %d: %.2fM parameters, %zu buckets "
-                  "of <= %.1f MiB; per-rank batch %d x %d tokens, 1 thread per rank\n",
-                  layers, width, vocab, model.num_parameters() / 1e6,
-                  dp.reducer().buckets().size(), bucket_mb, B, T);
+      const double one = tokens / alone.seconds_per_step,
+                   two = 2 * tokens / together.seconds_per_step;
+      std::printf(
+          "bench_dp: GPT-2 %d layers x %d wide, vocab %d: %.2fM parameters, %zu buckets "
+          "of <= %.1f MiB; per-rank batch %d x %d tokens, 1 thread per rank\n",
+          layers, width, vocab, model.num_parameters() / 1e6, dp.reducer().buckets().size(),
+          bucket_mb, B, T);
       std::printf("bench_dp: 1 rank x 1 thread : %8.1f ms/step  %9.0f tokens/s\n",
                   1e3 * alone.seconds_per_step, one);
+      std::printf(
+          "bench_dp: 2 ranks x 1 thread, no communication: %8.1f ms/step (the machine's "
+          "ceiling for two ranks: %.2fx)\n",
+          1e3 * independent.seconds_per_step,
+          2 * alone.seconds_per_step / independent.seconds_per_step);
       std::printf("bench_dp: 2 ranks x 1 thread: %8.1f ms/step  %9.0f tokens/s (global batch)\n",
                   1e3 * together.seconds_per_step, two);
       std::printf("bench_dp: DP scaling %.2fx (ideal 2.00x)\n", two / one);
-      std::printf("bench_dp: all-reduce of all buckets alone %.2f ms/step; still exposed after "
-                  "backward %.2f ms/step; hidden behind backward %.0f%%\n",
-                  1e3 * comm, 1e3 * together.exposed_per_step,
-                  comm > 0 ? 100.0 * std::max(0.0, 1.0 - together.exposed_per_step / comm) : 0.0);
+      std::printf(
+          "bench_dp: all-reduce of all buckets alone %.2f ms/step; still exposed after "
+          "backward %.2f ms/step; hidden behind backward %.0f%%\n",
+          1e3 * comm, 1e3 * together.exposed_per_step,
+          comm > 0 ? 100.0 * std::max(0.0, 1.0 - together.exposed_per_step / comm) : 0.0);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -3,11 +3,13 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -85,11 +87,65 @@ struct MpiCommunicator::Handle {
   MPI_Comm comm = MPI_COMM_NULL;
 };
 
+// Open MPI moves a non-blocking collective forward only inside MPI calls. While any is in
+// flight, a progress thread makes such a call (MPI_Iprobe on a private communicator, which runs
+// the progress engine without touching anyone's requests) every ~100 us, so buckets travel
+// while backward computes instead of when the next hook or wait comes. It sleeps otherwise.
+// Needs MPI_THREAD_MULTIPLE; without it the callers' test() calls are the only progress.
+class ProgressThread {
+ public:
+  explicit ProgressThread(MPI_Comm world) {
+    MPI_Comm_dup(world, &comm_);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~ProgressThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+    if (mpi_is_initialized()) MPI_Comm_free(&comm_);
+  }
+  void started() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++active_;
+    }
+    wake_.notify_all();
+  }
+  void finished() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --active_;
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      wake_.wait(lock, [this] { return stop_ || active_ > 0; });
+      if (stop_) return;
+      lock.unlock();
+      int flag = 0;
+      MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm_, &flag, MPI_STATUS_IGNORE);
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      lock.lock();
+    }
+  }
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  int active_ = 0;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 struct MpiCommunicator::Shared {
   std::shared_ptr<Watchdog> watchdog;
   int world_rank = 0;
   long issued = 0;     // collectives issued by this process, for the stall hook
   long stall_at = -1;  // 1-based index of the collective that never starts, -1 = none
+  std::unique_ptr<ProgressThread> progress;  // null without MPI_THREAD_MULTIPLE
 };
 
 namespace {
@@ -147,10 +203,12 @@ class MpiPending final : public PendingCollective {
   void check(int code) {
     if (code == MPI_SUCCESS) return;
     shared_->watchdog->end(watch_id_);
+    if (shared_->progress) shared_->progress->finished();
     throw Error(cat(what_, " failed at rank ", rank_, ": ", mpi_error_text(code)));
   }
   void complete() {
     shared_->watchdog->end(watch_id_);
+    if (shared_->progress) shared_->progress->finished();
     if (on_complete_) on_complete_();
   }
 
@@ -176,6 +234,7 @@ Collective start(const std::string& collective, const std::string& group, int ra
       std::make_unique<MpiPending>(what, rank, shared, id, stalled, std::move(on_complete));
   if (!stalled) {
     const int code = issue(pending->request());
+    if (code == MPI_SUCCESS && shared->progress) shared->progress->started();
     if (code != MPI_SUCCESS) {
       shared->watchdog->end(id);
       throw Error(cat(what, " failed to start at rank ", rank, ": ", mpi_error_text(code)));
@@ -231,6 +290,11 @@ std::unique_ptr<MpiCommunicator> MpiCommunicator::world(std::shared_ptr<Watchdog
   auto shared = std::make_shared<Shared>();
   shared->watchdog = std::move(watchdog);
   MPI_Comm_rank(MPI_COMM_WORLD, &shared->world_rank);
+  int thread_level = 0;
+  MPI_Query_thread(&thread_level);
+  if (thread_level == MPI_THREAD_MULTIPLE) {
+    shared->progress = std::make_unique<ProgressThread>(MPI_COMM_WORLD);
+  }
   if (const char* stall = std::getenv("TANDEM_TEST_STALL_COLLECTIVE")) {
     int rank = -1;
     long n = -1;

@@ -1,9 +1,10 @@
 // MpiCommunicator: the Communicator engine over Open MPI, for host buffers.
 //
 // Collectives are MPI's non-blocking ones (MPI_Iallreduce, MPI_Ireduce_scatter_block,
-// MPI_Iallgather, MPI_Ibcast, MPI_Ibarrier). Open MPI progresses them only inside MPI calls, so
-// callers overlapping them with compute call Collective::test() from time to time (the gradient
-// reducer does it from the backward hook). kAvg is a sum followed by a multiply by 1/size() on
+// MPI_Iallgather, MPI_Ibcast, MPI_Ibarrier). Open MPI progresses them only inside MPI calls: while
+// any is in flight, a progress thread (when MPI provides MPI_THREAD_MULTIPLE) enters MPI every
+// ~100 us, and Collective::test() progresses them too (the gradient reducer calls it from the
+// backward hook). kAvg is a sum followed by a multiply by 1/size() on
 // completion (F32). MPI errors come back as tandem::Error naming the collective, the group and
 // the rank (the communicators use MPI_ERRORS_RETURN).
 //

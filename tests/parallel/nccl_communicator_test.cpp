@@ -55,8 +55,7 @@ TEST(NcclCommunicator, EveryCollectiveOnDeviceBuffersOfOneRank) {
   EXPECT_EQ(host_values(send), x);
   nccl->barrier();
   EXPECT_EQ(watchdog->in_flight(), 0u);
-  EXPECT_NE(testing::error_message_of(
-                [&] { nccl->broadcast(send.raw_data(), 6, DType::kF32, 1); }),
+  EXPECT_NE(testing::error_message_of([&] { nccl->broadcast(send.raw_data(), 6, DType::kF32, 1); }),
             "");
 }
 
