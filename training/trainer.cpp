@@ -132,12 +132,21 @@ void truncate_metrics_after(const std::string& path, long step) {
 }  // namespace
 
 namespace {
+// Under mpirun one GPU per rank: train.device = cuda (or cuda:0) on the i-th rank of a node
+// means cuda:i; cuda:N with N > 0 is taken as given.
+Device rank_device(const Device& configured) {
+  const char* local_rank = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  if (configured.is_cpu() || configured.index != 0 || local_rank == nullptr) return configured;
+  return Device::cuda(std::atoi(local_rank));
+}
+
 std::unique_ptr<ParallelContext> create_parallel_context(const TrainConfig& config) {
   require(config.parallel_tp == 1, "parallel.tp = ", config.parallel_tp,
           ": tensor parallelism is not available yet; use data parallelism (parallel.tp = 1, "
           "mpirun -np N)");
-  return ParallelContext::create(
-      {.tp = config.parallel_tp, .timeout_s = config.parallel_timeout_s, .device = config.device});
+  return ParallelContext::create({.tp = config.parallel_tp,
+                                  .timeout_s = config.parallel_timeout_s,
+                                  .device = rank_device(config.device)});
 }
 
 // Threads per rank when train.threads is 0 under mpirun: the node's cores shared by its ranks.
@@ -152,7 +161,7 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
     : config_(config),
       parallel_(create_parallel_context(config)),
       log_(parallel_->rank() == 0 ? log : quiet_log_),
-      device_(config.device) {
+      device_(rank_device(config.device)) {
   if (config_.threads > 0) {
     cpu::set_num_threads(config_.threads);
   } else if (parallel_->distributed()) {
