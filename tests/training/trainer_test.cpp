@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -422,6 +423,17 @@ TEST_F(TrainerTest, StopFlagEndsEvaluation) {
   std::atomic<int> stop{15};
   Trainer t(config("run", {"eval.batches=1000"}), std::cout);
   EXPECT_TRUE(std::isnan(t.evaluate(&stop)));
+}
+
+TEST_F(TrainerTest, FifoInACheckpointIsDamageNotAHang) {
+  train(config("run"));
+  const fs::path state = root_ / "run" / "checkpoints" / "step_00000008" / "trainer_state.json";
+  fs::remove(state);
+  ASSERT_EQ(::mkfifo(state.c_str(), 0644), 0);
+  std::ostringstream log;
+  Trainer t(config("run", {"checkpoint.resume=true"}), log);  // would block on the FIFO
+  EXPECT_EQ(t.start_step(), 4) << log.str();
+  EXPECT_NE(log.str().find("FIFO"), std::string::npos) << log.str();
 }
 
 // ---- Pieces of the step, against their formulas -----------------------------------------------
