@@ -9,7 +9,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
-  nlohmann-json3-dev
+  nlohmann-json3-dev libxxhash-dev
   bible-kjv-text bible-kjv
 )
 

@@ -35,6 +35,11 @@ const Ops kCpuOps = {
     cpu::adamw_step,
     cpu::sum_squares,
     cpu::measure_sgemm_gflops,
+    cpu::paged_kv_write,
+    cpu::paged_attention_forward,
+    cpu::gelu_forward_rows,
+    cpu::linear_rows,
+    cpu::linear_rows_bf16,
     [] {},
 };
 
@@ -88,6 +93,21 @@ const Ops kCudaOps = {
        long step) { cuda::adamw_step(p, g, m, v, n, lr, b1, b2, eps, wd, step); },
     [](const float* x, size_t n) { return cuda::sum_squares(x, n); },
     [](int n, int reps) { return cuda::measure_sgemm_gflops(n, reps); },
+    [](float* kc, float* vc, const float* k, const float* v, int stride, const int32_t* slots,
+       int N, int KV, int D) { cuda::paged_kv_write(kc, vc, k, v, stride, slots, N, KV, D); },
+    [](float* o, const float* q, int qs, const float* kc, const float* vc, const int32_t* bt,
+       int mb, const int32_t* rs, const int32_t* rp, int N, int H, int KV, int D, int bs) {
+      cuda::paged_attention_forward(o, q, qs, kc, vc, bt, mb, rs, rp, N, H, KV, D, bs);
+    },
+    [](float* o, const float* i, int N, int C) {
+      cuda::gelu_forward(o, i, static_cast<size_t>(N) * C);
+    },
+    [](float* o, const float* i, const float* w, const float* b, int M, int K, int N) {
+      cuda::linear_rows(o, i, w, b, M, K, N);
+    },
+    [](float* o, const float* i, const uint16_t* w, const float* b, int M, int K, int N) {
+      cuda::linear_rows_bf16(o, i, w, b, M, K, N);
+    },
     [] { cuda::synchronize(); },
 };
 #endif

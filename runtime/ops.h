@@ -47,6 +47,15 @@ struct Ops {
   double (*sum_squares)(const float*, size_t);  // synchronises
   // Best sgemm rate of an n^3 product on this device, GFLOP/s (the MFU reference).
   double (*measure_sgemm_gflops)(int n, int reps);
+  // Inference (paged KV cache, [out, in] weights): see kernels/cpu/kernels.h.
+  void (*paged_kv_write)(float*, float*, const float*, const float*, int, const int32_t*, int, int,
+                         int);
+  void (*paged_attention_forward)(float*, const float*, int, const float*, const float*,
+                                  const int32_t*, int, const int32_t*, const int32_t*, int, int,
+                                  int, int, int);
+  void (*gelu_forward_rows)(float*, const float*, int, int);
+  void (*linear_rows)(float*, const float*, const float*, const float*, int, int, int);
+  void (*linear_rows_bf16)(float*, const float*, const uint16_t*, const float*, int, int, int);
   // Waits for queued work (a no-op on the CPU): for timing.
   void (*synchronize)();
 };

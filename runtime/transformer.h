@@ -7,12 +7,23 @@
 // optimizer steps) and reuses the logits buffer for the logits' gradient, so logits() is only
 // meaningful between forward and backward. Not thread-safe: one forward/backward at a time
 // (the kernels inside use all OpenMP threads).
+//
+// Inference: `prepare_inference` takes a snapshot of the weights in the [out, in] layout the
+// inference kernels read (f32, or bf16 to halve the bytes a decode step streams) and allocates
+// buffers for at most `max_batched_tokens` rows; `forward_paged` then runs one engine step over
+// a flat batch of rows from many sequences through the paged KV cache (runtime/kv_cache.h),
+// computing logits only for the rows asked for. With InferenceOptions::batch_invariant (or bf16
+// weights) on the CPU, every row's result is independent of the rest of the batch, bit for bit.
+// The training forward above is the
+// dense special case and is untouched by it. Call prepare_inference again after the weights
+// change.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <vector>
 
+#include "runtime/kv_cache.h"
 #include "runtime/model_config.h"
 #include "runtime/parameters.h"
 #include "runtime/tensor.h"
@@ -20,6 +31,17 @@
 namespace tandem {
 
 struct Ops;
+
+struct InferenceOptions {
+  int max_batched_tokens = 512;  // rows per forward_paged call
+  int max_logit_rows = 256;      // logit rows per call
+  bool bf16_weights = false;     // bf16 copy of every matrix (f32 math)
+  // f32 weights: true runs every linear layer through the batch-invariant kernel
+  // (cpu::linear_rows: a row's logits are bitwise the same whatever else is in the batch);
+  // false through OpenBLAS sgemm/sgemv, faster for prefill (see README, bench_engine) but a
+  // row's last bits depend on the batch. bf16 weights are always batch-invariant.
+  bool batch_invariant = false;
+};
 
 class Transformer {
  public:
@@ -66,6 +88,15 @@ class Transformer {
   // backward scratch) of a forward+backward over [B, T].
   static int64_t parameter_count(const ModelConfig& config);
   static int64_t activation_bytes(const ModelConfig& config, int B, int T);
+  // Builds the inference weights and buffers (see the top of this header).
+  void prepare_inference(const InferenceOptions& options);
+  bool inference_ready() const { return infer_ != nullptr; }
+  const InferenceOptions& inference_options() const;
+  // One inference step: writes the rows' K/V into `cache`, attends through the block tables and
+  // returns the logits of ctx.logit_rows, [num_logit_rows, vocab] on the model's device (a view
+  // of a buffer reused by the next call). Throws tandem::Error on out-of-range tokens, positions,
+  // slots, sequences or rows, or more rows than prepare_inference allowed.
+  Tensor forward_paged(const AttentionContext& ctx, KvCache& cache);
 
   // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
   double flops_per_step(int B, int T) const;
@@ -78,6 +109,7 @@ class Transformer {
   struct Activations;
   struct LayoutOnly {};
   Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
+  struct InferenceState;
 
   void build_layout();
   void ensure_activations(int B, int T);
@@ -96,6 +128,7 @@ class Transformer {
   const Ops* ops_;              // the kernels of device_
   Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
+  std::shared_ptr<InferenceState> infer_;
   GradientsReadyHook gradients_ready_;
 };
 

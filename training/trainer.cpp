@@ -628,9 +628,12 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.last_step = step;
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
-  if (!stopping() && is_root()) result.sample = sample_text(local_stop);
-  result.interrupted = stopping();  // also when the signal came during the sample
-  result.stop_signal = distributed ? stop_agreed : (stop != nullptr ? stop->load() : 0);
+  // Only rank 0 samples and no collective follows, so its own stop flag may cut the sample short
+  // in a distributed run too.
+  if (!stopping() && is_root()) result.sample = sample_text(stop);
+  result.interrupted = stopping() || (stop != nullptr && stop->load() != 0 && is_root());
+  const int own_signal = stop != nullptr ? stop->load() : 0;
+  result.stop_signal = distributed && stop_agreed != 0 ? stop_agreed : own_signal;
 
   log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished")
        << " at step " << step << "/" << config_.steps << " in " << format_duration(wall) << ", "

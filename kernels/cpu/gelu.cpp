@@ -20,6 +20,20 @@ void gelu_forward(float* out, const float* inp, size_t n) {
   }
 }
 
+void gelu_forward_rows(float* out, const float* inp, int N, int C) {
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < N; ++r) {
+    const float* x_row = inp + static_cast<size_t>(r) * C;
+    float* o = out + static_cast<size_t>(r) * C;
+#pragma omp simd
+    for (int c = 0; c < C; ++c) {
+      const float x = x_row[c];
+      const float u = kSqrt2OverPi * (x + kCoeff * x * x * x);
+      o[c] = 0.5f * x * (1.0f + detail::fast_tanh(u));
+    }
+  }
+}
+
 void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) {
 #pragma omp parallel for simd schedule(static)
   for (size_t i = 0; i < n; ++i) {

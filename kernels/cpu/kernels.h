@@ -68,6 +68,9 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
 // ---- Activations (gelu.cpp, swiglu.cpp) ----------------------------------------------------
 // GELU, tanh approximation (GPT-2's "gelu_new").
 void gelu_forward(float* out, const float* inp, size_t n);
+// The same math over N rows of C, each row by one thread from its first column: a row's result
+// does not depend on N or the thread count (the inference path's batch invariance).
+void gelu_forward_rows(float* out, const float* inp, int N, int C);
 void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n);
 // inp [N, 2F] holds gate (first F columns) then up; out [N, F] = silu(gate) * up.
 void swiglu_forward(float* out, const float* inp, int N, int F);
@@ -95,6 +98,34 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 // dqkv is overwritten. out and lse are the forward's results.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int B, int T, int H, int KV, int D);
+
+// ---- Paged attention for inference (paged_attention.cpp) -------------------------------------
+// The KV cache of one layer is k_cache/v_cache [num_slots, KV * D]; slot = block * block_size +
+// offset. paged_kv_write copies row n's KV heads (k + n * row_stride, v + n * row_stride) into
+// slot_mapping[n].
+void paged_kv_write(float* k_cache, float* v_cache, const float* k, const float* v, int row_stride,
+                    const int32_t* slot_mapping, int N, int KV, int D);
+// out [N, H * D]: query row n (heads at q + n * q_stride) belongs to sequence row_seq[n] (a row
+// of block_tables [*, max_blocks_per_seq]) at absolute position row_pos[n], and attends to that
+// sequence's keys at positions 0..row_pos[n] (causal by position), which must be in the cache.
+// GQA: head h reads kv head h / (H / KV). Each (row, head) is computed alone in a fixed order,
+// so results do not depend on the other rows of the batch.
+void paged_attention_forward(float* out, const float* q, int q_stride, const float* k_cache,
+                             const float* v_cache, const int32_t* block_tables,
+                             int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
+                             int N, int H, int KV, int D, int block_size);
+
+// ---- Batch-invariant linear layers for inference (linear_rows.cpp) ---------------------------
+// out[M,N] = inp[M,K] * W^T + bias with W [N,K] (nn.Linear layout) in f32, or in bf16 packed by
+// pack_bf16_rows (round to nearest even; within each run of 16 values of a row the middle two
+// groups of 4 are swapped, so the kernel widens them with in-lane unpacks). Each output element is computed by one fixed sequence of operations, so a
+// row's result is bitwise the same whatever the other rows are; the weights are streamed once
+// per 64 input rows (batch-1 decode reads them once per token).
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                 int N);
+void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                      int M, int K, int N);
+void pack_bf16_rows(uint16_t* out, const float* in, int N, int K);
 
 // ---- Softmax + cross-entropy (cross_entropy.cpp) -------------------------------------------
 // losses[n] = lse_n - logits[n, targets[n]]; rows with targets[n] < 0 are ignored (loss 0).

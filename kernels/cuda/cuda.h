@@ -81,6 +81,21 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int B, int T, int H, int KV, int D,
                         void* stream = nullptr);
+// Paged attention for inference (paged_attention.cu), as cpu::paged_kv_write and
+// cpu::paged_attention_forward; head size <= 128.
+void paged_kv_write(float* k_cache, float* v_cache, const float* k, const float* v, int row_stride,
+                    const int32_t* slot_mapping, int N, int KV, int D, void* stream = nullptr);
+void paged_attention_forward(float* out, const float* q, int q_stride, const float* k_cache,
+                             const float* v_cache, const int32_t* block_tables,
+                             int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
+                             int N, int H, int KV, int D, int block_size, void* stream = nullptr);
+// Inference linear layers with [out, in] weights (linear_rows.cu), as cpu::linear_rows (f32 on
+// cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16 (weights
+// packed by cpu::pack_bf16_rows).
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                 int N, void* stream = nullptr);
+void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                      int M, int K, int N, void* stream = nullptr);
 // Returns the number of rows with a target (synchronises the stream).
 int cross_entropy_forward(float* losses, float* lse, const float* logits, const int32_t* targets,
                           int N, int V, void* stream = nullptr);

@@ -1,0 +1,392 @@
+#include "inference/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <exception>
+
+#include "inference/text_stream.h"
+#include "runtime/error.h"
+
+namespace tandem {
+
+const char* finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kAbort:
+      return "abort";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "";
+}
+
+// ---- RequestStream ----------------------------------------------------------------------------
+
+void RequestStream::push(GenerationDelta delta) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (final_pushed_) return;
+    final_pushed_ = delta.finished();
+    queue_.push_back(std::move(delta));
+  }
+  cv_.notify_all();
+}
+
+std::optional<GenerationDelta> RequestStream::next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (final_taken_) return std::nullopt;
+  cv_.wait(lock, [&] { return !queue_.empty(); });
+  GenerationDelta d = std::move(queue_.front());
+  queue_.pop_front();
+  if (d.finished()) final_taken_ = true;
+  return d;
+}
+
+GenerationDelta RequestStream::wait_all() {
+  GenerationDelta all;
+  all.request_id = id_;
+  while (auto d = next()) {
+    all.tokens.insert(all.tokens.end(), d->tokens.begin(), d->tokens.end());
+    all.text += d->text;
+    all.logprobs.insert(all.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
+    all.top_logprobs.insert(all.top_logprobs.end(), d->top_logprobs.begin(), d->top_logprobs.end());
+    if (d->finished()) {
+      all.finish = d->finish;
+      all.error = d->error;
+      all.usage = d->usage;
+    }
+  }
+  return all;
+}
+
+bool RequestStream::finished() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return final_pushed_;
+}
+
+// ---- Engine -----------------------------------------------------------------------------------
+
+struct Engine::Request {
+  GenerationRequest params;
+  Sequence seq;
+  Rng rng;
+  TextStream text;
+  int max_new_tokens = 0;
+  std::shared_ptr<RequestStream> stream;
+  GenerationDelta pending;  // this step's delta
+};
+
+Engine::Engine(Transformer& model, EngineConfig config)
+    : model_(model), config_(std::move(config)) {
+  const ModelConfig& mc = model.config();
+  require(config_.block_size > 0, "engine: block_size must be > 0, got ", config_.block_size);
+  require(config_.max_batched_tokens > 0, "engine: max_batched_tokens must be > 0, got ",
+          config_.max_batched_tokens);
+  require(config_.max_seqs > 0, "engine: max_seqs must be > 0, got ", config_.max_seqs);
+  int num_blocks = config_.num_blocks;
+  if (num_blocks <= 0) {
+    require(config_.kv_cache_mb > 0, "engine: kv_cache_mb must be > 0, got ", config_.kv_cache_mb);
+    const int64_t per_block = KvCache::bytes_per_block(mc, config_.block_size);
+    const int64_t blocks = config_.kv_cache_mb * (int64_t{1} << 20) / per_block;
+    require(blocks >= 1, "engine: kv_cache_mb = ", config_.kv_cache_mb, " holds no KV block (one ",
+            config_.block_size, "-token block takes ", per_block, " bytes)");
+    num_blocks = static_cast<int>(std::min<int64_t>(blocks, 1 << 30));
+  }
+  InferenceOptions inference;
+  inference.max_batched_tokens = config_.max_batched_tokens;
+  inference.max_logit_rows = config_.max_seqs;
+  inference.bf16_weights = config_.bf16_weights;
+  inference.batch_invariant = config_.batch_invariant;
+  model_.prepare_inference(inference);
+  cache_ = std::make_unique<KvCache>(mc, num_blocks, config_.block_size, model.device());
+  blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
+  scheduler_ = std::make_unique<Scheduler>(
+      SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
+  runner_ = std::make_unique<ModelRunner>(model_, *cache_);
+  stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
+}
+
+Engine::~Engine() {
+  stop();
+  std::lock_guard<std::mutex> lock(step_mu_);
+  admit_incoming();
+  std::vector<Request*> live;
+  for (auto& [id, r] : requests_) live.push_back(r.get());
+  for (Request* r : live) finish(*r, FinishReason::kAbort);
+}
+
+std::string Engine::validate(const GenerationRequest& r) const {
+  const ModelConfig& mc = model_.config();
+  const int n = static_cast<int>(r.prompt.size());
+  if (n == 0) return "the prompt is empty";
+  for (int i = 0; i < n; ++i) {
+    if (r.prompt[i] < 0 || r.prompt[i] >= mc.vocab_size)
+      return cat("prompt token ", r.prompt[i], " at position ", i,
+                 " is outside the vocabulary [0, ", mc.vocab_size, ")");
+  }
+  if (n >= mc.max_seq_len)
+    return cat("the prompt has ", n, " tokens; the model's context is ", mc.max_seq_len,
+               " tokens, so a prompt may have at most ", mc.max_seq_len - 1);
+  const int pool_tokens = blocks_->num_blocks() * blocks_->block_size();
+  if (n + 1 > pool_tokens)
+    return cat("the prompt has ", n, " tokens and can never fit the KV cache (", pool_tokens,
+               " tokens in ", blocks_->num_blocks(), " blocks); raise kv_cache_mb");
+  if (r.max_tokens <= 0) return cat("max_tokens must be > 0, got ", r.max_tokens);
+  try {
+    r.sampling.validate();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  if (r.top_logprobs < 0 || r.top_logprobs > 20)
+    return cat("top_logprobs must be in [0, 20], got ", r.top_logprobs);
+  for (int32_t t : r.stop_token_ids) {
+    if (t < 0 || t >= mc.vocab_size)
+      return cat("stop token id ", t, " is outside the vocabulary [0, ", mc.vocab_size, ")");
+  }
+  if (!r.stop.empty() && !config_.token_text)
+    return "stop strings need an engine with a tokenizer (token_text)";
+  return "";
+}
+
+std::shared_ptr<RequestStream> Engine::add_request(GenerationRequest request) {
+  const uint64_t id = next_id_.fetch_add(1);
+  auto stream = std::make_shared<RequestStream>(id);
+  const std::string error = validate(request);
+  if (!error.empty()) {
+    GenerationDelta d;
+    d.request_id = id;
+    d.finish = FinishReason::kError;
+    d.error = cat("request ", id, ": ", error);
+    d.usage.prompt_tokens = static_cast<int>(request.prompt.size());
+    stream->push(std::move(d));
+    return stream;
+  }
+  auto r = std::make_unique<Request>();
+  const ModelConfig& mc = model_.config();
+  const int n = static_cast<int>(request.prompt.size());
+  const int pool_tokens = blocks_->num_blocks() * blocks_->block_size();
+  r->max_new_tokens = std::min({request.max_tokens, mc.max_seq_len - n, pool_tokens - n});
+  r->seq.id = id;
+  r->seq.tokens = request.prompt;
+  r->seq.prompt_len = n;
+  r->rng = Rng(request.seed ? *request.seed : config_.seed ^ (id * 0x9E3779B97F4A7C15ull));
+  r->text = TextStream(request.stop);
+  r->stream = stream;
+  r->params = std::move(request);
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    incoming_.push_back(std::move(r));
+  }
+  queue_cv_.notify_all();
+  return stream;
+}
+
+void Engine::admit_incoming() {
+  std::vector<std::unique_ptr<Request>> incoming;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    incoming.swap(incoming_);
+  }
+  for (auto& r : incoming) {
+    scheduler_->add(&r->seq);
+    const uint64_t id = r->seq.id;
+    requests_.emplace(id, std::move(r));
+  }
+}
+
+void Engine::finish(Request& r, FinishReason reason, std::string error) {
+  GenerationDelta d = std::move(r.pending);
+  r.pending = {};
+  d.request_id = r.seq.id;
+  if (reason != FinishReason::kStop || !r.text.stopped()) d.text += r.text.flush();
+  d.finish = reason;
+  d.error = std::move(error);
+  d.usage.prompt_tokens = r.seq.prompt_len;
+  d.usage.completion_tokens = r.seq.num_generated();
+  d.usage.cached_prompt_tokens = std::max(0, r.seq.cached_prompt_tokens);
+  scheduler_->remove(&r.seq);
+  r.stream->push(std::move(d));
+  requests_.erase(r.seq.id);  // r is gone from here on
+}
+
+void Engine::abort(uint64_t request_id) {
+  std::lock_guard<std::mutex> lock(step_mu_);
+  admit_incoming();
+  auto it = requests_.find(request_id);
+  if (it != requests_.end()) finish(*it->second, FinishReason::kAbort);
+  refresh_stats();
+}
+
+void Engine::refresh_stats() {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  EngineStats& s = stats_;
+  s.running = scheduler_->num_running();
+  s.waiting = scheduler_->num_waiting();
+  s.kv_blocks_used = blocks_->num_used_blocks();
+  s.kv_blocks_free = blocks_->num_free_blocks();
+  s.kv_blocks_cached = blocks_->num_cached_blocks();
+  s.prefix_hit_rate = blocks_->prefix_hit_rate();
+  s.preemptions = scheduler_->num_preemptions();
+}
+
+void Engine::fail_all(const std::string& message) {
+  std::vector<Request*> live;
+  for (auto& [id, r] : requests_) live.push_back(r.get());
+  for (Request* r : live) finish(*r, FinishReason::kError, message);
+}
+
+bool Engine::step() {
+  std::lock_guard<std::mutex> lock(step_mu_);
+  const auto t0 = std::chrono::steady_clock::now();
+  admit_incoming();
+  if (!scheduler_->has_work()) {
+    has_work_ = false;
+    return false;
+  }
+  const std::vector<ScheduledSequence> plan = scheduler_->schedule();
+  int64_t prompt_rows = 0, generated = 0;
+  if (!plan.empty()) {
+    const float* logits = nullptr;
+    try {
+      logits = runner_->run(plan);
+    } catch (const std::exception& e) {
+      fail_all(cat("the model step failed: ", e.what()));
+      has_work_ = scheduler_->has_work();
+      return has_work_;
+    }
+    scheduler_->commit(plan);
+    std::vector<Request*> sampled;
+    for (const ScheduledSequence& s : plan) {
+      const int prompt_part =
+          std::max(0, std::min(s.start + s.num_tokens, s.seq->prompt_len) - s.start);
+      prompt_rows += prompt_part;
+      if (s.sample) sampled.push_back(requests_.at(s.seq->id).get());
+    }
+    const int V = model_.config().vocab_size;
+    const int rows = static_cast<int>(sampled.size());
+    std::vector<int32_t> chosen(rows, -1);
+    std::vector<std::string> errors(rows);
+#pragma omp parallel for schedule(dynamic)
+    for (int i = 0; i < rows; ++i) {
+      Request& r = *sampled[i];
+      const float* row = logits + static_cast<size_t>(i) * V;
+      try {
+        std::vector<float> adjusted(row, row + V);
+        const std::span<const int32_t> all(r.seq.tokens);
+        apply_penalties(adjusted.data(), V, r.params.sampling, all.first(r.seq.prompt_len),
+                        all.subspan(r.seq.prompt_len));
+        chosen[i] = sample_token(adjusted.data(), V, r.params.sampling, r.rng);
+        if (r.params.logprobs || r.params.top_logprobs > 0)
+          r.pending.logprobs.push_back(log_softmax_at(row, V, chosen[i]));
+        if (r.params.top_logprobs > 0)
+          r.pending.top_logprobs.push_back(top_logprobs(row, V, r.params.top_logprobs));
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+      }
+    }
+    for (int i = 0; i < rows; ++i) {
+      Request& r = *sampled[i];
+      if (!errors[i].empty()) {
+        finish(r, FinishReason::kError, cat("request ", r.seq.id, ": ", errors[i]));
+        continue;
+      }
+      const int32_t t = chosen[i];
+      r.seq.tokens.push_back(t);
+      r.pending.tokens.push_back(t);
+      ++generated;
+      const bool stop_token =
+          (t == config_.eos_token && !r.params.ignore_eos) ||
+          std::find(r.params.stop_token_ids.begin(), r.params.stop_token_ids.end(), t) !=
+              r.params.stop_token_ids.end();
+      if (stop_token) {
+        finish(r, FinishReason::kStop);
+        continue;
+      }
+      if (config_.token_text) r.pending.text += r.text.push(config_.token_text(t));
+      if (r.text.stopped()) {
+        finish(r, FinishReason::kStop);
+      } else if (r.seq.num_generated() >= r.max_new_tokens) {
+        finish(r, FinishReason::kLength);
+      } else {
+        GenerationDelta d = std::move(r.pending);
+        r.pending = {};
+        d.request_id = r.seq.id;
+        r.stream->push(std::move(d));
+      }
+    }
+  }
+  has_work_ = scheduler_->has_work();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  refresh_stats();
+  std::lock_guard<std::mutex> stats_lock(stats_mu_);
+  EngineStats& s = stats_;
+  s.steps += 1;
+  s.prompt_tokens_computed += prompt_rows;
+  s.generated_tokens += generated;
+  s.busy_seconds += seconds;
+  s.generated_tokens_per_s = s.busy_seconds > 0 ? s.generated_tokens / s.busy_seconds : 0.0;
+  return has_work_;
+}
+
+void Engine::run_until_idle() {
+  while (step()) {
+  }
+}
+
+void Engine::loop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(queue_mu_);
+      queue_cv_.wait(lock, [&] { return stopping_ || !incoming_.empty() || has_work_.load(); });
+      if (stopping_) return;
+    }
+    step();
+  }
+}
+
+void Engine::start() {
+  std::lock_guard<std::mutex> lock(queue_mu_);
+  if (loop_thread_.joinable()) return;
+  stopping_ = false;
+  loop_thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::stop() {
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    if (!loop_thread_.joinable()) return;
+    stopping_ = true;
+  }
+  queue_cv_.notify_all();
+  loop_thread_.join();
+}
+
+std::vector<GenerationDelta> Engine::generate(std::vector<GenerationRequest> requests) {
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  streams.reserve(requests.size());
+  for (auto& r : requests) streams.push_back(add_request(std::move(r)));
+  bool looping;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    looping = loop_thread_.joinable();
+  }
+  if (!looping) run_until_idle();
+  std::vector<GenerationDelta> out;
+  out.reserve(streams.size());
+  for (auto& s : streams) out.push_back(s->wait_all());
+  return out;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  return stats_;
+}
+
+}  // namespace tandem

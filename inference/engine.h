@@ -1,0 +1,176 @@
+// Engine: the one entry point for serving a model (CLI, gRPC service, the trainer's evaluation).
+//
+// add_request() returns a RequestStream of deltas (new tokens, their text, log-probabilities)
+// ending with one final delta that carries the finish reason and the usage. A bad request (empty
+// prompt, a prompt that leaves no room in the context or can never fit the KV pool, tokens
+// outside the vocabulary, max_tokens <= 0, invalid sampling values, stop strings without a
+// detokenizer) gets a stream that ends at once with FinishReason::kError and a message naming
+// the field; the engine keeps serving the others. Each step (Scheduler) mixes decode rows and
+// prefill chunks, runs the model once over the paged KV cache (ModelRunner), samples every row
+// with its own request's generator (so a seeded request is reproducible whatever else runs) and
+// streams the results.
+//
+// Threads: add_request, abort and stats may be called from any thread at any time. Steps run
+// either on the engine's own loop thread (start/stop) or by calling step() yourself, not both.
+// abort() waits for a step in flight, then frees the request's blocks at once. The model and
+// the tokenizer function must outlive the engine; the engine owns the KV pool.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "inference/block_manager.h"
+#include "inference/model_runner.h"
+#include "inference/sampler.h"
+#include "inference/scheduler.h"
+#include "runtime/kv_cache.h"
+#include "runtime/transformer.h"
+
+namespace tandem {
+
+struct EngineConfig {
+  int block_size = 16;           // tokens per KV block
+  int64_t kv_cache_mb = 256;     // KV pool size (f32 K and V of every layer)
+  int num_blocks = 0;            // > 0: exactly this many blocks (overrides kv_cache_mb)
+  int max_batched_tokens = 512;  // rows per step (prefill chunks + decode rows)
+  int max_seqs = 64;             // sequences running at once
+  bool prefix_caching = true;
+  bool bf16_weights = false;  // bf16 weight copy for inference (half the bytes per decode step)
+  // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
+  // prefill, prefix hits, preemption): InferenceOptions::batch_invariant. Costs prefill speed.
+  bool batch_invariant = false;
+  int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
+  uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
+  // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
+  std::function<std::string(int32_t)> token_text;
+};
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int max_tokens = 16;                  // new tokens, also capped by the context and the pool
+  std::optional<uint64_t> seed;         // reproducible sampling
+  std::vector<int32_t> stop_token_ids;  // end the request (the token is returned, not its text)
+  std::vector<std::string> stop;        // stop strings, matched across token boundaries
+  bool ignore_eos = false;
+  bool logprobs = false;  // log-probability of each chosen token
+  int top_logprobs = 0;   // and of the n most likely tokens (0..20)
+};
+
+enum class FinishReason { kNone, kStop, kLength, kAbort, kError };
+const char* finish_reason_name(FinishReason reason);  // "", "stop", "length", "abort", "error"
+
+struct Usage {
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  int cached_prompt_tokens = 0;  // served by the prefix cache at admission
+};
+
+// One message of a stream; the last one has finish != kNone.
+struct GenerationDelta {
+  uint64_t request_id = 0;
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::vector<float> logprobs;                          // per token, when asked
+  std::vector<std::vector<TokenLogprob>> top_logprobs;  // per token, when asked
+  FinishReason finish = FinishReason::kNone;
+  std::string error;  // with kError
+  Usage usage;        // in the final delta
+  bool finished() const { return finish != FinishReason::kNone; }
+};
+
+class RequestStream {
+ public:
+  explicit RequestStream(uint64_t id) : id_(id) {}
+  uint64_t id() const { return id_; }
+  // Blocks for the next delta; nullopt once the final delta has been returned.
+  std::optional<GenerationDelta> next();
+  // Blocks to the end and returns all deltas merged into one.
+  GenerationDelta wait_all();
+  bool finished() const;
+  void push(GenerationDelta delta);  // the engine's side
+
+ private:
+  uint64_t id_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<GenerationDelta> queue_;
+  bool final_pushed_ = false, final_taken_ = false;
+};
+
+struct EngineStats {
+  int running = 0, waiting = 0;
+  int kv_blocks_total = 0, kv_blocks_used = 0, kv_blocks_free = 0, kv_blocks_cached = 0;
+  double prefix_hit_rate = 0.0;  // prompt tokens found in the cache / tokens looked up
+  int64_t preemptions = 0;
+  int64_t steps = 0, prompt_tokens_computed = 0, generated_tokens = 0;
+  double busy_seconds = 0.0;            // time spent in steps
+  double generated_tokens_per_s = 0.0;  // generated_tokens / busy_seconds
+};
+
+class Engine {
+ public:
+  // Prepares the model for inference (prepare_inference) and allocates the KV pool.
+  Engine(Transformer& model, EngineConfig config);
+  ~Engine();  // stops the loop; unfinished requests end with kAbort
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  std::shared_ptr<RequestStream> add_request(GenerationRequest request);
+  void abort(uint64_t request_id);
+
+  // One step, if there is work. Returns whether work remains. Not while the loop thread runs.
+  bool step();
+  void run_until_idle();
+  void start();  // the loop thread: steps while there is work, sleeps otherwise
+  void stop();
+
+  // Offline batch generation: submits all, runs to the end, returns one merged delta each.
+  std::vector<GenerationDelta> generate(std::vector<GenerationRequest> requests);
+
+  EngineStats stats() const;
+  const EngineConfig& config() const { return config_; }
+  int num_kv_blocks() const { return blocks_->num_blocks(); }
+
+ private:
+  struct Request;
+  std::string validate(const GenerationRequest& request) const;
+  void admit_incoming();  // step lock held
+  void finish(Request& request, FinishReason reason, std::string error = {});
+  void fail_all(const std::string& message);
+  void refresh_stats();  // step lock held
+  void loop();
+
+  Transformer& model_;
+  EngineConfig config_;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<BlockManager> blocks_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<ModelRunner> runner_;
+
+  mutable std::mutex step_mu_;  // scheduler, block manager, live requests
+  std::unordered_map<uint64_t, std::unique_ptr<Request>> requests_;
+
+  std::mutex queue_mu_;  // incoming requests, loop control
+  std::condition_variable queue_cv_;
+  std::vector<std::unique_ptr<Request>> incoming_;
+  bool stopping_ = false;
+  std::atomic<bool> has_work_{false};
+  std::thread loop_thread_;
+  std::atomic<uint64_t> next_id_{1};
+
+  mutable std::mutex stats_mu_;
+  EngineStats stats_;
+};
+
+}  // namespace tandem

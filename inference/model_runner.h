@@ -1,0 +1,29 @@
+// ModelRunner: turns a scheduled batch into one Transformer::forward_paged call: it lays out the
+// rows (tokens, positions, sequence of each row, the slot each row's K/V goes to), the block
+// tables and the rows to sample, and brings the sampled rows' logits to the host. Reuses its
+// arrays between steps. Not thread-safe (the engine's step lock guards it).
+#pragma once
+
+#include <vector>
+
+#include "inference/scheduler.h"
+#include "runtime/kv_cache.h"
+#include "runtime/transformer.h"
+
+namespace tandem {
+
+class ModelRunner {
+ public:
+  ModelRunner(Transformer& model, KvCache& cache) : model_(model), cache_(cache) {}
+  // Logits [number of entries with sample == true, vocab] on the host, in plan order; valid
+  // until the next call.
+  const float* run(const std::vector<ScheduledSequence>& plan);
+
+ private:
+  Transformer& model_;
+  KvCache& cache_;
+  std::vector<int32_t> tokens_, positions_, row_seq_, slots_, tables_, logit_rows_;
+  Tensor host_logits_;
+};
+
+}  // namespace tandem

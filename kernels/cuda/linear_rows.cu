@@ -1,0 +1,52 @@
+// Inference linear layers with [out, in] weights, the CUDA twins of kernels/cpu/linear_rows.cpp:
+// f32 through cuBLAS; bf16 weights (packed by cpu::pack_bf16_rows) with one warp per output element
+// (a fixed-order dot: deterministic and independent of the other rows).
+#include <cuda_bf16.h>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/detail/common.cuh"
+
+namespace tandem::cuda {
+
+namespace {
+constexpr int kWarpsPerBlock = 8;
+
+// grid (ceil(N / kWarpsPerBlock), M); warp w of a block computes out[m, n].
+__global__ void linear_rows_bf16_kernel(float* out, const float* inp, const uint16_t* weight,
+                                        const float* bias, int K, int N) {
+  const int lane = threadIdx.x % 32;
+  const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  const int m = blockIdx.y;
+  if (n >= N) return;
+  const float* x = inp + static_cast<size_t>(m) * K;
+  const uint16_t* w = weight + static_cast<size_t>(n) * K;
+  const int K16 = K & ~15;
+  float s = 0.0f;
+  for (int k = lane; k < K; k += 32) {
+    int pos = k;  // cpu::pack_bf16_rows swaps the middle two quads of each run of 16
+    if (k < K16) {
+      const int quad = (k & 15) >> 2;
+      pos = (k & ~15) + (quad == 1 ? 2 : (quad == 2 ? 1 : quad)) * 4 + (k & 3);
+    }
+    s += __uint_as_float(static_cast<uint32_t>(w[pos]) << 16) * x[k];
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+  if (lane == 0) out[static_cast<size_t>(m) * N + n] = s + (bias != nullptr ? bias[n] : 0.0f);
+}
+}  // namespace
+
+void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                 int N, void* stream) {
+  matmul_forward(out, inp, weight, bias, M, K, N, WeightLayout::kOutIn, stream);
+}
+
+void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                      int M, int K, int N, void* stream) {
+  if (M == 0 || N == 0) return;
+  const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock, M);
+  linear_rows_bf16_kernel<<<grid, kWarpsPerBlock * 32, 0, detail::as_stream(stream)>>>(
+      out, inp, weight, bias, K, N);
+  detail::check_launch("linear_rows_bf16");
+}
+
+}  // namespace tandem::cuda

@@ -1,0 +1,57 @@
+// The paged KV cache and the attention context of one inference step.
+//
+// KvCache owns, for every layer, K and V pools of `num_blocks` blocks of `block_size` token
+// slots, each slot holding the n_kv_head * head_dim values of one token (f32, on the model's
+// device): slot = block * block_size + offset. Which block belongs to which sequence is decided
+// by the caller (inference/BlockManager); the cache is plain memory.
+//
+// AttentionContext describes one step of Transformer::forward_paged as host arrays: a flat batch
+// of N token rows from any number of sequences (decode rows and prefill chunks mixed), each with
+// its absolute position, its sequence (a row of block_tables) and the slot its K/V is written
+// to; and the rows whose logits are wanted. A row attends to its sequence's positions 0..pos, so
+// positions before a row's own chunk must already be in the cache.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/model_config.h"
+#include "runtime/tensor.h"
+
+namespace tandem {
+
+class KvCache {
+ public:
+  KvCache() = default;
+  KvCache(const ModelConfig& config, int num_blocks, int block_size, Device device = Device::cpu());
+  // Bytes one block takes over all layers (K and V).
+  static int64_t bytes_per_block(const ModelConfig& config, int block_size);
+
+  int num_blocks() const { return num_blocks_; }
+  int block_size() const { return block_size_; }
+  int64_t num_slots() const { return static_cast<int64_t>(num_blocks_) * block_size_; }
+  int64_t bytes() const { return static_cast<int64_t>(storage_.nbytes()); }
+  Device device() const { return storage_.device(); }
+  // [num_slots, n_kv_head * head_dim] of one layer.
+  float* k(int layer) const;
+  float* v(int layer) const;
+
+ private:
+  Tensor storage_;  // [L, 2, num_slots, KV * D]
+  int num_blocks_ = 0, block_size_ = 0, layers_ = 0;
+  int64_t layer_stride_ = 0;  // floats in one layer's K (or V)
+};
+
+struct AttentionContext {
+  int num_rows = 0;
+  const int32_t* tokens = nullptr;        // [num_rows]
+  const int32_t* positions = nullptr;     // [num_rows], absolute, < max_seq_len
+  const int32_t* row_seq = nullptr;       // [num_rows], a row of block_tables
+  const int32_t* slot_mapping = nullptr;  // [num_rows], where the row's K/V goes
+  int num_seqs = 0;
+  int max_blocks_per_seq = 0;
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
+  int num_logit_rows = 0;
+  const int32_t* logit_rows = nullptr;  // [num_logit_rows], rows in [0, num_rows)
+};
+
+}  // namespace tandem

@@ -1,0 +1,317 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "inference/engine.h"
+#include "runtime/transformer.h"
+#include "tests/runtime/test_models.h"
+
+namespace tandem {
+namespace {
+
+using testing::random_tokens;
+
+ModelConfig engine_llama() {
+  ModelConfig c = testing::tiny_llama();
+  c.max_seq_len = 128;
+  return c;
+}
+
+ModelConfig engine_gpt2() {
+  ModelConfig c = testing::tiny_gpt2();
+  c.max_seq_len = 128;
+  return c;
+}
+
+GenerationRequest greedy(std::vector<int32_t> prompt, int max_tokens) {
+  GenerationRequest r;
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0.0f;
+  r.max_tokens = max_tokens;
+  r.logprobs = true;
+  r.top_logprobs = 5;
+  return r;
+}
+
+// Bytes of a token for the tests' tiny vocabularies: one letter each.
+std::string letter(int32_t t) {
+  return std::string(1, static_cast<char>('a' + t % 26));
+}
+
+void expect_same_output(const GenerationDelta& a, const GenerationDelta& b,
+                        const std::string& what) {
+  EXPECT_EQ(a.tokens, b.tokens) << what;
+  EXPECT_EQ(a.logprobs, b.logprobs) << what << ": chosen-token logprobs differ";
+  EXPECT_EQ(a.top_logprobs, b.top_logprobs) << what << ": top logprobs differ";
+  EXPECT_EQ(a.finish, b.finish) << what;
+}
+
+// A greedy request yields the same tokens and bitwise-equal log-probabilities (computed from the
+// whole logits row) alone, and among 31 others of different lengths with chunked prefill and
+// prefix-cache hits.
+void check_batch_invariance(const ModelConfig& config) {
+  Transformer model(config);
+  model.init_weights(11);
+  const auto target_prompt = random_tokens(45, config.vocab_size, 100);
+  GenerationDelta alone;
+  {
+    EngineConfig ec;
+    ec.batch_invariant = true;
+    ec.batch_invariant = true;
+    ec.prefix_caching = false;
+    ec.num_blocks = 64;
+    Engine engine(model, ec);
+    alone = engine.generate({greedy(target_prompt, 20)})[0];
+    ASSERT_EQ(alone.finish, FinishReason::kLength) << alone.error;
+    ASSERT_EQ(alone.tokens.size(), 20u);
+  }
+  for (bool chunked : {false, true}) {
+    EngineConfig ec;
+    ec.batch_invariant = true;
+    ec.batch_invariant = true;
+    ec.num_blocks = 400;
+    ec.block_size = 16;
+    ec.max_batched_tokens = chunked ? 24 : 512;
+    Engine engine(model, ec);
+    // Warm the prefix cache with the target's first 32 tokens.
+    std::vector<int32_t> warm(target_prompt.begin(), target_prompt.begin() + 40);
+    engine.generate({greedy(warm, 1)});
+    std::vector<GenerationRequest> batch;
+    for (int i = 0; i < 31; ++i)
+      batch.push_back(greedy(random_tokens(3 + 2 * i, config.vocab_size, 200 + i), 5 + i % 7));
+    batch.insert(batch.begin() + 13, greedy(target_prompt, 20));
+    const auto out = engine.generate(std::move(batch));
+    const GenerationDelta& target = out[13];
+    EXPECT_EQ(target.usage.cached_prompt_tokens, 32) << "the warm-up's two full blocks are hits";
+    expect_same_output(alone, target,
+                       cat(family_name(config.family), chunked ? " chunked" : " whole prompts"));
+    for (const auto& o : out) EXPECT_NE(o.finish, FinishReason::kError) << o.error;
+  }
+}
+
+TEST(Engine, GreedyOutputIsBatchInvariantLlama) {
+  check_batch_invariance(engine_llama());
+}
+
+TEST(Engine, GreedyOutputIsBatchInvariantGpt2) {
+  check_batch_invariance(engine_gpt2());
+}
+
+TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
+  Transformer model(engine_llama());
+  model.init_weights(5);
+  const auto prefix = random_tokens(40, 37, 1);
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    auto p = prefix;
+    const auto tail = random_tokens(3 + i, 37, 50 + i);
+    p.insert(p.end(), tail.begin(), tail.end());
+    GenerationRequest r = greedy(p, 8);
+    requests.push_back(r);
+  }
+  auto run = [&](bool caching) {
+    EngineConfig ec;
+    ec.batch_invariant = true;
+    ec.batch_invariant = true;
+    ec.prefix_caching = caching;
+    ec.num_blocks = 100;
+    ec.block_size = 8;
+    Engine engine(model, ec);
+    std::vector<GenerationDelta> out;
+    for (const auto& r : requests) out.push_back(engine.generate({r})[0]);  // one after another
+    return std::make_pair(out, engine.stats());
+  };
+  const auto [cached, cached_stats] = run(true);
+  const auto [plain, plain_stats] = run(false);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    expect_same_output(cached[i], plain[i], cat("request ", i));
+    EXPECT_EQ(plain[i].usage.cached_prompt_tokens, 0);
+    if (i > 0) EXPECT_EQ(cached[i].usage.cached_prompt_tokens, 40) << "request " << i;
+  }
+  EXPECT_GT(cached_stats.prefix_hit_rate, 0.5);
+  EXPECT_EQ(plain_stats.prefix_hit_rate, 0.0);
+}
+
+TEST(Engine, PreemptedRequestsFinishWithTheSameOutputs) {
+  Transformer model(engine_llama());
+  model.init_weights(8);
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 64; ++i) {
+    GenerationRequest r = greedy(random_tokens(4 + i % 13, 37, 300 + i), 6 + i % 9);
+    if (i % 2 == 1) {  // seeded sampling survives recomputation too
+      r.sampling.temperature = 0.9f;
+      r.seed = 1000 + i;
+    }
+    requests.push_back(r);
+  }
+  auto run = [&](int num_blocks) {
+    EngineConfig ec;
+    ec.batch_invariant = true;
+    ec.batch_invariant = true;
+    ec.num_blocks = num_blocks;
+    ec.block_size = 4;
+    ec.max_batched_tokens = 64;
+    Engine engine(model, ec);
+    auto out = engine.generate(requests);
+    return std::make_pair(out, engine.stats());
+  };
+  const auto [small, small_stats] = run(12);  // 48 token slots for 64 requests of ~20 tokens
+  const auto [large, large_stats] = run(1000);
+  EXPECT_GT(small_stats.preemptions, 0);
+  EXPECT_EQ(large_stats.preemptions, 0);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(small[i].finish, FinishReason::kLength) << i << ": " << small[i].error;
+    expect_same_output(small[i], large[i], cat("request ", i));
+  }
+  EXPECT_EQ(small_stats.kv_blocks_used, 0) << "every block is returned";
+}
+
+TEST(Engine, SeededSamplingIsReproducible) {
+  Transformer model(engine_gpt2());
+  model.init_weights(4);
+  GenerationRequest r = greedy(random_tokens(10, 37, 7), 24);
+  r.sampling.temperature = 1.0f;
+  r.sampling.top_p = 0.9f;
+  r.seed = 42;
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 200;
+  Engine engine(model, ec);
+  const auto a = engine.generate({r})[0];
+  std::vector<GenerationRequest> crowd(9, greedy(random_tokens(6, 37, 8), 30));
+  crowd.insert(crowd.begin() + 4, r);
+  const auto b = engine.generate(crowd)[4];
+  expect_same_output(a, b, "seeded");
+  r.seed = 43;
+  const auto c = engine.generate({r})[0];
+  EXPECT_NE(a.tokens, c.tokens) << "another seed, another sample (24 tokens)";
+}
+
+TEST(Engine, StopStringsSplitAcrossTokensAreCaught) {
+  Transformer model(engine_llama());
+  model.init_weights(9);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 100;
+  ec.token_text = letter;
+  Engine engine(model, ec);
+  GenerationRequest r = greedy(random_tokens(5, 37, 3), 20);
+  const auto full = engine.generate({r})[0];
+  ASSERT_EQ(full.text.size(), 20u);
+  const std::string stop = full.text.substr(6, 3);  // spans tokens 6, 7 and 8
+  r.stop = {stop};
+  const std::size_t at = full.text.find(stop);
+  auto stream = engine.add_request(r);
+  engine.run_until_idle();
+  std::string streamed;
+  GenerationDelta last;
+  while (auto d = stream->next()) {
+    streamed += d->text;
+    EXPECT_EQ(streamed, full.text.substr(0, streamed.size())) << "a delta showed a partial stop";
+    last = *d;
+  }
+  EXPECT_EQ(streamed, full.text.substr(0, at));
+  EXPECT_EQ(last.finish, FinishReason::kStop);
+  // A stop token id ends the request with the token, without its text.
+  GenerationRequest s = greedy(r.prompt, 20);
+  s.stop_token_ids = {full.tokens[4]};
+  const auto stopped = engine.generate({s})[0];
+  const auto first = std::find(full.tokens.begin(), full.tokens.end(), full.tokens[4]);
+  const size_t n = static_cast<size_t>(first - full.tokens.begin()) + 1;
+  EXPECT_EQ(stopped.tokens, std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + n));
+  EXPECT_EQ(stopped.text, full.text.substr(0, n - 1));
+  EXPECT_EQ(stopped.finish, FinishReason::kStop);
+}
+
+TEST(Engine, BadRequestsGetAnErrorAndOthersAreServed) {
+  Transformer model(engine_llama());
+  model.init_weights(2);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 4;
+  ec.block_size = 16;  // 64 token slots
+  Engine engine(model, ec);
+  const auto ok = greedy(random_tokens(5, 37, 1), 4);
+  auto with = [&](auto change) {
+    GenerationRequest r = ok;
+    change(r);
+    return r;
+  };
+  const std::vector<std::pair<GenerationRequest, std::string>> bad = {
+      {with([](auto& r) { r.prompt.clear(); }), "empty"},
+      {with([](auto& r) { r.prompt = random_tokens(128, 37, 2); }), "context"},
+      {with([](auto& r) { r.prompt = random_tokens(70, 37, 2); }), "never fit"},
+      {with([](auto& r) { r.prompt[0] = 37; }), "vocabulary"},
+      {with([](auto& r) { r.max_tokens = 0; }), "max_tokens"},
+      {with([](auto& r) { r.sampling.top_p = 0.0f; }), "top_p"},
+      {with([](auto& r) { r.sampling.top_p = 1.5f; }), "top_p"},
+      {with([](auto& r) { r.sampling.temperature = -1.0f; }), "temperature"},
+      {with([](auto& r) { r.sampling.temperature = NAN; }), "temperature"},
+      {with([](auto& r) { r.stop = {"x"}; }), "tokenizer"},
+  };
+  std::vector<GenerationRequest> all = {ok};
+  for (const auto& [r, word] : bad) all.push_back(r);
+  all.push_back(ok);
+  const auto out = engine.generate(all);
+  EXPECT_EQ(out.front().finish, FinishReason::kLength) << out.front().error;
+  EXPECT_EQ(out.back().tokens, out.front().tokens);
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_EQ(out[i + 1].finish, FinishReason::kError) << bad[i].second;
+    EXPECT_NE(out[i + 1].error.find(bad[i].second), std::string::npos) << out[i + 1].error;
+  }
+}
+
+TEST(Engine, AbortFreesBlocksAtOnce) {
+  Transformer model(engine_llama());
+  model.init_weights(2);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 50;
+  ec.block_size = 4;
+  ec.prefix_caching = false;
+  Engine engine(model, ec);
+  auto stream = engine.add_request(greedy(random_tokens(20, 37, 1), 50));
+  engine.step();
+  engine.step();
+  EXPECT_GT(engine.stats().kv_blocks_used, 0);
+  engine.abort(stream->id());
+  EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+  const auto all = stream->wait_all();
+  EXPECT_EQ(all.finish, FinishReason::kAbort);
+  EXPECT_EQ(all.tokens.size(), 2u);
+  EXPECT_FALSE(engine.step()) << "nothing left to do";
+}
+
+TEST(Engine, LoopThreadServesConcurrentSubmitters) {
+  Transformer model(engine_gpt2());
+  model.init_weights(6);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 300;
+  Engine engine(model, ec);
+  std::vector<GenerationDelta> expected;
+  for (int i = 0; i < 8; ++i)
+    expected.push_back(engine.generate({greedy(random_tokens(5 + i, 37, i), 10)})[0]);
+  engine.start();
+  std::vector<GenerationDelta> got(8);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&, i] {
+      got[i] = engine.add_request(greedy(random_tokens(5 + i, 37, i), 10))->wait_all();
+    });
+  }
+  for (auto& t : clients) t.join();
+  engine.stop();
+  for (int i = 0; i < 8; ++i) expect_same_output(got[i], expected[i], cat("client ", i));
+  const EngineStats s = engine.stats();
+  EXPECT_EQ(s.running + s.waiting, 0);
+  EXPECT_GT(s.generated_tokens, 0);
+  EXPECT_GT(s.generated_tokens_per_s, 0.0);
+}
+
+}  // namespace
+}  // namespace tandem
