@@ -150,6 +150,12 @@ TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
   ASSERT_EQ(c.status, 0) << c.output;
   const Metrics mc = read_metrics(dir_ / "two_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), m2.loss.at(step)) << step;
+  fs::copy(dir_ / "zero", dir_ / "zero_again", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "zero_again" / "checkpoints" / "step_00000006");
+  const Outcome d = train("zero_again", 2, "--parallel.zero=1 --checkpoint.resume=true");
+  ASSERT_EQ(d.status, 0) << d.output;
+  const Metrics md = read_metrics(dir_ / "zero_again");
+  for (long step = 4; step <= 6; ++step) EXPECT_EQ(md.loss.at(step), mz.loss.at(step)) << step;
 }
 
 TEST_F(MpiTrainTest, ARankFailingOnACorruptShardEndsEveryRankNamingIt) {
