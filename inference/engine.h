@@ -40,8 +40,13 @@
 namespace tandem {
 
 struct EngineConfig {
-  int block_size = 16;           // tokens per KV block
-  int64_t kv_cache_mb = 256;     // KV pool size (f32 K and V of every layer)
+  int block_size = 16;        // tokens per KV block
+  int64_t kv_cache_mb = 256;  // KV pool size (K and V of every layer)
+  // > 0: the pool takes this fraction of the memory available on the model's device once the
+  // model is prepared (MemAvailable and the cgroup limit, or the GPU's free memory), instead of
+  // kv_cache_mb.
+  double kv_cache_fraction = 0.0;
+  bool bf16_kv_cache = false;    // K/V stored as bf16: twice the tokens in the same bytes
   int num_blocks = 0;            // > 0: exactly this many blocks (overrides kv_cache_mb)
   int max_batched_tokens = 512;  // rows per step (prefill chunks + decode rows)
   int max_seqs = 64;             // sequences running at once

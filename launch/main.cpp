@@ -333,6 +333,10 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o) {
   c->add_option("--kv-cache-mb", o.kv_cache_mb, "KV cache pool size")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
       ->capture_default_str();
+  c->add_option("--kv-cache-fraction", o.kv_cache_fraction,
+                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
+      ->check(finite_in(0.0, 0.99));
+  c->add_flag("--bf16-kv-cache", o.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
   c->add_option("--block-size", o.block_size, "Tokens per KV block")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -450,8 +454,8 @@ int main(int argc, char** argv) {
   const std::string where = known ? cat("'tandem ", argv[1], " --help'") : "'tandem --help'";
   try {
     if (argc > 1 && argv[1][0] != '-' && !known) {
-      throw UsageError(
-          cat("unknown command '", argv[1], "' (commands: prepare, train, generate, tokenize, score, info, help)"));
+      throw UsageError(cat("unknown command '", argv[1],
+                           "' (commands: prepare, train, generate, tokenize, score, info, help)"));
     }
     try {
       app.parse(argc, argv);

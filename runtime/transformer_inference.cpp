@@ -237,10 +237,19 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
       ops_->rope_forward(qkv + HD, positions, rope_cos_.data<float>(), rope_sin_.data<float>(), N,
                          KV, D, QKV);
     }
-    ops_->paged_kv_write(cache.k(l), cache.v(l), qkv + HD, qkv + HD + KV * D, QKV, slots, N, KV, D);
-    ops_->paged_attention_forward(att, qkv, QKV, cache.k(l), cache.v(l), tables,
-                                  ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
-                                  cache.block_size());
+    if (cache.dtype() == DType::kBF16) {
+      ops_->paged_kv_write_bf16(cache.k_bf16(l), cache.v_bf16(l), qkv + HD, qkv + HD + KV * D, QKV,
+                                slots, N, KV, D);
+      ops_->paged_attention_forward_bf16(att, qkv, QKV, cache.k_bf16(l), cache.v_bf16(l), tables,
+                                         ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
+                                         cache.block_size());
+    } else {
+      ops_->paged_kv_write(cache.k(l), cache.v(l), qkv + HD, qkv + HD + KV * D, QKV, slots, N, KV,
+                           D);
+      ops_->paged_attention_forward(att, qkv, QKV, cache.k(l), cache.v(l), tables,
+                                    ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
+                                    cache.block_size());
+    }
     linear(tmp, att, w.attn_out, bias(o.attn_out_b), N, HD, C);
     ops_->add(x, x, tmp, NC);
     norm(ln, mean, rstd, x, o.ln2_w, o.ln2_b, N);

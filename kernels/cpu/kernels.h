@@ -114,6 +114,15 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
                              const float* v_cache, const int32_t* block_tables,
                              int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
                              int N, int H, int KV, int D, int block_size);
+// The same over a bf16 cache (half the bytes per token): K/V are rounded to bf16 (nearest even)
+// when written and widened exactly to f32 when read; the arithmetic stays f32.
+void paged_kv_write_bf16(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v,
+                         int row_stride, const int32_t* slot_mapping, int N, int KV, int D);
+void paged_attention_forward_bf16(float* out, const float* q, int q_stride, const uint16_t* k_cache,
+                                  const uint16_t* v_cache, const int32_t* block_tables,
+                                  int max_blocks_per_seq, const int32_t* row_seq,
+                                  const int32_t* row_pos, int N, int H, int KV, int D,
+                                  int block_size);
 
 // ---- Batch-invariant linear layers for inference (linear_rows.cpp) ---------------------------
 // out[M,N] = inp[M,K] * W^T + bias for W [N,K] (nn.Linear layout) packed by pack_linear_f32 or
