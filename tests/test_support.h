@@ -2,6 +2,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <functional>
@@ -28,7 +29,8 @@ class ScratchDir {
  public:
   explicit ScratchDir(const std::string& prefix)
       : path_(std::filesystem::path(::testing::TempDir()) /
-              (prefix + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
+              (prefix + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+               "_" + std::to_string(::getpid()))) {
     std::filesystem::remove_all(path_);
     std::filesystem::create_directories(path_);
   }

@@ -31,7 +31,7 @@ struct Result {
 Result run(const std::string& args, const std::string& program = "") {
   const std::string err_file = ::testing::TempDir() + "/tandem_cli_stderr_" +
                                ::testing::UnitTest::GetInstance()->current_test_info()->name() +
-                               ".txt";
+                               "_" + std::to_string(::getpid()) + ".txt";
   const std::string out_file = err_file + ".out";
   const std::string cmd = (program.empty() ? std::string(TANDEM_BINARY_DIR) + "/tandem" : program) +
                           " " + args + " >" + out_file + " 2>" + err_file;
