@@ -17,6 +17,7 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   std::vector<int32_t> out;
   Rng rng(options.seed);
   for (int i = 0; i < options.max_new_tokens; ++i) {
+    if (options.stop != nullptr && options.stop->load() != 0) break;
     const int start = std::max(0, static_cast<int>(context.size()) - window);
     const int T = static_cast<int>(context.size()) - start;
     model.forward(context.data() + start, nullptr, 1, T);

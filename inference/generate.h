@@ -3,6 +3,7 @@
 // generate`; the serving engine with its paged KV cache is the fast path for many requests.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -17,6 +18,9 @@ struct GenerateOptions {
   SamplingParams sampling;
   uint64_t seed = 0;
   int32_t stop_token = -1;  // e.g. the end-of-text id; -1 = none
+  // Checked before each token: when it points at a non-zero value (a stop signal), generation
+  // ends early with the tokens made so far.
+  const std::atomic<int>* stop = nullptr;
 };
 
 // Returns only the new tokens. The context is cropped to the model's max_seq_len.

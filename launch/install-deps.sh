@@ -8,7 +8,7 @@ packages=(
   libopenblas-openmp-dev libopenblas-dev
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
   nlohmann-json3-dev libxxhash-dev
   bible-kjv-text bible-kjv
 )

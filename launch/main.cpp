@@ -1,21 +1,39 @@
-// The tandem command line: one executable, one subcommand per job.
+// The tandem command line: one executable, one subcommand per job, parsed with CLI11.
 //
 //   tandem prepare  --input PATH... --out DIR (--tokenizer DIR | --train-tokenizer --vocab-size N)
 //   tandem train    --config FILE [--section.key=value ...]
 //   tandem generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
 //   tandem info
-// Errors from bad input are printed as one line "tandem: error: ..." with exit status 1; usage
-// errors exit with 2.
+//   tandem help [COMMAND]      tandem COMMAND --help      tandem --version
+//
+// Conventions every subcommand follows (as git, cargo and torchrun users expect):
+// - `--help` (or `tandem help COMMAND`) prints the command's usage and exits 0.
+// - Usage errors (an unknown command or flag, a missing required flag, a value that is not a
+//   number or out of range, a flag given twice that is not documented as repeatable, a stray
+//   argument) print one line "tandem: usage error: ..." and exit 2.
+// - Errors from bad input (files, configs, checkpoints) print one line "tandem: error: ..." and
+//   exit 1.
+// - SIGINT, SIGTERM and SIGHUP ask a long job to stop cleanly (train writes a checkpoint,
+//   prepare removes its staging files) and it exits 128 + signal; a second signal exits at once.
+// - Output is line-buffered, so a redirected log holds every line printed before a kill.
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
-#include <map>
+#include <limits>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "launch/version.h"
 #include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
@@ -35,113 +53,133 @@ struct UsageError : Error {
   using Error::Error;
 };
 
-// --name value / --name=value flags; repeated flags accumulate. No command takes bare words, so
-// one is an error (it is usually a value whose flag was mistyped away).
-struct Flags {
-  std::map<std::string, std::vector<std::string>> values;
+std::atomic<int> g_stop_signal{0};  // process-wide: set by a stop signal, polled by long jobs
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);  // second signal: leave now
+}
+void install_stop_signals() {
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, on_stop_signal);
+}
 
-  static Flags parse(int argc, char** argv, int first, const std::vector<std::string>& switches) {
-    Flags f;
-    for (int i = first; i < argc; ++i) {
-      std::string a = argv[i];
-      if (!a.starts_with("--"))
-        throw UsageError(cat("unexpected argument '", a, "' (flags start with --)"));
-      a = a.substr(2);
-      const size_t eq = a.find('=');
-      if (eq != std::string::npos) {
-        f.values[a.substr(0, eq)].push_back(a.substr(eq + 1));
-      } else if (std::find(switches.begin(), switches.end(), a) != switches.end()) {
-        f.values[a].push_back("true");
-      } else {
-        if (i + 1 >= argc) throw UsageError(cat("flag --", a, " needs a value"));
-        f.values[a].push_back(argv[++i]);
-      }
-    }
-    return f;
+std::string version_text() {
+  return cat("tandem ", TANDEM_VERSION, " (", TANDEM_GIT_REVISION, ")\n",
+             "build: ", TANDEM_BUILD_TYPE, ", ", TANDEM_COMPILER, ", C++20, -march=native ",
+             TANDEM_NATIVE_BUILD ? "on" : "off", "\n",
+             "CUDA backend: ", tandem::cuda_built() ? "built" : "not built", "\n",
+             "BLAS: OpenBLAS (OpenMP build expected)\n");
+}
+
+// Unknown flags and stray words are usage errors (checked before required flags, so a mistyped
+// flag is named as such rather than reported as the flag it was meant to be missing).
+void require_no_extras(const CLI::App& command) {
+  const std::vector<std::string> extras = command.remaining();
+  if (extras.empty()) return;
+  const std::string& first = extras.front();
+  if (first.starts_with("-")) {
+    throw UsageError(cat("unknown flag '", first.substr(0, first.find('=')), "' for 'tandem ",
+                         command.get_name(), "'"));
   }
-  bool has(const std::string& k) const { return values.count(k) > 0; }
-  std::string get(const std::string& k, const std::string& fallback = "") const {
-    auto it = values.find(k);
-    return it == values.end() ? fallback : it->second.back();
+  throw UsageError(cat("unexpected argument '", first, "' (flags start with --)"));
+}
+
+void require_flags(const CLI::App& command, std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    if (command.get_option(name)->count() == 0) throw UsageError(cat(name, " is required"));
   }
-  template <typename T>
-  T number(const std::string& k, T fallback) const {
-    if (!has(k)) return fallback;
-    const std::string v = get(k);
-    try {
-      size_t used = 0;
-      T out;
-      if constexpr (std::is_floating_point_v<T>)
-        out = static_cast<T>(std::stod(v, &used));
-      else
-        out = static_cast<T>(std::stoll(v, &used));
-      if (used != v.size()) throw std::invalid_argument(v);
-      return out;
-    } catch (const std::exception&) {
-      throw UsageError(cat("flag --", k, " = '", v, "' is not a number"));
-    }
-  }
-  void allow_only(const std::vector<std::string>& known, const std::string& command) const {
-    for (const auto& [k, v] : values) {
-      if (std::find(known.begin(), known.end(), k) == known.end()) {
-        throw UsageError(
-            cat("unknown flag --", k, " for 'tandem ", command, "' (try 'tandem help')"));
-      }
-    }
-  }
+}
+
+// A decimal integer that fits uint64 (CLI11 2.1 accepts "-1" and wraps values past 2^64).
+const CLI::Validator kUnsigned64(
+    [](std::string& text) -> std::string {
+      const bool digits = !text.empty() && text.size() <= 20 &&
+                          text.find_first_not_of("0123456789") == std::string::npos;
+      if (!digits) return cat("'", text, "' is not a non-negative integer");
+      errno = 0;
+      std::strtoull(text.c_str(), nullptr, 10);
+      if (errno == ERANGE) return cat("'", text, "' is larger than 18446744073709551615");
+      return "";
+    },
+    "UINT64");
+
+// A finite number in [lo, hi] (CLI::Range lets NaN through).
+CLI::Validator finite_in(double lo, double hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        if (end == text.c_str() || *end != '\0' || !std::isfinite(v) || v < lo || v > hi) {
+          return cat("'", text, "' is not a number in [", lo, ", ", hi, "]");
+        }
+        return "";
+      },
+      cat("NUMBER in [", lo, ", ", hi, "]"));
+}
+
+// ---- prepare --------------------------------------------------------------------------------
+
+struct PrepareArgs {
+  std::vector<std::string> inputs;
+  std::string out, tokenizer;
+  bool train_tokenizer = false;
+  int vocab_size = 4096;
+  double val_fraction = 0.05;
+  int64_t shard_tokens = 100'000'000;
 };
 
-std::atomic<int> g_stop_signal{0};  // process-wide: set by SIGINT/SIGTERM, polled by the trainer
-extern "C" void on_stop_signal(int sig) {
-  if (g_stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);  // second Ctrl-C: leave now
+CLI::App* add_prepare(CLI::App& app, PrepareArgs& a) {
+  CLI::App* c = app.add_subcommand("prepare", "Text files -> token shards (+ tokenizer files)");
+  c->add_option("--input", a.inputs, "Text file or directory (repeatable; each path once)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->allow_extra_args(false);  // one path per --input: a stray word is an error
+  c->add_option("--out", a.out, "Output directory (must not hold prepared data)");
+  c->add_option("--tokenizer", a.tokenizer,
+                "Directory with encoder.json + vocab.bpe (e.g. GPT-2's)");
+  c->add_flag("--train-tokenizer", a.train_tokenizer,
+              "Learn a byte-level BPE vocabulary from the inputs");
+  c->add_option("--vocab-size", a.vocab_size, "Vocabulary size to learn")
+      ->check(CLI::Range(257, 1 << 30))
+      ->capture_default_str();
+  c->add_option("--val-fraction", a.val_fraction,
+                "Share of each file's tokens (from its end) for validation, in (0, 0.5]")
+      ->check(finite_in(0.0, 1.0))
+      ->capture_default_str();
+  c->add_option("--shard-tokens", a.shard_tokens, "Maximum tokens per shard")
+      ->check(CLI::Range(int64_t{1}, std::numeric_limits<int64_t>::max()))
+      ->capture_default_str();
+  return c;
 }
 
-int print_usage() {
-  std::printf(
-      "usage: tandem <command> [options]\n\n"
-      "  prepare   text files -> token shards (+ tokenizer files) for training\n"
-      "            --input PATH (repeatable; files or directories) --out DIR\n"
-      "            --tokenizer DIR (encoder.json + vocab.bpe, e.g. GPT-2's) or\n"
-      "            --train-tokenizer --vocab-size N; [--val-fraction 0.05] [--shard-tokens N]\n"
-      "  train     --config FILE [--section.key=value ...]   (see launch/configs/)\n"
-      "  generate  --model DIR (a checkpoint) --prompt TEXT [--max-new-tokens 64]\n"
-      "            [--temperature 0.8] [--top-k 40] [--top-p 1] [--seed 0] [--device cuda]\n"
-      "  info      build and machine facts (CUDA, BLAS threading, threads)\n");
-  return 0;
-}
-
-int run_info() {
-  std::printf("tandem: CUDA backend %s, %d CUDA device(s)\n",
-              tandem::cuda_built() ? "built" : "not built", tandem::cuda_device_count());
-  std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n",
-              tandem::cpu::blas_parallel_mode(), tandem::cpu::num_threads());
-  return 0;
-}
-
-int run_prepare(const Flags& f) {
-  f.allow_only({"input", "out", "tokenizer", "train-tokenizer", "vocab-size", "val-fraction",
-                "shard-tokens"},
-               "prepare");
-  require(f.has("input"), "prepare: --input is required");
-  require(f.has("out"), "prepare: --out is required");
-  const std::vector<std::string> inputs = f.values.at("input");
-  const std::string out = f.get("out");
-  tandem::require_unprepared_output(out);  // before the (slow) tokenizer training
-  const std::vector<std::string> files = tandem::collect_input_files(inputs, out);
+int run_prepare(const CLI::App& command, const PrepareArgs& a) {
+  require_no_extras(command);
+  require_flags(command, {"--input", "--out"});
+  require(!(a.train_tokenizer && !a.tokenizer.empty()),
+          "prepare: give --tokenizer or --train-tokenizer, not both");
+  if (a.tokenizer.empty() && !a.train_tokenizer) {
+    throw UsageError("prepare: give --tokenizer DIR or --train-tokenizer --vocab-size N");
+  }
+  require(a.val_fraction > 0.0 && a.val_fraction <= 0.5, "prepare: --val-fraction ", a.val_fraction,
+          " is outside (0, 0.5]: the trainer evaluates on the val split (e.g. 0.01 keeps 1%)");
+  std::set<std::string> seen;
+  for (const std::string& input : a.inputs) {
+    std::error_code ec;
+    const fs::path canonical = fs::weakly_canonical(input, ec);
+    if (!seen.insert(ec ? input : canonical.string()).second) {
+      throw UsageError(cat("prepare: --input ", input, " is given twice"));
+    }
+  }
+  tandem::require_unprepared_output(a.out);  // before the (slow) tokenizer training
+  const std::vector<std::string> files = tandem::collect_input_files(a.inputs, a.out);
+  install_stop_signals();
 
   std::optional<tandem::BpeTokenizer> tokenizer;
-  if (f.has("tokenizer")) {
-    require(!f.has("train-tokenizer"), "prepare: give --tokenizer or --train-tokenizer, not both");
-    tokenizer = tandem::BpeTokenizer::load_dir(f.get("tokenizer"));
+  if (!a.tokenizer.empty()) {
+    tokenizer = tandem::BpeTokenizer::load_dir(a.tokenizer);
   } else {
-    require(f.has("train-tokenizer"),
-            "prepare: give --tokenizer DIR or --train-tokenizer --vocab-size N");
-    const int vocab = f.number<int>("vocab-size", 4096);
-    require(vocab >= 257, "prepare: --vocab-size must be >= 257, got ", vocab);
     std::vector<std::string> texts;
     for (const auto& file : files) texts.push_back(tandem::read_file(file));
-    std::fprintf(stderr, "tandem: training a %d-token BPE vocabulary...\n", vocab);
-    tokenizer = tandem::BpeTokenizer::train(texts, vocab);
+    std::fprintf(stderr, "tandem: training a %d-token BPE vocabulary...\n", a.vocab_size);
+    tokenizer = tandem::BpeTokenizer::train(texts, a.vocab_size);
+    if (g_stop_signal.load() != 0) throw tandem::PrepareInterrupted("prepare: interrupted");
   }
   require(tokenizer->eot_id() >= 0, "prepare: the tokenizer has no <|endoftext|> token");
   tandem::PrepareOptions opt;
@@ -150,89 +188,229 @@ int run_prepare(const Flags& f) {
   opt.encode = [&tok](std::string_view text) { return tok.encode(text); };
   opt.eot_token = tokenizer->eot_id();
   opt.vocab_size = tokenizer->vocab_size();
-  opt.out_dir = out;
-  opt.val_fraction = f.number<double>("val-fraction", 0.05);
-  opt.shard_tokens = f.number<int64_t>("shard-tokens", 100'000'000);
+  opt.out_dir = a.out;
+  opt.val_fraction = a.val_fraction;
+  opt.shard_tokens = a.shard_tokens;
+  opt.stop = &g_stop_signal;
   // The tokenizer files are published with the shards, before prepare.json marks the set done.
   opt.write_extra_files = [&tok](const std::string& dir) { tok.save_dir(dir); };
   const tandem::PrepareSummary s = tandem::prepare_corpus(opt);
+  if (s.stale_staging_removed > 0) {
+    std::printf("tandem: removed %d staging director%s left by an interrupted prepare\n",
+                s.stale_staging_removed, s.stale_staging_removed == 1 ? "y" : "ies");
+  }
   std::printf(
       "tandem: %s: %llu train + %llu val tokens, vocab %lld, %zu + %zu shards, tokenizer files "
       "written\n",
-      out.c_str(), static_cast<unsigned long long>(s.train_tokens),
+      a.out.c_str(), static_cast<unsigned long long>(s.train_tokens),
       static_cast<unsigned long long>(s.val_tokens), static_cast<long long>(s.vocab_size),
       s.train_shards.size(), s.val_shards.size());
   return 0;
 }
 
-int run_train(int argc, char** argv) {
+// ---- train ----------------------------------------------------------------------------------
+
+struct TrainArgs {
   std::string config_file;
-  std::vector<std::string> overrides;
-  for (int i = 2; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--config") {
-      if (i + 1 >= argc) throw UsageError("flag --config needs a value");
-      config_file = argv[++i];
-    } else if (a.starts_with("--config=")) {
-      config_file = a.substr(9);
-    } else if (a.starts_with("--") && a.find('.') != std::string::npos &&
-               a.find('=') != std::string::npos) {
-      overrides.push_back(a.substr(2));
-    } else {
-      throw UsageError(
-          cat("train: unexpected argument '", a, "' (use --config FILE and --section.key=value)"));
+};
+
+CLI::App* add_train(CLI::App& app, TrainArgs& a) {
+  CLI::App* c = app.add_subcommand(
+      "train",
+      "Train a model: a JSON config plus --section.key=value overrides\n"
+      "(sections model, data, train, optim, eval, checkpoint, log; see launch/configs/)");
+  c->add_option("--config", a.config_file, "JSON config file (comments allowed)");
+  c->allow_extras();  // the --section.key=value overrides, checked in run_train
+  c->footer(
+      "Overrides: --section.key=value, any number, applied in order on top of the config (the\n"
+      "last one for a key wins), e.g.\n"
+      "  tandem train --config launch/configs/demo.json --optim.lr=3e-4 --train.steps=1000\n"
+      "  tandem train --config launch/configs/demo.json --checkpoint.resume=true\n"
+      "One trainer per checkpoint.dir (a lock); Ctrl-C / SIGTERM / SIGHUP stop after the current\n"
+      "step with a checkpoint and exit 128+signal.");
+  return c;
+}
+
+int run_train(const CLI::App& command, const TrainArgs& a) {
+  std::vector<std::string> overrides;  // repeatable: a later one for the same key wins
+  for (const std::string& extra : command.remaining()) {
+    const size_t eq = extra.find('=');
+    const size_t dot = extra.find('.');
+    if (!extra.starts_with("--") || eq == std::string::npos || dot == std::string::npos ||
+        dot > eq) {
+      throw UsageError(cat("train: unexpected argument '", extra,
+                           "' (use --config FILE and --section.key=value)"));
     }
+    overrides.push_back(extra.substr(2));
   }
-  require(!config_file.empty() || !overrides.empty(), "train: --config FILE is required");
+  if (a.config_file.empty() && overrides.empty()) {
+    throw UsageError("train: --config FILE is required");
+  }
   tandem::cpu::check_blas_is_openmp();
-  const tandem::TrainConfig config = tandem::load_train_config(config_file, overrides);
+  const tandem::TrainConfig config = tandem::load_train_config(a.config_file, overrides);
   tandem::Trainer trainer(config, std::cout);
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
+  install_stop_signals();
   const tandem::TrainResult r = trainer.run(&g_stop_signal);
   if (r.interrupted) return 128 + g_stop_signal.load();
   return 0;
 }
 
-int run_generate(const Flags& f) {
-  f.allow_only({"model", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed",
-                "threads", "device"},
-               "generate");
-  require(f.has("model"), "generate: --model DIR is required (a checkpoint directory)");
-  const std::string dir = f.get("model");
-  if (f.has("threads")) tandem::cpu::set_num_threads(f.number<int>("threads", 0));
-  const tandem::Device device = tandem::Device::parse(f.get("device", "cpu"));
+// ---- generate -------------------------------------------------------------------------------
+
+struct GenerateArgs {
+  std::string model, prompt, device = "cpu";
+  int max_new_tokens = 64;
+  float temperature = 0.8f;
+  int top_k = 40;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  int threads = 0;
+};
+
+CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
+  CLI::App* c = app.add_subcommand("generate", "Sample a continuation from a checkpoint");
+  c->add_option("--model", a.model, "Checkpoint (Hugging Face model) directory");
+  c->add_option("--prompt", a.prompt, "Text to continue")->capture_default_str();
+  c->add_option("--max-new-tokens", a.max_new_tokens, "Tokens to generate")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--temperature", a.temperature, "0 = greedy")
+      ->check(finite_in(0.0, 100.0))
+      ->capture_default_str();
+  c->add_option("--top-k", a.top_k, "Keep the k most likely tokens (0 = all)")
+      ->check(CLI::Range(0, 1 << 30))
+      ->capture_default_str();
+  c->add_option("--top-p", a.top_p, "Nucleus sampling mass, in (0, 1]")
+      ->check(finite_in(1e-6, 1.0))
+      ->capture_default_str();
+  c->add_option("--seed", a.seed, "Sampling seed")->check(kUnsigned64)->capture_default_str();
+  c->add_option("--threads", a.threads, "CPU threads (0 = OpenMP default)")
+      ->check(CLI::Range(0, 4096));
+  c->add_option("--device", a.device, "cpu, cuda or cuda:N")->capture_default_str();
+  return c;
+}
+
+int run_generate(const CLI::App& command, const GenerateArgs& a) {
+  require_no_extras(command);
+  require_flags(command, {"--model"});
+  if (a.threads > 0) tandem::cpu::set_num_threads(a.threads);
+  const tandem::Device device = tandem::Device::parse(a.device);
   require(device.is_cpu() || device.index < tandem::cuda_device_count(), "generate: --device ",
           device.str(), " is not available (", tandem::cuda_device_count(), " CUDA device(s))");
-  auto model = tandem::load_pretrained(dir, device);
-  require(fs::exists(fs::path(dir) / "encoder.json"), dir,
+  auto model = tandem::load_pretrained(a.model, device);
+  require(fs::exists(fs::path(a.model) / "encoder.json"), a.model,
           " has no tokenizer files (encoder.json, vocab.bpe)");
-  const auto tok = tandem::BpeTokenizer::load_dir(dir);
+  const auto tok = tandem::BpeTokenizer::load_dir(a.model);
   tandem::GenerateOptions opt;
-  opt.max_new_tokens = f.number<int>("max-new-tokens", 64);
-  opt.sampling.temperature = f.number<float>("temperature", 0.8f);
-  opt.sampling.top_k = f.number<int>("top-k", 40);
-  opt.sampling.top_p = f.number<float>("top-p", 1.0f);
-  opt.seed = f.number<uint64_t>("seed", 0);
-  std::printf("%s\n", tandem::generate_text(*model, tok, f.get("prompt"), opt).c_str());
+  opt.max_new_tokens = a.max_new_tokens;
+  opt.sampling.temperature = a.temperature;
+  opt.sampling.top_k = a.top_k;
+  opt.sampling.top_p = a.top_p;
+  opt.seed = a.seed;
+  install_stop_signals();
+  opt.stop = &g_stop_signal;
+  const std::string text = tandem::generate_text(*model, tok, a.prompt, opt);
+  // Byte-exact: the text may hold any byte, NUL included.
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fputc('\n', stdout);
+  return g_stop_signal.load() != 0 ? 128 + g_stop_signal.load() : 0;
+}
+
+// ---- info -----------------------------------------------------------------------------------
+
+int run_info() {
+  std::printf("tandem %s (%s)\n", TANDEM_VERSION, TANDEM_GIT_REVISION);
+  std::printf("tandem: CUDA backend %s, %d CUDA device(s)\n",
+              tandem::cuda_built() ? "built" : "not built", tandem::cuda_device_count());
+  std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n",
+              tandem::cpu::blas_parallel_mode(), tandem::cpu::num_threads());
   return 0;
+}
+
+// The first bare word of a CLI11 "not expected" message, for a readable one-line error.
+std::string describe_extras(const CLI::ExtrasError& e) {
+  std::string what = e.what();
+  const size_t colon = what.find(": ");
+  const std::string args = colon == std::string::npos ? what : what.substr(colon + 2);
+  const std::string first = args.substr(0, args.find(' '));
+  if (first.starts_with("-")) return cat("unknown flag '", first, "'");
+  return cat("unexpected argument '", first, "' (flags start with --)");
+}
+
+// A subcommand by name, or nullptr.
+CLI::App* find_command(CLI::App& app, const std::string& name) {
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    if (sub->check_name(name)) return sub;
+  }
+  return nullptr;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // every line reaches a redirected log at once
+  std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit is a write error we report, not a kill
+
+  CLI::App app("Tandem: train and serve GPT-2 and Llama models from one C++ runtime", "tandem");
+  app.set_version_flag("--version", version_text());
+  app.require_subcommand(0, 1);
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::Throw);
+  app.footer("Run 'tandem COMMAND --help' (or 'tandem help COMMAND') for a command's options.");
+
+  PrepareArgs prepare_args;
+  TrainArgs train_args;
+  GenerateArgs generate_args;
+  CLI::App* prepare = add_prepare(app, prepare_args);
+  CLI::App* train = add_train(app, train_args);
+  CLI::App* generate = add_generate(app, generate_args);
+  CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
+  for (CLI::App* command : {prepare, generate, info}) command->allow_extras();
+  std::string help_topic;
+  CLI::App* help = app.add_subcommand("help", "Usage of tandem or of one command");
+  help->add_option("command", help_topic, "A command name");
+
+  const bool known = argc > 1 && argv[1][0] != '-' && find_command(app, argv[1]) != nullptr;
+  const std::string where = known ? cat("'tandem ", argv[1], " --help'") : "'tandem --help'";
   try {
-    const std::string command = argc > 1 ? argv[1] : "help";
-    if (command == "help" || command == "--help" || command == "-h") return print_usage();
-    if (command == "info") return run_info();
-    if (command == "prepare") return run_prepare(Flags::parse(argc, argv, 2, {"train-tokenizer"}));
-    if (command == "train") return run_train(argc, argv);
-    if (command == "generate") return run_generate(Flags::parse(argc, argv, 2, {}));
-    std::fprintf(stderr, "tandem: unknown command '%s' (try 'tandem help')\n", command.c_str());
-    return 2;
+    if (argc > 1 && argv[1][0] != '-' && !known) {
+      throw UsageError(
+          cat("unknown command '", argv[1], "' (commands: prepare, train, generate, info, help)"));
+    }
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::Success& e) {
+      return app.exit(e);  // --help, --version (CallForHelp etc. derive from Success): exit 0
+    } catch (const CLI::ExtrasError& e) {
+      throw UsageError(describe_extras(e));
+    } catch (const CLI::ParseError& e) {
+      throw UsageError(e.what());
+    }
+    if (*help || app.get_subcommands().empty()) {
+      if (help_topic.empty()) {
+        std::cout << app.help();
+        return 0;
+      }
+      CLI::App* topic = find_command(app, help_topic);
+      if (topic == nullptr || topic == help) {
+        throw UsageError(cat("help: unknown command '", help_topic, "'"));
+      }
+      std::cout << topic->help("tandem");
+      return 0;
+    }
+    if (*prepare) return run_prepare(*prepare, prepare_args);
+    if (*train) return run_train(*train, train_args);
+    if (*generate) return run_generate(*generate, generate_args);
+    if (*info) {
+      require_no_extras(*info);
+      return run_info();
+    }
+    return 0;
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "tandem: usage error: %s\n", e.what());
+    std::fprintf(stderr, "tandem: usage error: %s (see %s)\n", e.what(), where.c_str());
     return 2;
+  } catch (const tandem::PrepareInterrupted& e) {
+    std::fprintf(stderr, "tandem: %s\n", e.what());
+    return 128 + (g_stop_signal.load() != 0 ? g_stop_signal.load() : SIGINT);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tandem: error: %s\n", e.what());
     return 1;

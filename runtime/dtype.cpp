@@ -1,6 +1,10 @@
 #include "runtime/dtype.h"
 
+#include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <optional>
+#include <string>
 
 #include "runtime/error.h"
 #ifdef TANDEM_HAVE_CUDA
@@ -198,6 +202,50 @@ int cuda_device_count() {
 #else
   return 0;
 #endif
+}
+
+namespace {
+// A number from a one-line file (cgroup limits); nullopt when missing or "max".
+std::optional<uint64_t> read_number_file(const char* path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text == "max") return std::nullopt;
+  try {
+    return std::stoull(text);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+}  // namespace
+
+uint64_t available_memory_bytes(Device device) {
+  if (!device.is_cpu()) {
+#ifdef TANDEM_HAVE_CUDA
+    size_t free_bytes = 0, total_bytes = 0;
+    cuda::memory_info(device.index, &free_bytes, &total_bytes);
+    return free_bytes;
+#else
+    throw Error(cat("device ", device.str(), " needs a CUDA build"));
+#endif
+  }
+  uint64_t available = UINT64_MAX;
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string key; meminfo >> key;) {
+    uint64_t kib = 0;
+    std::string unit;
+    meminfo >> kib >> unit;
+    if (key == "MemAvailable:") available = kib * 1024;
+  }
+  // cgroup v2, then v1: a container's limit can be far below the machine's free memory.
+  const auto limit = read_number_file("/sys/fs/cgroup/memory.max");
+  const auto used = read_number_file("/sys/fs/cgroup/memory.current");
+  if (limit && used) available = std::min(available, *limit > *used ? *limit - *used : 0);
+  const auto limit_v1 = read_number_file("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+  const auto used_v1 = read_number_file("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+  if (limit_v1 && used_v1 && *limit_v1 < (uint64_t{1} << 60)) {
+    available = std::min(available, *limit_v1 > *used_v1 ? *limit_v1 - *used_v1 : 0);
+  }
+  return available;
 }
 
 }  // namespace tandem

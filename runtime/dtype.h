@@ -40,5 +40,8 @@ struct Device {
 bool cuda_built();
 // Usable CUDA devices at run time: 0 without a CUDA build, a driver or a GPU.
 int cuda_device_count();
+// Bytes a new allocation on `device` can use now: for the CPU, the smaller of the kernel's
+// MemAvailable and what this process's cgroup memory limit leaves; for a GPU, its free memory.
+uint64_t available_memory_bytes(Device device);
 
 }  // namespace tandem

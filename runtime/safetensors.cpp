@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <string_view>
+#include <unordered_set>
 
 #include "runtime/error.h"
 #include "runtime/file_io.h"
@@ -22,14 +24,8 @@ constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the reference implementat
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;
   f.path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(cat(path, ": cannot open: ", std::strerror(errno)));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw Error(cat(path, ": cannot stat: ", std::strerror(errno)));
-  }
-  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  uint64_t file_bytes = 0;
+  const int fd = open_regular_file(path, "safetensors file", &file_bytes);
   if (file_bytes < 8) {
     ::close(fd);
     throw Error(
@@ -167,17 +163,32 @@ void SafetensorsFile::read_f32(const std::string& name, const Shape& expected_sh
 
 void write_safetensors(const std::string& path, const std::vector<SafetensorsTensor>& tensors,
                        const std::map<std::string, std::string>& metadata) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  // The header is written as text, one entry after another: linear in the number of tensors
+  // (an ordered JSON object would search its keys on every insert, quadratic in the count).
+  std::string text = "{";
+  auto quoted = [](const std::string& s) { return nlohmann::json(s).dump(); };
+  if (!metadata.empty()) text += "\"__metadata__\":" + nlohmann::json(metadata).dump();
+  std::unordered_set<std::string_view> names;
+  names.reserve(tensors.size());
   uint64_t offset = 0;
   for (const auto& t : tensors) {
+    require(t.name != "__metadata__" && names.insert(t.name).second, path, ": tensor name '",
+            t.name, "' is reserved or given twice");
     const uint64_t bytes = static_cast<uint64_t>(shape_numel(t.shape)) * dtype_size(t.dtype);
-    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + bytes}}};
+    if (text.size() > 1) text += ',';
+    text += quoted(t.name);
+    text += ":{\"dtype\":\"";
+    text += dtype_name(t.dtype);
+    text += "\",\"shape\":[";
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      if (i) text += ',';
+      text += std::to_string(t.shape[i]);
+    }
+    text += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + bytes) +
+            "]}";
     offset += bytes;
   }
-  std::string text = header.dump();
+  text += '}';
   text.append((8 - text.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned
   uint8_t len[8];
   for (int i = 0; i < 8; ++i)

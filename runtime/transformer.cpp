@@ -92,6 +92,28 @@ Transformer::Transformer(const ModelConfig& config, Device device)
   }
 }
 
+Transformer::Transformer(const ModelConfig& config, LayoutOnly)
+    : config_(config), device_(Device::cpu()), ops_(nullptr) {
+  config_.validate();
+  build_layout();
+}
+
+int64_t Transformer::parameter_count(const ModelConfig& config) {
+  return Transformer(config, LayoutOnly{}).num_parameters();
+}
+
+int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T) {
+  // Mirrors ensure_activations below: keep the two together.
+  const Dims d(config);
+  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer, V = config.vocab_size;
+  const int64_t per_layer =
+      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * config.n_head * T;
+  const int64_t floats = (L + 1) * N * d.C + L * per_layer + N * (d.C + 2) + N * V + 2 * N +
+                         N * (3 * d.C + d.QKV + d.HD + d.UP + d.F);
+  const int64_t ints = 3 * N;
+  return (floats + ints) * 4;
+}
+
 void Transformer::build_layout() {
   const ModelConfig& c = config_;
   const int64_t C = c.n_embd, V = c.vocab_size, F = c.ffn_hidden, D = c.head_dim();

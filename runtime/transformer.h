@@ -82,6 +82,11 @@ class Transformer {
   // of a buffer reused by the next call). Throws tandem::Error on out-of-range tokens, positions,
   // slots, sequences or rows, or more rows than prepare_inference allowed.
   Tensor forward_paged(const AttentionContext& ctx, KvCache& cache);
+  // Sizes from the config alone, nothing allocated (for memory estimates before building a
+  // model): the parameter count, and the bytes of the activations (saved for backward, plus the
+  // backward scratch) of a forward+backward over [B, T].
+  static int64_t parameter_count(const ModelConfig& config);
+  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
 
   // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
   double flops_per_step(int B, int T) const;
@@ -93,6 +98,8 @@ class Transformer {
   };
   struct Activations;
   struct InferenceState;
+  struct LayoutOnly {};
+  Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
 
   void build_layout();
   void ensure_activations(int B, int T);
@@ -108,7 +115,7 @@ class Transformer {
   std::vector<LayerOffsets> layers_;
   int64_t wte_ = 0, wpe_ = -1, lnf_w_ = 0, lnf_b_ = -1, lm_head_ = 0;
   Device device_;
-  const Ops* ops_;      // the kernels of device_
+  const Ops* ops_;              // the kernels of device_
   Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
   std::shared_ptr<InferenceState> infer_;

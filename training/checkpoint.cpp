@@ -3,12 +3,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/model_io.h"
+#include "runtime/ops.h"
 
 namespace tandem {
 
@@ -84,7 +86,9 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
         (tmp_dir / "trainer_state.json").string(),
         save.trainer_state.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
     fsync_directory(tmp_dir.string());
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step replaces it
+    // A checkpoint of the same step already there is set aside, never removed: it may be the
+    // only copy of something (a damaged one the user wants to inspect, another run's).
+    if (fs::exists(final_dir)) rename_to_free_name(final_dir.string(), ".replaced");
     fs::rename(tmp_dir, final_dir);
     fsync_directory(root.string());
   } catch (...) {
@@ -138,6 +142,11 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
   same("ffn_hidden", saved.ffn_hidden, want.ffn_hidden);
   same("tie_embeddings", saved.tie_embeddings, want.tie_embeddings);
   load_weights(model, (d / "model.safetensors").string());
+  require(std::isfinite(ops_for(model.device())
+                            .sum_squares(model.params().data<float>(),
+                                         static_cast<size_t>(model.num_parameters()))),
+          (d / "model.safetensors").string(),
+          ": the weights hold non-finite values (NaN or infinity); the checkpoint is damaged");
   optimizer.load((d / "optimizer.safetensors").string());
   return state;
 }

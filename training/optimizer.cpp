@@ -58,6 +58,13 @@ void AdamW::load(const std::string& path) {
   Tensor m = m_.host_mirror(), v = v_.host_mirror();
   f.read_f32("exp_avg", {numel_}, m.data<float>());
   f.read_f32("exp_avg_sq", {numel_}, v.data<float>());
+  // A moment that overflowed would poison every later step: such a file is damaged. (The
+  // second moment is a square: negative values are impossible too.)
+  const Ops& cpu_ops = ops_for(Device::cpu());
+  require(std::isfinite(cpu_ops.sum_squares(m.data<float>(), static_cast<size_t>(numel_))), path,
+          ": exp_avg holds non-finite values (NaN or infinity)");
+  require(std::isfinite(cpu_ops.sum_squares(v.data<float>(), static_cast<size_t>(numel_))), path,
+          ": exp_avg_sq holds non-finite values (NaN or infinity)");
   m_.copy_from(m);
   v_.copy_from(v);
   auto it = f.metadata().find("step");

@@ -40,7 +40,8 @@ class AdamW {
 
   // optimizer.safetensors: tensors "exp_avg" and "exp_avg_sq" (flat) + metadata "step".
   void save(const std::string& path) const;
-  // Throws naming the file if it does not match this optimizer's parameter count.
+  // Throws naming the file if it does not match this optimizer's parameter count or holds
+  // non-finite moments.
   void load(const std::string& path);
 
  private:

@@ -6,11 +6,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <sstream>
@@ -35,9 +37,10 @@ void validate_options(const PrepareOptions& options) {
           options.vocab_size);
   require(options.eot_token >= 0 && options.eot_token < options.vocab_size, "prepare: eot_token ",
           options.eot_token, " is outside [0, ", options.vocab_size, ")");
-  require(std::isfinite(options.val_fraction) && options.val_fraction >= 0.0 &&
+  require(std::isfinite(options.val_fraction) && options.val_fraction > 0.0 &&
               options.val_fraction <= 0.5,
-          "prepare: val_fraction must be in [0, 0.5], got ", options.val_fraction);
+          "prepare: val_fraction must be in (0, 0.5], got ", options.val_fraction,
+          " (the trainer evaluates on the val split; e.g. 0.01 keeps 1% of each file)");
   require(options.shard_tokens >= 1, "prepare: shard_tokens must be >= 1, got ",
           options.shard_tokens);
   require(!options.out_dir.empty(), "prepare: out_dir is empty");
@@ -126,20 +129,51 @@ void require_unprepared_output(const std::string& out_dir) {
 
 namespace {
 
-// A directory inside out_dir holding files until they are complete; removed on destruction.
+constexpr const char* kStagingPrefix = ".prepare-";
+constexpr const char* kStagingOwner = ".owner";
+
+// Removes staging directories left by runs that were killed (their `.owner` lock is free).
+// A directory without an owner file is only taken when older than a minute: a run may have just
+// created it.
+int remove_stale_staging(const std::string& out_dir) {
+  int removed = 0;
+  std::error_code error;
+  for (const auto& entry : fs::directory_iterator(out_dir, error)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with(kStagingPrefix) || !entry.is_directory(error)) continue;
+    const fs::path owner = entry.path() / kStagingOwner;
+    if (!fs::exists(owner, error)) {
+      const auto age = fs::file_time_type::clock::now() - fs::last_write_time(entry.path(), error);
+      if (error || age < std::chrono::minutes(1)) continue;
+    }
+    try {
+      DirectoryLock lock(entry.path().string(), kStagingOwner, "prepare");
+    } catch (const Error&) {
+      continue;  // a live run owns it
+    }
+    fs::remove_all(entry.path(), error);
+    if (!error) ++removed;
+  }
+  return removed;
+}
+
+// A directory inside out_dir holding files until they are complete; removed on destruction (and,
+// after a kill, by the next run: see remove_stale_staging).
 class StagingDirectory {
  public:
   explicit StagingDirectory(const std::string& out_dir) {
-    std::string name = (fs::path(out_dir) / ".prepare-XXXXXX").string();
+    std::string name = (fs::path(out_dir) / (std::string(kStagingPrefix) + "XXXXXX")).string();
     std::vector<char> buffer(name.begin(), name.end());
     buffer.push_back('\0');
     require(::mkdtemp(buffer.data()) != nullptr, "prepare: output directory ", out_dir,
             " is not writable: ", std::strerror(errno));
     path_ = buffer.data();
+    owner_ = std::make_unique<DirectoryLock>(path_, kStagingOwner, "prepare");
   }
   StagingDirectory(const StagingDirectory&) = delete;
   StagingDirectory& operator=(const StagingDirectory&) = delete;
   ~StagingDirectory() {
+    owner_.reset();
     std::error_code ignored;
     fs::remove_all(path_, ignored);
   }
@@ -147,6 +181,7 @@ class StagingDirectory {
 
  private:
   std::string path_;
+  std::unique_ptr<DirectoryLock> owner_;
 };
 
 // Streams one split's tokens into staged shards of at most shard_tokens each.
@@ -217,7 +252,12 @@ void write_prepared_outputs(const PrepareOptions& options, PrepareSummary& summa
   SplitShardWriter val("val", staging.path(), shard_tokens, vocab_size);
   const int32_t eot[1] = {options.eot_token};
 
+  auto check_stop = [&] {
+    if (options.stop != nullptr && options.stop->load() != 0)
+      throw PrepareInterrupted("prepare: interrupted; nothing was published");
+  };
   for (const std::string& file : summary.files) {
+    check_stop();
     const std::string text = read_text_file(file);
     const std::vector<int32_t> tokens = options.encode(text);
     for (size_t i = 0; i < tokens.size(); ++i) {
@@ -244,6 +284,10 @@ void write_prepared_outputs(const PrepareOptions& options, PrepareSummary& summa
   val.flush();
   require(train.total_tokens() > 0, "prepare: the ", summary.files.size(),
           " input file(s) starting with ", summary.files.front(), " produced no tokens");
+  require(val.total_tokens() > 0, "prepare: the val split is empty: --val-fraction ",
+          options.val_fraction, " of the ", summary.files.size(),
+          " input file(s) rounds to no tokens; raise it or give more text");
+  check_stop();
   summary.train_tokens = train.total_tokens();
   summary.val_tokens = val.total_tokens();
 
@@ -306,6 +350,7 @@ PrepareSummary prepare_corpus(const PrepareOptions& options) {
   std::error_code error;
   const bool out_dir_existed = fs::exists(options.out_dir, error);
   prepare_output_directory(options.out_dir);
+  summary.stale_staging_removed = remove_stale_staging(options.out_dir);
   try {
     write_prepared_outputs(options, summary);
   } catch (...) {

@@ -11,17 +11,23 @@
 // each directory); inputs keep their given order.
 //
 // Guarantees: out_dir is created if missing and must not already hold train_*.bin, val_*.bin or
-// prepare.json. Shards are written to a staging directory inside out_dir and moved into place
-// only once all of them are complete; prepare.json is written last. On any error nothing new is
+// prepare.json. Shards are written to a staging directory inside out_dir (`.prepare-XXXXXX`,
+// holding an flock on its `.owner` file while the run lives) and moved into place only once all
+// of them are complete; prepare.json is written last. Staging directories whose owner is gone
+// (a run killed with SIGKILL) are removed at the start of the next run. Both splits must
+// receive tokens (the trainer needs validation data). On any error nothing new is
 // left in out_dir (besides out_dir itself when it was created). Errors are tandem::Error naming
 // the input path, token or option at fault. Single-threaded; the encoder is called once per file.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "runtime/error.h"
 
 namespace tandem {
 
@@ -31,11 +37,18 @@ struct PrepareOptions {
   int32_t eot_token = 0;   // appended after each file's train part and val part
   int64_t vocab_size = 0;  // every token (eot included) must be in [0, vocab_size)
   std::string out_dir;
-  double val_fraction = 0.0;           // in [0, 0.5]
+  double val_fraction = 0.05;          // in (0, 0.5]: the trainer evaluates on the val split
   int64_t shard_tokens = 100'000'000;  // max tokens per shard, >= 1
   // Optional: writes more files (e.g. the tokenizer's) into the staging directory it is given;
   // they are published with the shards, before prepare.json, and never replace existing files.
   std::function<void(const std::string& dir)> write_extra_files;
+  // Checked between files and before publishing: when it points at a non-zero value (a stop
+  // signal) prepare_corpus throws PrepareInterrupted, leaving nothing behind.
+  const std::atomic<int>* stop = nullptr;
+};
+
+struct PrepareInterrupted : Error {
+  using Error::Error;
 };
 
 struct PrepareSummary {
@@ -46,6 +59,7 @@ struct PrepareSummary {
   std::vector<std::string> files;         // input files in the order they were encoded
   std::vector<std::string> train_shards;  // full paths, in order
   std::vector<std::string> val_shards;
+  int stale_staging_removed = 0;  // staging directories of killed runs, removed first
 };
 
 inline constexpr char kPrepareSummaryFileName[] = "prepare.json";

@@ -1,10 +1,10 @@
 #include "training/token_shard.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
@@ -36,6 +36,11 @@ class FileDescriptor {
   }
   int get() const { return fd_; }
   // Closes now and reports failure (close can surface delayed write errors).
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
   int close_now() {
     int result = ::close(fd_);
     fd_ = -1;
@@ -157,14 +162,11 @@ TokenShard TokenShard::open(const std::string& path, std::optional<uint64_t> exp
             vocab_size, ", expected ", *expected_vocab_size);
   }
 
-  void* mapping = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (mapping == MAP_FAILED) {
-    throw Error(cat("cannot map token shard ", path, ": ", errno_text(errno)));
-  }
   TokenShard shard;
   shard.path_ = path;
-  shard.mapping_ = static_cast<const unsigned char*>(mapping);
-  shard.mapping_bytes_ = file_bytes;
+  shard.fd_ = fd;
+  file.release();
+  shard.file_bytes_ = file_bytes;
   shard.num_tokens_ = num_tokens;
   shard.vocab_size_ = vocab_size;
   shard.token_bytes_ = token_bytes;
@@ -173,13 +175,13 @@ TokenShard TokenShard::open(const std::string& path, std::optional<uint64_t> exp
 
 TokenShard::TokenShard(TokenShard&& other) noexcept
     : path_(std::move(other.path_)),
-      mapping_(other.mapping_),
-      mapping_bytes_(other.mapping_bytes_),
+      fd_(other.fd_),
+      file_bytes_(other.file_bytes_),
       num_tokens_(other.num_tokens_),
       vocab_size_(other.vocab_size_),
       token_bytes_(other.token_bytes_) {
-  other.mapping_ = nullptr;
-  other.mapping_bytes_ = 0;
+  other.fd_ = -1;
+  other.file_bytes_ = 0;
   other.num_tokens_ = 0;
 }
 
@@ -187,13 +189,13 @@ TokenShard& TokenShard::operator=(TokenShard&& other) noexcept {
   if (this != &other) {
     release();
     path_ = std::move(other.path_);
-    mapping_ = other.mapping_;
-    mapping_bytes_ = other.mapping_bytes_;
+    fd_ = other.fd_;
+    file_bytes_ = other.file_bytes_;
     num_tokens_ = other.num_tokens_;
     vocab_size_ = other.vocab_size_;
     token_bytes_ = other.token_bytes_;
-    other.mapping_ = nullptr;
-    other.mapping_bytes_ = 0;
+    other.fd_ = -1;
+    other.file_bytes_ = 0;
     other.num_tokens_ = 0;
   }
   return *this;
@@ -204,10 +206,9 @@ TokenShard::~TokenShard() {
 }
 
 void TokenShard::release() noexcept {
-  if (mapping_ != nullptr) {
-    ::munmap(const_cast<unsigned char*>(mapping_), mapping_bytes_);
-    mapping_ = nullptr;
-    mapping_bytes_ = 0;
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
   }
 }
 
@@ -216,15 +217,31 @@ int32_t TokenShard::token(uint64_t i) const {
     throw std::out_of_range(
         cat("token shard ", path_, ": token index ", i, " is past the end (", num_tokens_, ")"));
   }
-  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
-  if (token_bytes_ == 2) {
-    uint16_t value;
-    std::memcpy(&value, data + i * 2, sizeof(value));
-    return static_cast<int32_t>(value);
+  int32_t value;
+  copy(i, 1, &value);
+  return value;
+}
+
+namespace {
+constexpr uint64_t kReadChunkTokens = uint64_t{1} << 16;
+}
+
+void TokenShard::read_raw(uint64_t begin, uint64_t count, unsigned char* out) const {
+  const uint64_t bytes = count * token_bytes_;
+  const uint64_t offset = kTokenShardHeaderBytes + begin * token_bytes_;
+  uint64_t done = 0;
+  while (done < bytes) {
+    const ssize_t got = ::pread(fd_, out + done, bytes - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw Error(cat("cannot read token shard ", path_, ": ", errno_text(errno)));
+    if (got == 0) {
+      struct stat info {};
+      const long long now = ::fstat(fd_, &info) == 0 ? static_cast<long long>(info.st_size) : -1;
+      throw Error(cat("token shard ", path_, " changed on disk while in use: it is now ", now,
+                      " bytes, was ", file_bytes_, " (restore it or re-run 'tandem prepare')"));
+    }
+    done += static_cast<uint64_t>(got);
   }
-  uint32_t value;
-  std::memcpy(&value, data + i * 4, sizeof(value));
-  return static_cast<int32_t>(value);
 }
 
 void TokenShard::copy(uint64_t begin, uint64_t count, int32_t* out) const {
@@ -232,41 +249,36 @@ void TokenShard::copy(uint64_t begin, uint64_t count, int32_t* out) const {
     throw std::out_of_range(cat("token shard ", path_, ": range [", begin, ", ", begin, " + ",
                                 count, ") is past the end (", num_tokens_, ")"));
   }
-  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
-  if (token_bytes_ == 2) {
-    for (uint64_t i = 0; i < count; ++i) {
-      uint16_t value;
-      std::memcpy(&value, data + (begin + i) * 2, sizeof(value));
-      out[i] = static_cast<int32_t>(value);
-    }
-  } else {
-    for (uint64_t i = 0; i < count; ++i) {
+  std::vector<unsigned char> raw(static_cast<size_t>(std::min(count, kReadChunkTokens)) *
+                                 token_bytes_);
+  for (uint64_t start = 0; start < count; start += kReadChunkTokens) {
+    const uint64_t n = std::min(kReadChunkTokens, count - start);
+    read_raw(begin + start, n, raw.data());
+    for (uint64_t i = 0; i < n; ++i) {
       uint32_t value;
-      std::memcpy(&value, data + (begin + i) * 4, sizeof(value));
-      out[i] = static_cast<int32_t>(value);
+      if (token_bytes_ == 2) {
+        uint16_t v16;
+        std::memcpy(&v16, raw.data() + i * 2, sizeof(v16));
+        value = v16;
+      } else {
+        std::memcpy(&value, raw.data() + i * 4, sizeof(value));
+      }
+      if (value >= vocab_size_) {
+        throw Error(cat("token shard ", path_, ": token id ", value, " at offset ",
+                        begin + start + i, " is >= vocab_size ", vocab_size_,
+                        " (was the file changed on disk?)"));
+      }
+      out[start + i] = static_cast<int32_t>(value);
     }
   }
 }
 
 void TokenShard::validate_tokens() const {
-  const unsigned char* data = mapping_ + kTokenShardHeaderBytes;
-  auto reject = [&](uint64_t offset, uint64_t value) {
-    throw Error(cat("token shard ", path_, ": token id ", value, " at offset ", offset,
-                    " is >= vocab_size ", vocab_size_));
-  };
-  if (token_bytes_ == 2) {
-    if (vocab_size_ >= 65536) return;  // every u16 is in range
-    for (uint64_t i = 0; i < num_tokens_; ++i) {
-      uint16_t value;
-      std::memcpy(&value, data + i * 2, sizeof(value));
-      if (value >= vocab_size_) reject(i, value);
-    }
-  } else {
-    for (uint64_t i = 0; i < num_tokens_; ++i) {
-      uint32_t value;
-      std::memcpy(&value, data + i * 4, sizeof(value));
-      if (value >= vocab_size_) reject(i, value);
-    }
+  // copy() checks every id it reads; scanning the whole shard through it is the validation.
+  std::vector<int32_t> chunk(static_cast<size_t>(std::min(num_tokens_, kReadChunkTokens)));
+  for (uint64_t begin = 0; begin < num_tokens_; begin += kReadChunkTokens) {
+    const uint64_t n = std::min(kReadChunkTokens, num_tokens_ - begin);
+    copy(begin, n, chunk.data());
   }
 }
 

@@ -18,8 +18,11 @@
 //   complete one. Nothing is left behind on error.
 // - TokenShard::open checks the header and the file size; validate_tokens() additionally scans
 //   every token against vocab_size. All errors are tandem::Error naming the path.
-// - A TokenShard is a read-only memory map owned by the object (movable, not copyable). Its
-//   const members are safe to call from several threads at once.
+// - A TokenShard owns an open file descriptor (movable, not copyable) and reads with pread, never
+//   through a memory map: a shard truncated or rewritten on disk while in use is reported as a
+//   tandem::Error naming it ("changed on disk"), where a mapping would kill the process with
+//   SIGBUS. Reads also check every id against vocab_size. Its const members are safe to call
+//   from several threads at once.
 // - Token ids are int32_t in memory, so vocab_size is limited to 2^31.
 #pragma once
 
@@ -61,7 +64,9 @@ class TokenShard {
 
   // Token at index i; throws std::out_of_range when i >= size().
   int32_t token(uint64_t i) const;
-  // Copies tokens [begin, begin + count) to out; throws std::out_of_range past the end.
+  // Copies tokens [begin, begin + count) to out; throws std::out_of_range past the end, and
+  // tandem::Error when the file changed on disk (shorter than its header says, or an id out of
+  // range).
   void copy(uint64_t begin, uint64_t count, int32_t* out) const;
 
   // Scans every token; throws tandem::Error naming the path, the offset (token index) and the
@@ -71,10 +76,12 @@ class TokenShard {
  private:
   TokenShard() = default;
   void release() noexcept;
+  // Reads count raw tokens from token index begin; throws when the file is now shorter.
+  void read_raw(uint64_t begin, uint64_t count, unsigned char* out) const;
 
   std::string path_;
-  const unsigned char* mapping_ = nullptr;  // whole file, header included
-  uint64_t mapping_bytes_ = 0;
+  int fd_ = -1;
+  uint64_t file_bytes_ = 0;
   uint64_t num_tokens_ = 0;
   uint64_t vocab_size_ = 0;
   uint32_t token_bytes_ = 0;

@@ -1,7 +1,10 @@
 #include "training/train_config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
+#include <limits>
+#include <set>
 
 #include "runtime/error.h"
 #include "runtime/file_io.h"
@@ -9,6 +12,8 @@
 namespace tandem {
 
 namespace {
+
+constexpr size_t kMaxConfigBytes = size_t{16} << 20;  // configs are a few KiB
 
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> row(b.size() + 1);
@@ -38,12 +43,37 @@ std::string suggestion(const std::string& key, const std::vector<std::string>& k
   return best.empty() ? "" : cat(" (did you mean '", best, "'?)");
 }
 
+// Where each key's value came from: the config file, or the command line for the keys an
+// override set (so an error names what the user must fix).
+class Sources {
+ public:
+  Sources(std::string file, std::set<std::string> overridden)
+      : file_(std::move(file)), overridden_(std::move(overridden)) {}
+  std::string of(const std::string& section, const std::string& key) const {
+    if (overridden_.count(section + "." + key))
+      return "command line (--" + section + "." + key + ")";
+    return file_;
+  }
+  // For a check across several keys: the command line when any of them came from it.
+  std::string of_any(std::initializer_list<std::pair<const char*, const char*>> keys) const {
+    for (const auto& [section, key] : keys) {
+      if (overridden_.count(std::string(section) + "." + key)) return of(section, key);
+    }
+    return file_;
+  }
+  const std::string& file() const { return file_; }
+
+ private:
+  std::string file_;
+  std::set<std::string> overridden_;
+};
+
 // Reads one section with a table of typed setters; unknown keys are errors.
 class SectionReader {
  public:
-  SectionReader(const nlohmann::json& j, std::string section, std::string source)
-      : j_(j), section_(std::move(section)), source_(std::move(source)) {
-    require(j_.is_object(), source_, ": '", section_, "' must be an object");
+  SectionReader(const nlohmann::json& j, std::string section, const Sources& sources)
+      : j_(j), section_(std::move(section)), sources_(sources) {
+    require(j_.is_object(), sources_.file(), ": '", section_, "' must be an object");
   }
 
   template <typename T>
@@ -65,10 +95,31 @@ class SectionReader {
     } else {
       type_ok = it->is_string();
     }
-    require(type_ok, source_, ": ", section_, ".", key, " = ", it->dump(),
+    const std::string source = sources_.of(section_, key);
+    require(type_ok, source, ": ", section_, ".", key, " = ", it->dump(),
             " has the wrong type (expected ", type_name<T>(), ")");
+    // The JSON number must fit the field: a float overflowing to infinity, or an integer
+    // wrapping around (4294967301 as a 32-bit int is 5), is an error, never a silent change.
+    if constexpr (std::is_floating_point_v<T>) {
+      const double wide = it->get<double>();
+      require(std::isfinite(wide) && std::fabs(wide) <= std::numeric_limits<T>::max(), source, ": ",
+              section_, ".", key, " = ", it->dump(), " does not fit a ", sizeof(T) * 8,
+              "-bit float");
+    } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      bool fits;
+      if (it->is_number_unsigned()) {
+        fits = it->template get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+      } else {
+        const int64_t wide = it->template get<int64_t>();
+        fits = std::is_signed_v<T> && wide >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+               static_cast<uint64_t>(wide) <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+      }
+      require(fits, source, ": ", section_, ".", key, " = ", it->dump(), " is out of range for ",
+              type_name<T>(), " (", std::numeric_limits<T>::min(), " to ",
+              std::numeric_limits<T>::max(), ")");
+    }
     const T value = it->get<T>();
-    require(!valid || valid(value), source_, ": ", section_, ".", key, " = ", it->dump(),
+    require(!valid || valid(value), source, ": ", section_, ".", key, " = ", it->dump(),
             " is invalid", expectation[0] ? cat(" (expected ", expectation, ")") : std::string());
     out = value;
     return *this;
@@ -77,8 +128,8 @@ class SectionReader {
   void finish() const {
     for (auto it = j_.begin(); it != j_.end(); ++it) {
       if (std::find(known_.begin(), known_.end(), it.key()) == known_.end()) {
-        throw Error(cat(source_, ": unknown key '", section_, ".", it.key(), "'",
-                        suggestion(it.key(), known_)));
+        throw Error(cat(sources_.of(section_, it.key()), ": unknown key '", section_, ".", it.key(),
+                        "'", suggestion(it.key(), known_)));
       }
     }
   }
@@ -98,7 +149,8 @@ class SectionReader {
       return "a string";
   }
   const nlohmann::json& j_;
-  std::string section_, source_;
+  std::string section_;
+  const Sources& sources_;
   std::vector<std::string> known_;
 };
 
@@ -123,12 +175,18 @@ const nlohmann::json& section(const nlohmann::json& j, const char* name) {
 
 }  // namespace
 
-TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source) {
+TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source,
+                               const std::set<std::string>& overridden) {
+  const Sources sources(source, overridden);
   require(j.is_object(), source, ": the config must be a JSON object");
   const std::vector<std::string> sections = {"model", "data",       "train", "optim",
                                              "eval",  "checkpoint", "log"};
   for (auto it = j.begin(); it != j.end(); ++it) {
-    require(std::find(sections.begin(), sections.end(), it.key()) != sections.end(), source,
+    std::string from = source;
+    for (const std::string& k : overridden) {
+      if (k.starts_with(it.key() + ".")) from = "command line (--" + k + ")";
+    }
+    require(std::find(sections.begin(), sections.end(), it.key()) != sections.end(), from,
             ": unknown section '", it.key(), "'", suggestion(it.key(), sections),
             " (known: model, data, train, optim, eval, checkpoint, log)");
   }
@@ -137,13 +195,13 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
   // model: a preset, then any ModelConfig field on top.
   {
     const nlohmann::json& m = section(j, "model");
-    SectionReader r(m, "model", source);
+    SectionReader r(m, "model", sources);
     std::string preset = "gpt2-tiny", family;
     r.field<std::string>("preset", preset);
     try {
       c.model = ModelConfig::preset(preset);
     } catch (const Error& e) {
-      throw Error(cat(source, ": model.preset: ", e.what()));
+      throw Error(cat(sources.of("model", "preset"), ": model.preset: ", e.what()));
     }
     r.field<std::string>(
         "family", family, [](const std::string& f) { return f == "gpt2" || f == "llama"; },
@@ -171,18 +229,22 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     try {
       c.model.validate();
     } catch (const Error& e) {
-      throw Error(cat(source, ": model: ", e.what()));
+      std::string from = source;
+      for (auto it = m.begin(); it != m.end(); ++it) {
+        if (overridden.count("model." + it.key())) from = "command line";
+      }
+      throw Error(cat(from, ": model: ", e.what()));
     }
   }
   {
-    SectionReader r(section(j, "data"), "data", source);
+    SectionReader r(section(j, "data"), "data", sources);
     r.field<std::string>("dir", c.data_dir)
         .field<int>("batch_size", c.batch_size, positive<int>(), "> 0")
         .field<int>("seq_len", c.seq_len, positive<int>(), "> 0");
     r.finish();
   }
   {
-    SectionReader r(section(j, "train"), "train", source);
+    SectionReader r(section(j, "train"), "train", sources);
     r.field<long>("steps", c.steps, positive<long>(), "> 0")
         .field<int>("grad_accum", c.grad_accum, positive<int>(), "> 0")
         .field<uint64_t>("seed", c.seed)
@@ -193,11 +255,11 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     try {
       c.device = Device::parse(device);
     } catch (const Error& e) {
-      throw Error(cat(source, ": train.device: ", e.what()));
+      throw Error(cat(sources.of("train", "device"), ": train.device: ", e.what()));
     }
   }
   {
-    SectionReader r(section(j, "optim"), "optim", source);
+    SectionReader r(section(j, "optim"), "optim", sources);
     std::string schedule = "cosine";
     bool min_lr_given = section(j, "optim").contains("min_lr");
     r.field<float>("lr", c.schedule.max_lr, positive<float>(), "> 0")
@@ -217,11 +279,13 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     r.finish();
     c.schedule.decay = *lr_decay_from_name(schedule);
     if (!min_lr_given) c.schedule.min_lr = 0.1f * c.schedule.max_lr;
-    require(c.schedule.min_lr <= c.schedule.max_lr, source, ": optim.min_lr = ", c.schedule.min_lr,
+    require(c.schedule.min_lr <= c.schedule.max_lr,
+            sources.of_any({{"optim", "min_lr"}, {"optim", "lr"}}),
+            ": optim.min_lr = ", c.schedule.min_lr,
             " is larger than optim.lr = ", c.schedule.max_lr);
   }
   {
-    SectionReader r(section(j, "eval"), "eval", source);
+    SectionReader r(section(j, "eval"), "eval", sources);
     r.field<long>("every", c.eval_every, non_negative<long>(), ">= 0")
         .field<int>("batches", c.eval_batches, positive<int>(), "> 0")
         .field<int>("sample_tokens", c.sample_tokens, non_negative<int>(), ">= 0")
@@ -231,7 +295,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     r.finish();
   }
   {
-    SectionReader r(section(j, "checkpoint"), "checkpoint", source);
+    SectionReader r(section(j, "checkpoint"), "checkpoint", sources);
     r.field<std::string>(
          "dir", c.out_dir, [](const std::string& s) { return !s.empty(); }, "a directory")
         .field<long>("every", c.checkpoint_every, non_negative<long>(), ">= 0")
@@ -240,15 +304,16 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     r.finish();
   }
   {
-    SectionReader r(section(j, "log"), "log", source);
+    SectionReader r(section(j, "log"), "log", sources);
     r.field<std::string>("metrics_file", c.metrics_file)
         .field<long>("progress_every", c.progress_every, positive<long>(), "> 0");
     r.finish();
   }
   require(!c.data_dir.empty(), source,
           ": data.dir is required (a directory made by 'tandem prepare')");
-  require(c.seq_len <= c.model.max_seq_len, source, ": data.seq_len = ", c.seq_len,
-          " exceeds model.max_seq_len = ", c.model.max_seq_len);
+  require(c.seq_len <= c.model.max_seq_len,
+          sources.of_any({{"data", "seq_len"}, {"model", "max_seq_len"}}),
+          ": data.seq_len = ", c.seq_len, " exceeds model.max_seq_len = ", c.model.max_seq_len);
   c.schedule.total_steps = c.steps;
   return c;
 }
@@ -257,12 +322,14 @@ TrainConfig load_train_config(const std::string& file, const std::vector<std::st
   nlohmann::json j = nlohmann::json::object();
   if (!file.empty()) {
     try {
-      j = nlohmann::json::parse(read_file(file), nullptr, true, /*ignore_comments=*/true);
+      j = nlohmann::json::parse(read_file(file, kMaxConfigBytes), nullptr, true,
+                                /*ignore_comments=*/true);
     } catch (const nlohmann::json::exception& e) {
       throw Error(cat(file, ": invalid JSON: ", e.what()));
     }
     require(j.is_object(), file, ": the config must be a JSON object");
   }
+  std::set<std::string> overridden;
   for (const std::string& o : overrides) {
     const size_t eq = o.find('=');
     const size_t dot = o.find('.');
@@ -279,8 +346,9 @@ TrainConfig load_train_config(const std::string& file, const std::vector<std::st
     if (!j.contains(sec)) j[sec] = nlohmann::json::object();
     require(j[sec].is_object(), "override '--", o, "': '", sec, "' is not a section");
     j[sec][key] = value;
+    overridden.insert(sec + "." + key);
   }
-  return parse_train_config(j, file.empty() ? std::string("command line") : file);
+  return parse_train_config(j, file.empty() ? std::string("command line") : file, overridden);
 }
 
 nlohmann::json TrainConfig::to_json() const {

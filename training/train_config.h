@@ -17,6 +17,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,9 @@ struct TrainConfig {
 // value parsed as JSON when it parses, else taken as a string). Throws tandem::Error naming the
 // file or the override and the key at fault.
 TrainConfig load_train_config(const std::string& file, const std::vector<std::string>& overrides);
-TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source);
+// `overridden` holds the "section.key"s set on the command line: errors in them name the
+// command line instead of `source`.
+TrainConfig parse_train_config(const nlohmann::json& j, const std::string& source,
+                               const std::set<std::string>& overridden = {});
 
 }  // namespace tandem

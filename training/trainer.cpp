@@ -16,6 +16,7 @@
 #include "runtime/file_io.h"
 #include "runtime/ops.h"
 #include "training/checkpoint.h"
+#include "training/memory_estimate.h"
 #include "training/prepare.h"
 #include "training/token_shard.h"
 
@@ -81,6 +82,34 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
+// A metrics file we may rewrite: every line a JSON object with an integer "step" (a torn last
+// line, left by a crash, is allowed). Anything else is someone else's file, never touched.
+void require_our_metrics_file(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(path, ec))) return;
+  const std::string text = read_file(path);
+  std::istringstream in(text);
+  std::string line;
+  long number = 0;
+  const bool ends_with_newline = !text.empty() && text.back() == '\n';
+  while (std::getline(in, line)) {
+    ++number;
+    bool ours = false;
+    try {
+      const auto j = nlohmann::json::parse(line);
+      ours = j.is_object() && j.contains("step") && j["step"].is_number_integer();
+    } catch (const std::exception&) {
+    }
+    const bool torn_last_line = in.peek() == EOF && !ends_with_newline;
+    if (!ours && !torn_last_line) {
+      throw Error(cat("log.metrics_file ", path, " does not look like a Tandem metrics file (line ",
+                      number,
+                      " is not a JSON object with a \"step\"); it is left untouched: "
+                      "point log.metrics_file at another file"));
+    }
+  }
+}
+
 // Drops metrics lines of steps after `step` (left by a run that went on past its last checkpoint).
 void truncate_metrics_after(const std::string& path, long step) {
   if (!fs::exists(path)) return;
@@ -130,6 +159,10 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
           summary_path.string(), ": eot_token must be an integer");
   const int data_vocab = summary["vocab_size"].get<int>();
   eot_token_ = summary.value("eot_token", -1);
+  require(!summary.contains("eot_token") || (eot_token_ >= 0 && eot_token_ < data_vocab),
+          summary_path.string(), ": eot_token ",
+          summary.value("eot_token", nlohmann::json()).dump(), " is outside the vocabulary [0, ",
+          data_vocab, ")");
   if (config_.vocab_size_from_data) {
     config_.model.vocab_size = data_vocab;
   } else {
@@ -138,6 +171,11 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
             ")");
   }
   config_.model.validate();
+  // Before any allocation: a model or batch that cannot fit is an error now, not an OOM kill
+  // after minutes of paging.
+  require_training_memory_fits(estimate_training_memory(config_.model, config_.batch_size,
+                                                        config_.seq_len, config_.grad_accum),
+                               device_);
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
     tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
   }
@@ -176,7 +214,15 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
           " cannot be created: ", ec ? ec.message() : "not a directory");
   require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir,
           " is not writable");
+  // One trainer per run directory: a second would delete the first's temporary checkpoints and
+  // interleave its metrics. The kernel drops the lock when this process dies.
+  try {
+    run_lock_ = std::make_unique<DirectoryLock>(config_.out_dir, ".tandem-train.lock", "trainer");
+  } catch (const Error& e) {
+    throw Error(cat("checkpoint.dir ", e.what()));
+  }
   const std::string metrics_path = (fs::path(config_.out_dir) / config_.metrics_file).string();
+  require_our_metrics_file(metrics_path);
   const bool has_run = !list_checkpoints(config_.out_dir).empty() || fs::exists(metrics_path);
   require(config_.resume || !has_run, "checkpoint.dir ", config_.out_dir,
           " already holds a run (checkpoints or ", config_.metrics_file,
@@ -185,8 +231,7 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   model_ = std::make_unique<Transformer>(config_.model, device_);
   optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
   if (!config_.resume || !resume(metrics_path)) start_fresh();
-  metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
-  require(metrics_->good(), "cannot write metrics file ", metrics_path);
+  metrics_ = std::make_unique<LineAppender>(metrics_path);
   peak_gflops_ = ops_for(device_).measure_sgemm_gflops(device_.is_cpu() ? 1024 : 4096, 3);
 }
 
@@ -253,11 +298,12 @@ bool Trainer::resume(const std::string& metrics_path) {
   const std::vector<std::string> all = list_checkpoints(config_.out_dir);
   std::vector<std::string> rejected;
   // Set invalid checkpoints aside (renamed, never deleted) so later saves and pruning skip them.
+  // Each gets a name of its own (step_X.invalid, step_X.invalid.2, ...); a failed rename stops
+  // the resume rather than leave a damaged directory where a later save would replace it.
   auto set_aside = [&] {
     for (const std::string& dir : rejected) {
-      std::error_code ec;
-      fs::rename(dir, dir + ".invalid", ec);
-      log_ << "tandem: moved " << dir << " to " << dir << ".invalid\n";
+      const std::string moved = rename_to_free_name(dir, ".invalid");
+      log_ << "tandem: moved " << dir << " to " << moved << std::endl;
     }
   };
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
@@ -281,20 +327,25 @@ bool Trainer::resume(const std::string& metrics_path) {
   // Nothing usable (a failed load may have written part of the weights: the caller starts
   // fresh, which rewrites all of them).
   log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
-  std::error_code ec;
   if (fs::exists(metrics_path)) {
-    fs::rename(metrics_path, metrics_path + ".previous", ec);
-    log_ << "tandem: kept the old metrics as " << metrics_path << ".previous\n";
+    const std::string kept = rename_to_free_name(metrics_path, ".previous");
+    log_ << "tandem: kept the old metrics as " << kept << std::endl;
   }
   return false;
 }
 
 void Trainer::write_metrics(const nlohmann::json& line) {
-  *metrics_ << line.dump() << "\n";
-  metrics_->flush();
+  metrics_->append_line(line.dump());
 }
 
-float Trainer::evaluate() {
+void Trainer::require_finite_weights(long step) const {
+  const double sum = ops_for(device_).sum_squares(model_->params().data<float>(),
+                                                  static_cast<size_t>(model_->num_parameters()));
+  require(std::isfinite(sum), "the weights are not finite (NaN or infinity) after step ", step,
+          "; no checkpoint written, the last one is intact (try a lower optim.lr)");
+}
+
+float Trainer::evaluate(const std::atomic<int>* stop) {
   val_loader_->reset();
   const int B = config_.batch_size, T = config_.seq_len;
   const int batches =
@@ -302,6 +353,7 @@ float Trainer::evaluate() {
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   double total = 0.0;
   for (int i = 0; i < batches; ++i) {
+    if (stop != nullptr && stop->load() != 0) return NAN;
     val_loader_->next_batch(in.data(), tg.data());
     total += model_->forward(in.data(), tg.data(), B, T);
   }
@@ -309,6 +361,7 @@ float Trainer::evaluate() {
 }
 
 std::string Trainer::save(long step, float last_loss) {
+  require_finite_weights(step);
   nlohmann::json state = {{"step", step},
                           {"lr", config_.schedule.at(std::max(0L, step - 1))},
                           {"data", train_loader_->state()},
@@ -325,9 +378,10 @@ std::string Trainer::save(long step, float last_loss) {
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
 
-std::string Trainer::sample_text() {
+std::string Trainer::sample_text(const std::atomic<int>* stop) {
   if (config_.sample_tokens <= 0) return "";
   GenerateOptions opt;
+  opt.stop = stop;
   opt.max_new_tokens = config_.sample_tokens;
   opt.sampling.temperature = config_.sample_temperature;
   opt.sampling.top_k = config_.sample_top_k;
@@ -350,28 +404,55 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   std::vector<int32_t> inputs(tokens_per_step), targets(tokens_per_step);
   const double flops = model_->flops_per_step(B, T) * K;
   const bool tty = ::isatty(STDOUT_FILENO) && &log_ == &std::cout;
+  auto stopping = [stop] { return stop != nullptr && stop->load() != 0; };
 
+  const TrainingMemory memory = estimate_training_memory(config_.model, B, T, K);
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
        << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
-       << " threads; device " << device_.str() << "\n";
+       << " threads; device " << device_.str() << std::endl;
+  log_ << "tandem: memory: parameters " << format_bytes(memory.parameters) << ", gradients "
+       << format_bytes(memory.gradients) << ", optimizer state "
+       << format_bytes(memory.optimizer_state) << ", activations "
+       << format_bytes(memory.activations) << ", total " << format_bytes(memory.total())
+       << std::endl;
   log_ << "tandem: train " << train_loader_->num_windows() << " windows, val "
        << val_loader_->num_windows() << " windows; unigram baseline val loss " << unigram_val_loss_
-       << "\n";
-  // Validation loss at `step`: kept for checkpoints and the result, logged and written.
-  auto record_eval = [&](long step) {
-    const float v = evaluate();
+       << std::endl;
+
+  long step = start_step_;
+  float loss = NAN;
+  // A metrics line that cannot be written (a full disk) stops the run: the checkpoint is the
+  // one thing worth the remaining space, so it is attempted first, then the error is raised.
+  auto write_metrics_or_stop = [&](const nlohmann::json& line) {
+    try {
+      write_metrics(line);
+    } catch (const Error& e) {
+      std::string saved;
+      try {
+        if (step > start_step_) saved = "; checkpoint " + save(step, loss) + " written";
+      } catch (const Error& save_error) {
+        saved = cat("; no checkpoint could be written either (", save_error.what(), ")");
+      }
+      throw Error(cat(e.what(), ": training stopped at step ", step, saved));
+    }
+  };
+  // Validation loss at `step`: kept for checkpoints and the result, logged and written. False
+  // when a stop signal cut it short.
+  auto record_eval = [&]() {
+    const float v = evaluate(stop);
+    if (stopping()) return false;
     val_history_.emplace_back(step, v);
     result.val_losses.emplace_back(step, v);
-    write_metrics({{"step", step}, {"val_loss", v}});
-    log_ << (tty && step > 0 ? "\n" : "") << "tandem: step " << step << " val loss " << v << "\n";
+    write_metrics_or_stop({{"step", step}, {"val_loss", v}});
+    log_ << (tty && step > 0 ? "\n" : "") << "tandem: step " << step << " val loss " << v
+         << std::endl;
+    return true;
   };
-  if (start_step_ == 0 && config_.eval_every > 0) record_eval(0);
+  if (start_step_ == 0 && config_.eval_every > 0) record_eval();
 
   const auto t_start = std::chrono::steady_clock::now();
   double tokens_done = 0.0, compute_seconds = 0.0;
-  float loss = NAN;
-  long step = start_step_;
   while (step < config_.steps) {
     const auto t0 = std::chrono::steady_clock::now();
     const float lr = config_.schedule.at(step);
@@ -391,13 +472,13 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     result.step_losses.push_back(loss);
     const double tps = tokens_per_step / dt;
     const double mfu = flops / dt / 1e9 / peak_gflops_;
-    write_metrics({{"step", step},
-                   {"loss", loss},
-                   {"lr", lr},
-                   {"grad_norm", norm},
-                   {"tokens_per_s", tps},
-                   {"mfu", mfu},
-                   {"step_ms", dt * 1e3}});
+    write_metrics_or_stop({{"step", step},
+                           {"loss", loss},
+                           {"lr", lr},
+                           {"grad_norm", norm},
+                           {"tokens_per_s", tps},
+                           {"mfu", mfu},
+                           {"step_ms", dt * 1e3}});
     if (step % config_.progress_every == 0 || step == config_.steps) {
       const double avg = compute_seconds / (step - start_step_);
       char line[256];
@@ -409,33 +490,32 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       log_ << (tty ? "\r" : "") << line << (tty ? "\033[K" : "\n") << std::flush;
     }
     const bool last = step == config_.steps;
-    if ((config_.eval_every > 0 && step % config_.eval_every == 0) || last) record_eval(step);
-    const bool stopping = stop != nullptr && stop->load() != 0;
+    if ((config_.eval_every > 0 && step % config_.eval_every == 0) || last) record_eval();
     if ((config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) || last ||
-        stopping) {
+        stopping()) {
       result.last_checkpoint = save(step, loss);
-      log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << "\n";
+      log_ << (tty ? "\n" : "") << "tandem: checkpoint " << result.last_checkpoint << std::endl;
     }
-    if (stopping) {
-      result.interrupted = true;
-      break;
-    }
+    if (stopping()) break;  // after the step's checkpoint
   }
   const double wall =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.last_step = step;
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
-  if (!result.interrupted) result.sample = sample_text();
+  if (!stopping()) result.sample = sample_text(stop);
+  result.interrupted = stopping();  // also when the signal came during the sample
 
   log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished")
        << " at step " << step << "/" << config_.steps << " in " << format_duration(wall) << ", "
-       << static_cast<long>(result.tokens_per_second) << " tokens/s\n";
+       << static_cast<long>(result.tokens_per_second) << " tokens/s" << std::endl;
   if (!val_history_.empty()) {
     log_ << "tandem: val loss " << val_history_.front().second << " (step "
          << val_history_.front().first << ") -> " << val_history_.back().second << " (step "
-         << val_history_.back().first << "); unigram baseline " << unigram_val_loss_ << "\n";
+         << val_history_.back().first << "); unigram baseline " << unigram_val_loss_ << std::endl;
   }
-  if (!result.sample.empty()) log_ << "tandem: sample:\n" << result.sample << "\n";
+  if (!result.sample.empty() && !result.interrupted) {
+    log_ << "tandem: sample:\n" << result.sample << std::endl;
+  }
   return result;
 }
 

@@ -6,6 +6,14 @@
 // and at the end, a JSONL metrics file, a live progress line, and a stop flag (Ctrl-C /
 // SIGTERM) that ends the run after the current step with a checkpoint.
 //
+// Robustness: one trainer per run directory (an flock on <run>/.tandem-train.lock, refused with
+// the holder's pid); memory is estimated before anything is allocated and a run that cannot fit
+// is refused; a failed metrics write (a full disk) stops the run with a checkpoint when one can
+// be written; non-finite weights are never saved, and a checkpoint holding them is set aside as
+// damaged on resume; damaged checkpoints and old metrics files are renamed to names of their own
+// (`step_X.invalid`, `step_X.invalid.2`, `metrics.jsonl.previous.2`, ...), never deleted; the
+// stop flag is honoured in every phase (steps, evaluation, the end-of-run sample).
+//
 // Determinism: for a fixed thread count, a run resumed from a checkpoint reproduces the
 // uninterrupted run's per-step losses bit for bit (weights, AdamW moments and step, data
 // position and LR schedule are all restored; every reduction has a fixed order).
@@ -17,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/file_io.h"
 #include "runtime/random.h"
 #include "runtime/tokenizer.h"
 #include "runtime/transformer.h"
@@ -56,8 +65,9 @@ class Trainer {
 
   Transformer& model() { return *model_; }
   long start_step() const { return start_step_; }
-  // Mean validation loss over eval.batches batches (the val loader restarts each time).
-  float evaluate();
+  // Mean validation loss over eval.batches batches (the val loader restarts each time); NaN when
+  // *stop became non-zero before it finished.
+  float evaluate(const std::atomic<int>* stop = nullptr);
 
  private:
   // Initial weights, optimizer state, data position and sampling RNG of a new run.
@@ -69,7 +79,9 @@ class Trainer {
   long restore_from(const std::string& dir);
   void write_metrics(const nlohmann::json& line);
   std::string save(long step, float last_loss);
-  std::string sample_text();
+  std::string sample_text(const std::atomic<int>* stop);
+  // Throws when the weights hold a NaN or an infinity (checked before every save).
+  void require_finite_weights(long step) const;
 
   TrainConfig config_;
   std::ostream& log_;
@@ -83,7 +95,8 @@ class Trainer {
   double unigram_val_loss_ = 0.0;
   double peak_gflops_ = 0.0;
   std::vector<std::pair<long, float>> val_history_;
-  std::unique_ptr<std::ofstream> metrics_;
+  std::unique_ptr<DirectoryLock> run_lock_;  // held for the Trainer's lifetime
+  std::unique_ptr<LineAppender> metrics_;
   Rng rng_;  // sampling; saved in trainer_state.json so a resumed run samples the same
 };
 

@@ -25,6 +25,8 @@ void free_device(void* ptr) noexcept;
 // kind: 0 host->device, 1 device->host, 2 device->device.
 void copy(void* dst, const void* src, size_t bytes, int kind);
 void synchronize();
+// Free and total bytes of `device`'s memory (cudaMemGetInfo).
+void memory_info(int device, size_t* free_bytes, size_t* total_bytes);
 
 // ---- Elementwise (elementwise.cu) ----------------------------------------------------------
 void axpy(float* y, const float* x, float alpha, size_t n, void* stream = nullptr);  // y += a x

@@ -20,6 +20,15 @@ int device_count() {
   return count;
 }
 
+void memory_info(int device, size_t* free_bytes, size_t* total_bytes) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const cudaError_t status = cudaMemGetInfo(free_bytes, total_bytes);
+  cudaSetDevice(previous);
+  check(status, "cudaMemGetInfo");
+}
+
 void set_device(int device) {
   check(cudaSetDevice(device), "cudaSetDevice");
 }

@@ -1,8 +1,12 @@
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <nlohmann/json.hpp>
 
 #include "runtime/file_io.h"
@@ -184,6 +188,50 @@ TEST_F(SafetensorsTest, WriteIsAtomicAndLeavesNoTempFiles) {
     EXPECT_EQ(entry.path().string().find(".tmp."), std::string::npos) << entry.path();
   }
   EXPECT_THROW(write_file_atomic(path("no/such/dir/file"), "x"), Error);
+}
+
+TEST_F(SafetensorsTest, ManyTensorHeaderIsWrittenInLinearTime) {
+  // A quadratic header writer (an ordered JSON object searching its keys on each insert) spends
+  // minutes here; a linear one well under a second. The bound only guards against that hang.
+  constexpr int kTensors = 300'000;
+  std::vector<float> values(kTensors);
+  std::vector<SafetensorsTensor> tensors;
+  tensors.reserve(kTensors);
+  for (int i = 0; i < kTensors; ++i) {
+    values[i] = static_cast<float>(i);
+    tensors.push_back({"t." + std::to_string(i), DType::kF32, {1}, &values[i]});
+  }
+  auto done = std::async(std::launch::async, [&] { write_safetensors(path("many"), tensors); });
+  if (done.wait_for(std::chrono::seconds(120)) != std::future_status::ready) {
+    ADD_FAILURE() << "writing 300k tensor entries did not finish in 120 s";
+    std::_Exit(1);  // the writer thread cannot be cancelled
+  }
+  done.get();
+  const SafetensorsFile f = SafetensorsFile::open(path("many"));
+  float v = 0;
+  f.read_f32("t.265432", {1}, &v);
+  EXPECT_EQ(v, 265432.0f);
+}
+
+TEST_F(SafetensorsTest, DuplicateTensorNameIsRejected) {
+  const float x = 1.0f;
+  expect_error(
+      [&] {
+        write_safetensors(path("dup"), {{"a", DType::kF32, {1}, &x}, {"a", DType::kF32, {1}, &x}});
+      },
+      {"'a'", "twice"});
+}
+
+TEST_F(SafetensorsTest, FifoOrDirectoryIsRejectedWithoutBlocking) {
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0644), 0);
+  expect_error([&] { SafetensorsFile::open(path("fifo")); }, {"fifo", "FIFO"});
+  expect_error([&] { read_file(path("fifo")); }, {"fifo", "FIFO"});
+  fs::create_directories(path("dir"));
+  expect_error([&] { SafetensorsFile::open(path("dir")); }, {"dir", "a directory"});
+  expect_error([&] { read_file("/dev/zero"); }, {"/dev/zero", "character device"});
+  write_file_atomic(path("big"), std::string(100, 'x'));
+  expect_error([&] { read_file(path("big"), 10); }, {"big", "100 bytes"});
+  EXPECT_EQ(read_file(path("big")).size(), 100u);
 }
 
 }  // namespace

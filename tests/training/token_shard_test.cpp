@@ -218,5 +218,29 @@ TEST(TokenShard, OverwriteReplacesAtomically) {
   EXPECT_EQ(entries, 1u);  // no temporary files left behind
 }
 
+TEST(TokenShard, ShardTruncatedWhileInUseIsAnErrorNotSigbus) {
+  TempDir dir;
+  const std::string path = dir.file("m.bin");
+  std::vector<int32_t> tokens(100000);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i % 7);
+  write_token_shard(path, tokens, 10);
+  TokenShard shard = TokenShard::open(path);
+  std::vector<int32_t> out(16);
+  shard.copy(99000, 16, out.data());
+  EXPECT_EQ(out[0], static_cast<int32_t>(99000 % 7));
+  // Truncated in place (not replaced), as a user's `truncate` or a full disk's rewrite does: a
+  // memory map would raise SIGBUS here and kill the process.
+  fs::resize_file(path, 64 + 2 * 1000);
+  const std::string message = error_message([&] { shard.copy(99000, 16, out.data()); });
+  EXPECT_NE(message.find(path), std::string::npos) << message;
+  EXPECT_NE(message.find("changed on disk"), std::string::npos) << message;
+  // Rewritten in place with ids beyond the vocabulary: named, never used as an index.
+  std::ofstream(path, std::ios::binary | std::ios::in | std::ios::out)
+      .seekp(64)
+      .write("\xff\xff", 2);
+  const std::string id_message = error_message([&] { shard.copy(0, 4, out.data()); });
+  EXPECT_NE(id_message.find("65535"), std::string::npos) << id_message;
+}
+
 }  // namespace
 }  // namespace tandem

@@ -1,10 +1,13 @@
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/file_io.h"
@@ -287,6 +290,152 @@ TEST_F(TrainerTest, UnwritableOutputDirectoryIsRejected) {
   EXPECT_EQ(read_file((root_ / "a_file").string()), "x");
 }
 
+// ---- Lost data: nothing damaged is ever deleted, nothing of the user's overwritten ------------
+
+// Overwrites the first float of a checkpoint's tensor data with a NaN (the header stays valid).
+void poison_weights(const fs::path& safetensors) {
+  std::fstream f(safetensors, std::ios::binary | std::ios::in | std::ios::out);
+  uint64_t header = 0;
+  f.read(reinterpret_cast<char*>(&header), 8);
+  f.seekp(static_cast<std::streamoff>(8 + header));
+  const float nan = std::nanf("");
+  f.write(reinterpret_cast<const char*>(&nan), 4);
+}
+
+TEST_F(TrainerTest, DamagedCheckpointIsNeverDeleted) {
+  train(config("run"));
+  const fs::path ckpts = root_ / "run" / "checkpoints";
+  fs::resize_file(ckpts / "step_00000008" / "model.safetensors", 100);
+  // Resume: step 8 is set aside as step_00000008.invalid and trained again.
+  train(config("run", {"checkpoint.resume=true"}));
+  ASSERT_TRUE(fs::exists(ckpts / "step_00000008.invalid"));
+  ASSERT_TRUE(fs::exists(ckpts / "step_00000008" / "model.safetensors"));
+  // Damage the new step 8 and resume again: it gets a name of its own, beside the first.
+  fs::resize_file(ckpts / "step_00000008" / "optimizer.safetensors", 50);
+  train(config("run", {"checkpoint.resume=true"}));
+  EXPECT_NE(log_.find("to " + (ckpts / "step_00000008.invalid.2").string()), std::string::npos)
+      << log_;
+  EXPECT_EQ(fs::file_size(ckpts / "step_00000008.invalid" / "model.safetensors"), 100u);
+  EXPECT_EQ(fs::file_size(ckpts / "step_00000008.invalid.2" / "optimizer.safetensors"), 50u);
+  EXPECT_TRUE(fs::exists(ckpts / "step_00000008" / "model.safetensors"));
+}
+
+TEST_F(TrainerTest, EveryPreviousMetricsFileIsKept) {
+  train(config("run"));
+  const fs::path run = root_ / "run";
+  std::vector<std::string> metrics;
+  for (int restart = 0; restart < 3; ++restart) {
+    metrics.push_back(read_file((run / "metrics.jsonl").string()) +
+                      "{\"step\": " + std::to_string(100 + restart) + "}\n");
+    write_file_atomic((run / "metrics.jsonl").string(), metrics.back());
+    for (const std::string& dir : list_checkpoints(run.string()))
+      fs::resize_file(fs::path(dir) / "model.safetensors", 10);
+    train(config("run", {"checkpoint.resume=true"}));  // restarts clean
+  }
+  EXPECT_EQ(read_file((run / "metrics.jsonl.previous").string()), metrics[0]);
+  EXPECT_EQ(read_file((run / "metrics.jsonl.previous.2").string()), metrics[1]);
+  EXPECT_EQ(read_file((run / "metrics.jsonl.previous.3").string()), metrics[2]);
+}
+
+TEST_F(TrainerTest, SecondTrainerOnRunDirIsRefused) {
+  std::ostringstream log1, log2;
+  Trainer first(config("run"), log1);
+  const std::string msg = error_message_of([&] { Trainer second(config("run"), log2); });
+  EXPECT_NE(msg.find("in use by another trainer"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("pid " + std::to_string(::getpid())), std::string::npos) << msg;
+  first.run();
+  EXPECT_FALSE(fs::exists(root_ / "run" / "metrics.jsonl.previous"));
+}
+
+TEST_F(TrainerTest, NonFiniteCheckpointFallsBackToTheOlderOne) {
+  train(config("run"));
+  poison_weights(root_ / "run" / "checkpoints" / "step_00000008" / "model.safetensors");
+  std::ostringstream log;
+  Trainer t(config("run", {"checkpoint.resume=true"}), log);
+  EXPECT_EQ(t.start_step(), 4) << log.str();
+  EXPECT_NE(log.str().find("non-finite"), std::string::npos) << log.str();
+  EXPECT_TRUE(fs::exists(root_ / "run" / "checkpoints" / "step_00000008.invalid"));
+}
+
+TEST_F(TrainerTest, NonFiniteOptimizerStateFallsBackToTheOlderOne) {
+  train(config("run"));
+  poison_weights(root_ / "run" / "checkpoints" / "step_00000008" / "optimizer.safetensors");
+  std::ostringstream log;
+  Trainer t(config("run", {"checkpoint.resume=true"}), log);
+  EXPECT_EQ(t.start_step(), 4) << log.str();
+  EXPECT_NE(log.str().find("exp_avg"), std::string::npos) << log.str();
+}
+
+TEST_F(TrainerTest, ForeignMetricsFileIsNeverRewritten) {
+  const std::string notes = (root_ / "notes.txt").string();
+  const std::string text = "my notes\n{\"step\": 1}\nmore notes\n";
+  write_file_atomic(notes, text);
+  for (bool resume : {false, true}) {
+    const std::string msg = error_message_of([&] {
+      std::ostringstream l;
+      Trainer t(config("run", {"log.metrics_file=" + notes,
+                               std::string("checkpoint.resume=") + (resume ? "true" : "false")}),
+                l);
+    });
+    EXPECT_NE(msg.find("does not look like a Tandem metrics file"), std::string::npos) << msg;
+    EXPECT_EQ(read_file(notes), text);
+  }
+  EXPECT_FALSE(fs::exists(notes + ".previous"));
+}
+
+TEST_F(TrainerTest, EotTokenOutsideTheVocabularyIsRefusedAtStart) {
+  write_file_atomic((root_ / "data" / "prepare.json").string(),
+                    testing::prepare_summary_json(kVocab, kVocab + 3));
+  const std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("run"), l);
+  });
+  EXPECT_NE(msg.find("eot_token 51"), std::string::npos) << msg;
+  EXPECT_FALSE(fs::exists(root_ / "run" / "checkpoints"));
+}
+
+TEST_F(TrainerTest, RunThatCannotFitInMemoryIsRefusedBeforeAllocating) {
+  const std::string msg = error_message_of([&] {
+    std::ostringstream l;
+    Trainer t(config("run", {"model.max_seq_len=2000000000"}), l);
+  });
+  EXPECT_NE(msg.find("is available"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("parameters"), std::string::npos) << msg;
+}
+
+TEST_F(TrainerTest, StopFlagEndsTheEndOfRunSamplePromptly) {
+  // A sample that would take hours: the stop flag must end it (and the run) at once.
+  std::atomic<int> stop{0};
+  const TrainConfig c = config("run", {"eval.sample_tokens=100000000"});
+  const fs::path last = root_ / "run" / "checkpoints" / "step_00000008";
+  std::thread signaller([&] {
+    while (!fs::exists(last)) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // into the sample
+    stop = 15;
+  });
+  const TrainResult r = train(c, &stop);
+  signaller.join();
+  EXPECT_TRUE(r.interrupted);
+  EXPECT_EQ(r.last_step, 8);
+}
+
+TEST_F(TrainerTest, StopFlagEndsEvaluation) {
+  std::atomic<int> stop{15};
+  Trainer t(config("run", {"eval.batches=1000"}), std::cout);
+  EXPECT_TRUE(std::isnan(t.evaluate(&stop)));
+}
+
+TEST_F(TrainerTest, FifoInACheckpointIsDamageNotAHang) {
+  train(config("run"));
+  const fs::path state = root_ / "run" / "checkpoints" / "step_00000008" / "trainer_state.json";
+  fs::remove(state);
+  ASSERT_EQ(::mkfifo(state.c_str(), 0644), 0);
+  std::ostringstream log;
+  Trainer t(config("run", {"checkpoint.resume=true"}), log);  // would block on the FIFO
+  EXPECT_EQ(t.start_step(), 4) << log.str();
+  EXPECT_NE(log.str().find("FIFO"), std::string::npos) << log.str();
+}
+
 // ---- Pieces of the step, against their formulas -----------------------------------------------
 
 TEST(TrainingMath, GradientAccumulationMatchesOneLargeBatch) {
@@ -412,6 +561,36 @@ TEST(TrainConfigTest, OverridesApplyOnTopOfTheFile) {
   EXPECT_FLOAT_EQ(c.schedule.min_lr, 0.05f);
   EXPECT_TRUE(c.model.is_llama());
   EXPECT_EQ(c.model.n_kv_head, 2);
+  fs::remove(path);
+}
+
+TEST(TrainConfigTest, ValuesThatDoNotFitTheFieldAreRejected) {
+  std::string msg = config_error({"optim.lr=1e308"});
+  EXPECT_NE(msg.find("optim.lr"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("does not fit"), std::string::npos) << msg;
+  msg = config_error({"model.n_embd=4294967312"});
+  EXPECT_NE(msg.find("model.n_embd"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("out of range"), std::string::npos) << msg;
+  msg = config_error({"train.steps=-9223372036854775807", "data.batch_size=2"});
+  EXPECT_NE(msg.find("train.steps"), std::string::npos) << msg;
+  msg = config_error({"train.seed=-1"});
+  EXPECT_NE(msg.find("train.seed"), std::string::npos) << msg;
+}
+
+TEST(TrainConfigTest, OverrideErrorsNameTheCommandLineNotTheFile) {
+  const std::string path = ::testing::TempDir() + "/tandem_override_config.json";
+  write_file_atomic(path, R"({"data": {"dir": "d"}, "optim": {"lr": 0.01}})");
+  std::string msg = error_message_of([&] { load_train_config(path, {"optim.lr=-1"}); });
+  EXPECT_EQ(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("command line (--optim.lr)"), std::string::npos) << msg;
+  msg = error_message_of([&] { load_train_config(path, {"optim.betta1=0.9"}); });
+  EXPECT_NE(msg.find("command line"), std::string::npos) << msg;
+  msg = error_message_of([&] { load_train_config(path, {"optm.lr=0.9"}); });
+  EXPECT_NE(msg.find("command line"), std::string::npos) << msg;
+  // An error in the file still names the file.
+  write_file_atomic(path, R"({"data": {"dir": "d"}, "optim": {"lr": -1}})");
+  msg = error_message_of([&] { load_train_config(path, {"optim.eps=1e-8"}); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
   fs::remove(path);
 }
 

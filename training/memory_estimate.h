@@ -1,0 +1,34 @@
+// What a training run will hold in memory, computed from its config before anything is
+// allocated: `tandem train` refuses a run that cannot fit (a clear error instead of an OOM kill
+// after minutes of paging), and prints the table at start.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "runtime/dtype.h"
+#include "runtime/model_config.h"
+
+namespace tandem {
+
+struct TrainingMemory {
+  uint64_t parameters = 0;       // F32 weights
+  uint64_t gradients = 0;        // F32, same layout
+  uint64_t optimizer_state = 0;  // AdamW first and second moments, F32
+  uint64_t activations = 0;      // one micro-batch's forward + backward buffers
+  uint64_t other = 0;            // RoPE tables, host staging of batches
+  uint64_t total() const { return parameters + gradients + optimizer_state + activations + other; }
+};
+
+// Bytes of a forward+backward with AdamW over micro-batches of [batch_size, seq_len].
+TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
+                                        int grad_accum);
+
+// "1.23 GiB"-style text.
+std::string format_bytes(uint64_t bytes);
+
+// Throws tandem::Error listing the table when `memory` does not fit in what `device` has
+// available now (with a margin for the runtime itself).
+void require_training_memory_fits(const TrainingMemory& memory, Device device);
+
+}  // namespace tandem
