@@ -48,6 +48,17 @@ std::optional<GenerationDelta> RequestStream::next() {
   return d;
 }
 
+RequestStream::Wait RequestStream::next_for(std::chrono::milliseconds timeout,
+                                            GenerationDelta& out) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (final_taken_) return Wait::kEnded;
+  if (!cv_.wait_for(lock, timeout, [&] { return !queue_.empty(); })) return Wait::kTimeout;
+  out = std::move(queue_.front());
+  queue_.pop_front();
+  if (out.finished()) final_taken_ = true;
+  return Wait::kDelta;
+}
+
 GenerationDelta RequestStream::wait_all() {
   GenerationDelta all;
   all.request_id = id_;

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -49,8 +50,8 @@ struct EngineConfig {
   // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
   // prefill, prefix hits, preemption): InferenceOptions::batch_invariant. Costs prefill speed.
   bool batch_invariant = false;
-  int32_t eos_token = -1;     // ends a request unless it sets ignore_eos; -1 = none
-  uint64_t seed = 0;          // requests without a seed use seed ^ f(request id)
+  int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
+  uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };
@@ -95,6 +96,9 @@ class RequestStream {
   uint64_t id() const { return id_; }
   // Blocks for the next delta; nullopt once the final delta has been returned.
   std::optional<GenerationDelta> next();
+  // Like next(), waiting at most `timeout` (a server polls for a cancelled call between waits).
+  enum class Wait { kDelta, kTimeout, kEnded };
+  Wait next_for(std::chrono::milliseconds timeout, GenerationDelta& out);
   // Blocks to the end and returns all deltas merged into one.
   GenerationDelta wait_all();
   bool finished() const;
@@ -127,6 +131,9 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   std::shared_ptr<RequestStream> add_request(GenerationRequest request);
+  // What add_request would reject the request for ("" when nothing): lets a server answer a bad
+  // request with INVALID_ARGUMENT before it takes a place in the queue. Thread-safe.
+  std::string validate(const GenerationRequest& request) const;
   void abort(uint64_t request_id);
 
   // One step, if there is work. Returns whether work remains. Not while the loop thread runs.
@@ -144,7 +151,6 @@ class Engine {
 
  private:
   struct Request;
-  std::string validate(const GenerationRequest& request) const;
   void admit_incoming();  // step lock held
   void finish(Request& request, FinishReason reason, std::string error = {});
   void fail_all(const std::string& message);
