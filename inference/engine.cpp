@@ -6,6 +6,7 @@
 #include <exception>
 
 #include "inference/text_stream.h"
+#include "kernels/cpu/kernels.h"
 #include "runtime/error.h"
 
 namespace tandem {
@@ -352,6 +353,7 @@ void Engine::run_until_idle() {
 }
 
 void Engine::loop() {
+  if (config_.loop_threads > 0) cpu::set_num_threads(config_.loop_threads);
   while (true) {
     {
       std::unique_lock<std::mutex> lock(queue_mu_);

@@ -52,6 +52,9 @@ struct EngineConfig {
   bool batch_invariant = false;
   int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
   uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
+  // > 0: OpenMP threads of the loop thread (omp_set_num_threads is per thread, so a count set
+  // on the thread that builds the engine does not reach the loop thread).
+  int loop_threads = 0;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };

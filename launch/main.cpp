@@ -397,6 +397,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       "--no-prefix-caching", [&a](int64_t) { a.prefix_caching = false; },
       "Turn the prefix cache off");
   c->add_flag("--bf16", a.bf16_weights, "bf16 weight copy for inference");
+  c->add_flag("--batch-invariant", a.batch_invariant,
+              "A request's tokens bitwise independent of batching (slower prefill)");
   c->add_option("--tls-cert", a.tls_cert, "PEM certificate chain (TLS on the gRPC port)");
   c->add_option("--tls-key", a.tls_key, "PEM private key");
   c->add_option("--auth-token-file", a.auth_token_file,

@@ -73,6 +73,8 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   r.engine.max_batched_tokens = o.max_batched_tokens;
   r.engine.prefix_caching = o.prefix_caching;
   r.engine.bf16_weights = o.bf16_weights;
+  r.engine.batch_invariant = o.batch_invariant;
+  r.engine.loop_threads = o.threads;
   r.metrics_port = o.metrics_port;
 
   serving::Replica replica(*model, tokenizer, r);

@@ -59,10 +59,52 @@ grpc::Status invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
 
+// Valid UTF-8 for a proto3 string field (parsers reject anything else): each byte that does not
+// start a well-formed sequence becomes U+FFFD, as Python's errors="replace" does. The engine
+// holds back an unfinished character at a delta's end, so deltas are cut at character bounds.
+std::string to_valid_utf8(const std::string& in) {
+  std::string out;
+  out.reserve(in.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(in.data());
+  const size_t n = in.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = p[i];
+    int len = 0;
+    unsigned lo = 0x80, hi = 0xBF;  // the allowed range of the second byte
+    if (c < 0x80) {
+      len = 1;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;  // no surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    }
+    bool ok = len > 0 && i + len <= n;
+    for (int k = 1; ok && k < len; ++k) {
+      const unsigned char b = p[i + k];
+      ok = k == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xBF);
+    }
+    if (ok) {
+      out.append(in, i, len);
+      i += len;
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
 // Appends a delta's payload (tokens, text, logprobs) to a response message.
 void append_delta(const GenerationDelta& d, pb::GenerateResponse& out) {
   for (int32_t t : d.tokens) out.add_token_ids(t);
-  out.mutable_text()->append(d.text);
+  out.mutable_text()->append(to_valid_utf8(d.text));
   for (float lp : d.logprobs) out.add_logprobs(lp);
   for (const auto& top : d.top_logprobs) {
     pb::TopLogprobs* entry = out.add_top_logprobs();
@@ -312,7 +354,11 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
     if (w == RequestStream::Wait::kTimeout) {
       if (context->IsCancelled()) {
         engine_.abort(id);  // frees the sequence's KV blocks now
-        const bool past_deadline = context->deadline() <= std::chrono::system_clock::now();
+        // The client's own timer fires a little before ours (its deadline reached us as a
+        // timeout, after the network's delay): a cancel that close to the deadline is the
+        // deadline.
+        const bool past_deadline = context->deadline() <= std::chrono::system_clock::now() +
+                                                              std::chrono::milliseconds(200);
         return done(past_deadline ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                                                  "deadline exceeded; the request was aborted")
                                   : grpc::Status(grpc::StatusCode::CANCELLED,

@@ -20,12 +20,13 @@ struct Router::Replica {
   std::unique_ptr<pb::Generation::Stub> stub;
   std::atomic<bool> healthy{false};
   std::atomic<int> reported_load{0};    // running + waiting at the last poll
-  std::atomic<int> sent_since_poll{0};  // requests this router placed since that poll
+  std::atomic<int> sent_since_poll{0};  // placed since that poll and not finished yet
+  std::atomic<uint64_t> poll_epoch{0};  // which poll sent_since_poll counts from
   std::atomic<int> outstanding{0};      // requests this router has there now
   std::atomic<int> max_in_flight{1 << 30};
   std::atomic<int> in_flight{0};
   std::atomic<int> kv_free{0}, kv_total{0};
-  int load() const { return reported_load.load() + sent_since_poll.load(); }
+  int load() const { return reported_load.load() + std::max(0, sent_since_poll.load()); }
 };
 
 namespace {
@@ -144,6 +145,7 @@ void Router::poll_once() {
     const bool ok = p.status.ok() && p.response.serving();
     if (ok) {
       r.reported_load = p.response.running() + p.response.waiting();
+      r.poll_epoch.fetch_add(1);
       r.sent_since_poll = 0;
       r.in_flight = p.response.in_flight();
       r.max_in_flight = p.response.max_in_flight();
@@ -216,7 +218,8 @@ Router::Replica* Router::pick(const pb::GenerateRequest& request,
     }
   }
   const bool at_limit =
-      preferred->in_flight.load() + preferred->sent_since_poll.load() >= preferred->max_in_flight;
+      preferred->in_flight.load() + std::max(0, preferred->sent_since_poll.load()) >=
+      preferred->max_in_flight;
   const bool low_kv = preferred->kv_total > 0 && preferred->kv_free * 20 < preferred->kv_total;
   if (preferred->load() > least_load + options_.overload_margin || at_limit || low_kv) {
     return least;
@@ -304,10 +307,13 @@ grpc::Status Router::with_failover(grpc::ServerContext* context, const pb::Gener
     if (!tried.empty()) retries_.add();
     tried.push_back(replica);
     path.push_back(replica->address);
+    const uint64_t epoch = replica->poll_epoch.load();
     replica->sent_since_poll.fetch_add(1);
     replica->outstanding.fetch_add(1);
     status = attempt(*replica, on_token);
     replica->outstanding.fetch_sub(1);
+    // Finished before the next poll: that poll will not count it, so neither do we any more.
+    if (replica->poll_epoch.load() == epoch) replica->sent_since_poll.fetch_sub(1);
     if (status.ok() || started || !retryable(status) || context->IsCancelled()) break;
     if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
       replica->healthy = false;  // out of rotation until it answers a poll again
