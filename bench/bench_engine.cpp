@@ -8,7 +8,8 @@
 //       kernel against OpenBLAS sgemm on the same prefill shapes);
 //   (d) a shared-prefix workload with and without prefix caching.
 //
-//   build/bench/bench_engine [--model gpt2] [--threads 2] [--decode-tokens 64] [--quick]
+//   build/bench/bench_engine [--model gpt2] [--threads 2] [--decode-tokens 64] [--sections abcd]
+//                            [--quick]
 // Weights are random (init_weights); the engine's work does not depend on their values.
 #include <chrono>
 #include <cstdio>
@@ -84,6 +85,7 @@ int main(int argc, char** argv) {
   std::string preset = "gpt2";
   int threads = 2, decode_tokens = 64;
   bool quick = false;
+  std::string sections = "abcd";
   for (int i = 1; i < argc; ++i) {
     const std::string key = argv[i];
     if (key == "--quick") {
@@ -101,10 +103,12 @@ int main(int argc, char** argv) {
       threads = std::atoi(value);
     } else if (key == "--decode-tokens") {
       decode_tokens = std::atoi(value);
+    } else if (key == "--sections") {
+      sections = value;
     } else {
       std::fprintf(stderr,
                    "bench_engine: unknown option %s (--model, --threads, --decode-tokens, "
-                   "--quick)\n",
+                   "--sections abcd, --quick)\n",
                    key.c_str());
       return 2;
     }
@@ -130,7 +134,8 @@ int main(int argc, char** argv) {
 
   // (a) batch-1 decode, f32 and bf16.
   double f32_rate = 0;
-  for (int variant = 0; variant < 3; ++variant) {
+  const auto run = [&](char section) { return sections.find(section) != std::string::npos; };
+  for (int variant = 0; variant < 3 && run('a'); ++variant) {
     const bool bf16 = variant == 2, invariant = variant == 1;
     EngineConfig ec;
     ec.bf16_weights = bf16;
@@ -145,40 +150,54 @@ int main(int argc, char** argv) {
     std::printf(
         "(a) batch-1 decode %s: %.1f tokens/s; bound %.1f tokens/s (%.0f MB per token): %.0f%% "
         "of the bound%s\n",
-        bf16 ? "bf16                 " : (invariant ? "f32, batch-invariant" : "f32, sgemv          "),
+        bf16 ? "bf16                 "
+             : (invariant ? "f32, batch-invariant" : "f32, sgemv          "),
         rate, bound, bytes / 1e6, 100.0 * rate / bound,
         bf16 ? tandem::cat(", ", rate / f32_rate, "x f32").c_str() : "");
   }
 
   // (b) throughput with concurrent requests.
   for (bool invariant : {false, true}) {
+    if (!run('b')) break;
     EngineConfig ec;
     ec.batch_invariant = invariant;
     ec.kv_cache_mb = 1024;
     ec.max_seqs = 64;
     ec.max_batched_tokens = 512;
     Engine engine(model, ec);
-    double base = 0;
+    double base = 0, base_decode = 0;
     const int new_tokens = quick ? 8 : 32;
     for (int n : {1, 8, 32, 64}) {
-      std::vector<GenerationRequest> batch;
-      for (int i = 0; i < n; ++i) batch.push_back(request(random_prompt(32, V, 100 + i), new_tokens));
+      std::vector<std::shared_ptr<tandem::RequestStream>> streams;
+      const int64_t before = engine.stats().generated_tokens;
       const auto t0 = Clock::now();
-      const auto out = engine.generate(std::move(batch));
-      const double t = seconds_since(t0);
+      for (int i = 0; i < n; ++i)
+        streams.push_back(engine.add_request(request(random_prompt(32, V, 100 + i), new_tokens)));
+      // Prefill phase: until every request has its first token.
+      while (engine.stats().generated_tokens - before < n && engine.step()) {
+      }
+      const auto t1 = Clock::now();
+      while (engine.step()) {
+      }
+      const double total = seconds_since(t0), decode = seconds_since(t1);
       size_t generated = 0;
-      for (const auto& o : out) generated += o.tokens.size();
-      const double rate = generated / t;
-      if (n == 1) base = rate;
+      for (const auto& st : streams) generated += st->wait_all().tokens.size();
+      const double rate = generated / total;
+      const double decode_rate = (static_cast<double>(generated) - n) / decode;
+      if (n == 1) {
+        base = rate;
+        base_decode = decode_rate;
+      }
       std::printf("(b) %s %2d concurrent requests (32-token prompts, %d new tokens): %.1f "
-                  "tokens/s, %.1fx batch 1\n",
+                  "tokens/s end to end (%.1fx batch 1), decode phase %.1f tokens/s (%.1fx)\n",
                   invariant ? "batch-invariant" : "sgemm          ", n, new_tokens, rate,
-                  rate / base);
+                  rate / base, decode_rate, decode_rate / base_decode);
     }
   }
 
   // (c) time to first token of a 512-token prompt.
   for (bool invariant : {false, true}) {
+    if (!run('c')) break;
     EngineConfig ec;
     ec.batch_invariant = invariant;
     ec.max_batched_tokens = 512;
@@ -191,13 +210,14 @@ int main(int argc, char** argv) {
     const double T = 512;
     // Every matrix for every row, the LM head for the last row only, and causal attention.
     const double lm_head = static_cast<double>(V) * config.n_embd;
-    const double flops = 2.0 * (matrix_params - lm_head) * T + 2.0 * lm_head +
-                         2.0 * 2.0 * config.n_layer * config.n_head * (T * (T + 1) / 2) *
-                             config.head_dim();
-    std::printf("(c) %s 512-token prompt: time to first token %.0f ms, prefill %.0f tokens/s, "
-                "%.1f GFLOP/s = %.0f%% of the sgemm peak\n",
-                invariant ? "batch-invariant" : "sgemm          ", ttft * 1e3, T / ttft,
-                flops / ttft / 1e9, 100.0 * flops / ttft / 1e9 / peak);
+    const double flops =
+        2.0 * (matrix_params - lm_head) * T + 2.0 * lm_head +
+        2.0 * 2.0 * config.n_layer * config.n_head * (T * (T + 1) / 2) * config.head_dim();
+    std::printf(
+        "(c) %s 512-token prompt: time to first token %.0f ms, prefill %.0f tokens/s, "
+        "%.1f GFLOP/s = %.0f%% of the sgemm peak\n",
+        invariant ? "batch-invariant" : "sgemm          ", ttft * 1e3, T / ttft, flops / ttft / 1e9,
+        100.0 * flops / ttft / 1e9 / peak);
     if (!invariant) continue;
     // The batch-invariant linear kernel against OpenBLAS on the prefill's GEMM shapes.
     const int M = 512, C = config.n_embd, F = config.ffn_hidden;
@@ -217,13 +237,15 @@ int main(int argc, char** argv) {
         if (rep > 0) t_blas += seconds_since(t1);
       }
     }
-    std::printf("    batch-invariant linear vs OpenBLAS sgemm on one layer's prefill GEMMs "
-                "(M=512): %.1f vs %.1f ms (%.0f%% more time)\n",
-                t_rows / 2 * 1e3, t_blas / 2 * 1e3, 100.0 * (t_rows / t_blas - 1.0));
+    std::printf(
+        "    batch-invariant linear vs OpenBLAS sgemm on one layer's prefill GEMMs "
+        "(M=512): %.1f vs %.1f ms (%.0f%% more time)\n",
+        t_rows / 2 * 1e3, t_blas / 2 * 1e3, 100.0 * (t_rows / t_blas - 1.0));
   }
 
   // (d) shared-prefix workload: 16 requests, one 256-token prefix, distinct 16-token suffixes.
   for (bool caching : {false, true}) {
+    if (!run('d')) break;
     EngineConfig ec;
     ec.prefix_caching = caching;
     ec.kv_cache_mb = 1024;
@@ -242,10 +264,11 @@ int main(int argc, char** argv) {
     engine.generate(std::move(batch));
     const double t = seconds_since(t0);
     const auto s = engine.stats();
-    std::printf("(d) shared 256-token prefix, 15 requests after a first one, prefix caching %s: "
-                "%.2f s, prefix hit rate %.0f%%, prompt tokens computed %lld\n",
-                caching ? "on " : "off", t, 100.0 * s.prefix_hit_rate,
-                static_cast<long long>(s.prompt_tokens_computed));
+    std::printf(
+        "(d) shared 256-token prefix, 15 requests after a first one, prefix caching %s: "
+        "%.2f s, prefix hit rate %.0f%%, prompt tokens computed %lld\n",
+        caching ? "on " : "off", t, 100.0 * s.prefix_hit_rate,
+        static_cast<long long>(s.prompt_tokens_computed));
   }
   return 0;
 }

@@ -55,7 +55,6 @@ int BlockManager::allocate_cached_prefix(Sequence& seq) {
   require(seq.block_table.empty(), "block manager: sequence ", seq.id, " already holds blocks");
   seq.num_computed = 0;
   seq.block_hashes.clear();
-  query_tokens_ += seq.num_tokens();
   if (!prefix_caching_) return 0;
   // Full blocks that end before the last token (its logits must be computed).
   const int candidates = (seq.num_tokens() - 1) / block_size_;
@@ -74,8 +73,12 @@ int BlockManager::allocate_cached_prefix(Sequence& seq) {
     previous = h;
   }
   seq.num_computed = static_cast<int>(seq.block_table.size()) * block_size_;
-  hit_tokens_ += seq.num_computed;
   return seq.num_computed;
+}
+
+void BlockManager::record_prefix_lookup(int tokens, int hit_tokens) {
+  query_tokens_ += tokens;
+  hit_tokens_ += hit_tokens;
 }
 
 bool BlockManager::ensure_capacity(Sequence& seq, int num_tokens) {

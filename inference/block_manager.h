@@ -45,6 +45,8 @@ class BlockManager {
   // its computed count.
   void free(Sequence& seq);
 
+  // Counts one admitted sequence's lookup (a lookup undone by free() is not counted).
+  void record_prefix_lookup(int tokens, int hit_tokens);
   // Prefix cache: tokens looked up at admission and tokens found.
   int64_t prefix_query_tokens() const { return query_tokens_; }
   int64_t prefix_hit_tokens() const { return hit_tokens_; }

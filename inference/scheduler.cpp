@@ -60,15 +60,14 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
   while (!preempted && !waiting_.empty() && budget > 0 &&
          static_cast<int>(running_.size()) < config_.max_seqs) {
     Sequence* seq = waiting_.front();
-    if (seq->block_table.empty()) {
-      const int cached = blocks_.allocate_cached_prefix(*seq);
-      if (seq->cached_prompt_tokens < 0) seq->cached_prompt_tokens = cached;
-    }
+    const int cached = blocks_.allocate_cached_prefix(*seq);
     const int n = std::min(seq->num_tokens() - seq->num_computed, budget);
     if (!blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
       blocks_.free(*seq);  // give back the prefix hits; retry in a later step
       break;
     }
+    blocks_.record_prefix_lookup(seq->num_tokens(), cached);
+    if (seq->cached_prompt_tokens < 0) seq->cached_prompt_tokens = cached;
     waiting_.pop_front();
     seq->status = SequenceStatus::kRunning;
     running_.push_back(seq);

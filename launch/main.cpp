@@ -2,8 +2,9 @@
 //
 //   tandem prepare  --input PATH... --out DIR (--tokenizer DIR | --train-tokenizer --vocab-size N)
 //   tandem train    --config FILE [--section.key=value ...]
-//   tandem generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
-//   tandem generate --server HOST:PORT --prompt TEXT ...     (streams from a server)
+//   tandem generate --model DIR --prompt TEXT | --prompts-file F --output O.jsonl | --interactive
+//   tandem tokenize --tokenizer DIR --text TEXT;  tandem score --model DIR --text TEXT
+//   tandem generate --server HOST:PORT --prompt TEXT ...          (streams from a server)
 //   tandem serve    --model DIR --port P [--metrics-port M] ...   (a gRPC replica)
 //   tandem router   --replicas HOST:PORT,... --port P              (in front of replicas)
 //   tandem bench serve --target HOST:PORT --rate R --num-requests N
@@ -37,6 +38,7 @@
 
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "launch/generate_command.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
 #include "runtime/dtype.h"
@@ -260,96 +262,145 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
   return 0;
 }
 
-// ---- generate -------------------------------------------------------------------------------
+// ---- generate, tokenize, score (through the inference engine: launch/generate_command.h) ----
 
-struct GenerateArgs {
-  std::string model, prompt, device = "cpu";
-  int max_new_tokens = 64;
-  float temperature = 0.8f;
-  int top_k = 40;
-  float top_p = 1.0f;
-  uint64_t seed = 0;
-  int threads = 0;
-  std::string server, auth_token_file, tls_ca;
-  bool tls = false;
-  double timeout_s = 0;
-};
-
-CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
-  CLI::App* c = app.add_subcommand("generate", "Sample a continuation from a checkpoint");
-  c->add_option("--model", a.model, "Checkpoint (Hugging Face model) directory");
-  c->add_option("--prompt", a.prompt, "Text to continue")->capture_default_str();
-  c->add_option("--max-new-tokens", a.max_new_tokens, "Tokens to generate")
-      ->check(CLI::Range(0, 1 << 20))
+CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
+                       tandem::RemoteGenerateOptions& remote) {
+  CLI::App* c = app.add_subcommand(
+      "generate", "Generate from a checkpoint through the inference engine (paged KV cache)");
+  c->add_option("--model", o.model_dir, "Checkpoint (Hugging Face model) directory");
+  c->add_option("--prompt", o.prompt, "Text to continue (empty: from end-of-text)");
+  c->add_option("--prompts-file", o.prompts_file,
+                "Offline batch: one JSON per line, \"text\" or {\"prompt\": ..., sampling keys}");
+  c->add_option("--output", o.output, "JSON lines out (with --prompts-file)");
+  c->add_flag("--interactive", o.interactive, "A prompt loop: one prompt per stdin line");
+  c->add_option("--max-new-tokens", o.max_new_tokens, "Tokens to generate")
+      ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
-  c->add_option("--temperature", a.temperature, "0 = greedy")
+  c->add_option("--temperature", o.temperature, "0 = greedy")
       ->check(finite_in(0.0, 100.0))
       ->capture_default_str();
-  c->add_option("--top-k", a.top_k, "Keep the k most likely tokens (0 = all)")
+  c->add_option("--top-k", o.top_k, "Keep the k most likely tokens (0 = all)")
       ->check(CLI::Range(0, 1 << 30))
       ->capture_default_str();
-  c->add_option("--top-p", a.top_p, "Nucleus sampling mass, in (0, 1]")
+  c->add_option("--top-p", o.top_p, "Nucleus sampling mass, in (0, 1]")
       ->check(finite_in(1e-6, 1.0))
       ->capture_default_str();
-  c->add_option("--seed", a.seed, "Sampling seed")->check(kUnsigned64)->capture_default_str();
-  c->add_option("--threads", a.threads, "CPU threads (0 = OpenMP default)")
+  c->add_option("--min-p", o.min_p, "Drop tokens below min-p x the top probability")
+      ->check(finite_in(0.0, 1.0))
+      ->capture_default_str();
+  c->add_option("--repetition-penalty", o.repetition_penalty, "> 1 discourages repeats")
+      ->check(finite_in(1e-3, 100.0))
+      ->capture_default_str();
+  c->add_option("--presence-penalty", o.presence_penalty, "Subtracted once per seen token")
+      ->check(finite_in(-10.0, 10.0))
+      ->capture_default_str();
+  c->add_option("--frequency-penalty", o.frequency_penalty, "Subtracted per occurrence")
+      ->check(finite_in(-10.0, 10.0))
+      ->capture_default_str();
+  c->add_option("--seed", o.seed, "Sampling seed")->check(kUnsigned64)->capture_default_str();
+  c->add_option("--stop", o.stop, "Stop string (repeatable)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->allow_extra_args(false);
+  c->add_option("--stop-token-id", o.stop_token_ids, "Stop token id (repeatable)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->allow_extra_args(false)
+      ->check(CLI::Range(0, std::numeric_limits<int32_t>::max()));
+  c->add_flag("--ignore-eos", o.ignore_eos, "Do not stop at end-of-text");
+  c->add_option("--logprobs", o.logprobs,
+                "Print each token's log-probability and this many alternatives (stderr)")
+      ->check(CLI::Range(0, 20));
+  c->add_option("--threads", o.threads, "CPU threads (0 = OpenMP default)")
       ->check(CLI::Range(0, 4096));
-  c->add_option("--device", a.device, "cpu, cuda or cuda:N")->capture_default_str();
-  c->add_option("--server", a.server,
+  c->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
+  c->add_option("--kv-cache-mb", o.kv_cache_mb, "KV cache pool size")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
+      ->capture_default_str();
+  c->add_option("--block-size", o.block_size, "Tokens per KV block")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  c->add_option("--max-batched-tokens", o.max_batched_tokens, "Rows per engine step")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--max-seqs", o.max_seqs, "Sequences running at once")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  c->add_flag("--no-prefix-caching{false}", o.prefix_caching, "Disable the prefix cache");
+  c->add_flag("--bf16", o.bf16_weights, "bf16 weight copy for inference");
+  c->add_flag("--batch-invariant", o.batch_invariant,
+              "Results bitwise independent of batching (slower prefill)");
+  c->add_option("--server", remote.server,
                 "Stream from a tandem server or router at HOST:PORT instead of --model");
-  c->add_option("--auth-token-file", a.auth_token_file, "Bearer token for --server (first line)");
-  c->add_flag("--tls", a.tls, "Connect to --server with TLS");
-  c->add_option("--tls-ca", a.tls_ca, "PEM file of the CA that signed the server's certificate");
-  c->add_option("--timeout", a.timeout_s, "Deadline in seconds for --server (0 = none)")
+  c->add_option("--auth-token-file", remote.auth_token_file,
+                "Bearer token for --server (the file's first line)");
+  c->add_flag("--tls", remote.tls, "Connect to --server with TLS");
+  c->add_option("--tls-ca", remote.tls_ca, "PEM file of the CA of the server's certificate");
+  c->add_option("--timeout", remote.timeout_s, "Deadline in seconds for --server (0 = none)")
       ->check(finite_in(0.0, 1e6));
   return c;
 }
 
-int run_generate(const CLI::App& command, const GenerateArgs& a) {
+int run_generate(const CLI::App& command, const tandem::GenerateCommandOptions& o,
+                 const tandem::RemoteGenerateOptions& remote) {
   require_no_extras(command);
-  if (!a.server.empty()) {
-    if (command.get_option("--model")->count() > 0) {
-      throw UsageError("generate: give --model or --server, not both");
+  if (!remote.server.empty()) {
+    for (const char* local : {"--model", "--prompts-file", "--output", "--interactive"}) {
+      if (command.get_option(local)->count() > 0) {
+        throw UsageError(cat("generate: --server and ", local, " do not go together"));
+      }
     }
-    tandem::RemoteGenerateOptions o;
-    o.server = a.server;
-    o.prompt = a.prompt;
-    o.max_tokens = a.max_new_tokens;
-    o.temperature = a.temperature;
-    o.top_k = a.top_k;
-    o.top_p = a.top_p;
-    o.has_seed = command.get_option("--seed")->count() > 0;
-    o.seed = a.seed;
-    o.auth_token_file = a.auth_token_file;
-    o.tls = a.tls;
-    o.tls_ca = a.tls_ca;
-    o.timeout_s = a.timeout_s;
-    if (o.max_tokens <= 0) throw UsageError("generate: --max-new-tokens must be > 0 with --server");
+    tandem::RemoteGenerateOptions r = remote;
+    r.prompt = o.prompt;
+    r.max_tokens = o.max_new_tokens;
+    r.temperature = o.temperature;
+    r.top_k = o.top_k;
+    r.top_p = o.top_p;
+    r.min_p = o.min_p;
+    r.repetition_penalty = o.repetition_penalty;
+    r.presence_penalty = o.presence_penalty;
+    r.frequency_penalty = o.frequency_penalty;
+    r.has_seed = command.get_option("--seed")->count() > 0;
+    r.seed = o.seed;
+    r.stop = o.stop;
+    r.stop_token_ids = o.stop_token_ids;
+    r.ignore_eos = o.ignore_eos;
     install_stop_signals();
-    return tandem::run_remote_generate_command(o, g_stop_signal);
+    return tandem::run_remote_generate_command(r, g_stop_signal);
   }
   require_flags(command, {"--model"});
-  if (a.threads > 0) tandem::cpu::set_num_threads(a.threads);
-  const tandem::Device device = tandem::Device::parse(a.device);
-  require(device.is_cpu() || device.index < tandem::cuda_device_count(), "generate: --device ",
-          device.str(), " is not available (", tandem::cuda_device_count(), " CUDA device(s))");
-  auto model = tandem::load_pretrained(a.model, device);
-  require(fs::exists(fs::path(a.model) / "encoder.json"), a.model,
-          " has no tokenizer files (encoder.json, vocab.bpe)");
-  const auto tok = tandem::BpeTokenizer::load_dir(a.model);
-  tandem::GenerateOptions opt;
-  opt.max_new_tokens = a.max_new_tokens;
-  opt.sampling.temperature = a.temperature;
-  opt.sampling.top_k = a.top_k;
-  opt.sampling.top_p = a.top_p;
-  opt.seed = a.seed;
-  install_stop_signals();
-  opt.stop = &g_stop_signal;
-  const std::string text = tandem::generate_text(*model, tok, a.prompt, opt);
-  // Byte-exact: the text may hold any byte, NUL included.
-  std::fwrite(text.data(), 1, text.size(), stdout);
-  std::fputc('\n', stdout);
-  return g_stop_signal.load() != 0 ? 128 + g_stop_signal.load() : 0;
+  return tandem::run_generate_command(o);
+}
+
+CLI::App* add_tokenize(CLI::App& app, tandem::TokenizeCommandOptions& o) {
+  CLI::App* c = app.add_subcommand("tokenize", "Text -> token ids");
+  c->add_option("--tokenizer,--model", o.tokenizer_dir,
+                "Directory with encoder.json + vocab.bpe (a checkpoint has them)");
+  c->add_option("--text", o.text, "Text to tokenize");
+  c->add_option("--file", o.file, "File to tokenize (instead of --text)");
+  return c;
+}
+
+int run_tokenize(const CLI::App& command, const tandem::TokenizeCommandOptions& o) {
+  require_no_extras(command);
+  require_flags(command, {"--tokenizer"});
+  return tandem::run_tokenize_command(o);
+}
+
+CLI::App* add_score(CLI::App& app, tandem::ScoreCommandOptions& o) {
+  CLI::App* c = app.add_subcommand("score", "Log-likelihood and perplexity of a text");
+  c->add_option("--model", o.model_dir, "Checkpoint directory");
+  c->add_option("--text", o.text, "Text to score");
+  c->add_option("--file", o.file, "File to score (instead of --text)");
+  c->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
+  c->add_option("--threads", o.threads, "CPU threads (0 = OpenMP default)")
+      ->check(CLI::Range(0, 4096));
+  return c;
+}
+
+int run_score(const CLI::App& command, const tandem::ScoreCommandOptions& o) {
+  require_no_extras(command);
+  require_flags(command, {"--model"});
+  return tandem::run_score_command(o);
 }
 
 // ---- serve, router, bench serve ------------------------------------------------------------
@@ -565,10 +616,15 @@ int main(int argc, char** argv) {
 
   PrepareArgs prepare_args;
   TrainArgs train_args;
-  GenerateArgs generate_args;
+  tandem::GenerateCommandOptions generate_args;
+  tandem::TokenizeCommandOptions tokenize_args;
+  tandem::ScoreCommandOptions score_args;
   CLI::App* prepare = add_prepare(app, prepare_args);
   CLI::App* train = add_train(app, train_args);
-  CLI::App* generate = add_generate(app, generate_args);
+  tandem::RemoteGenerateOptions remote_args;
+  CLI::App* generate = add_generate(app, generate_args, remote_args);
+  CLI::App* tokenize = add_tokenize(app, tokenize_args);
+  CLI::App* score = add_score(app, score_args);
   tandem::ServeCommandOptions serve_args;
   RouterArgs router_args;
   tandem::BenchServeOptions bench_args;
@@ -577,7 +633,7 @@ int main(int argc, char** argv) {
   CLI::App* bench_serve = nullptr;
   CLI::App* bench = add_bench(app, bench_args, &bench_serve);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command : {prepare, generate, info, serve, router, bench_serve}) {
+  for (CLI::App* command : {prepare, generate, tokenize, score, info, serve, router, bench_serve}) {
     command->allow_extras();
   }
   std::string help_topic;
@@ -590,7 +646,8 @@ int main(int argc, char** argv) {
     if (argc > 1 && argv[1][0] != '-' && !known) {
       throw UsageError(
           cat("unknown command '", argv[1],
-              "' (commands: prepare, train, generate, serve, router, bench, info, help)"));
+              "' (commands: prepare, train, generate, tokenize, score, serve, router, bench, "
+              "info, help)"));
     }
     try {
       app.parse(argc, argv);
@@ -615,7 +672,9 @@ int main(int argc, char** argv) {
     }
     if (*prepare) return run_prepare(*prepare, prepare_args);
     if (*train) return run_train(*train, train_args);
-    if (*generate) return run_generate(*generate, generate_args);
+    if (*generate) return run_generate(*generate, generate_args, remote_args);
+    if (*tokenize) return run_tokenize(*tokenize, tokenize_args);
+    if (*score) return run_score(*score, score_args);
     if (*serve) return run_serve(*serve, serve_args);
     if (*router) return run_router(*router, router_args);
     if (*bench) return run_bench_serve(*bench_serve, bench_args);

@@ -180,8 +180,14 @@ int run_remote_generate_command(const RemoteGenerateOptions& o,
   request.mutable_sampling()->set_temperature(o.temperature);
   request.mutable_sampling()->set_top_k(o.top_k);
   request.mutable_sampling()->set_top_p(o.top_p);
+  request.mutable_sampling()->set_min_p(o.min_p);
+  request.mutable_sampling()->set_repetition_penalty(o.repetition_penalty);
+  request.mutable_sampling()->set_presence_penalty(o.presence_penalty);
+  request.mutable_sampling()->set_frequency_penalty(o.frequency_penalty);
   if (o.has_seed) request.mutable_sampling()->set_seed(o.seed);
   for (const std::string& s : o.stop) request.add_stop(s);
+  for (int32_t t : o.stop_token_ids) request.add_stop_token_ids(t);
+  request.set_ignore_eos(o.ignore_eos);
   grpc::ClientContext context;
   const std::string token = read_auth_token(o.auth_token_file);
   if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);

@@ -69,9 +69,15 @@ struct RemoteGenerateOptions {
   float temperature = 0.8f;
   int top_k = 40;
   float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
   bool has_seed = false;
   uint64_t seed = 0;
   std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
   std::string auth_token_file;
   bool tls = false;
   std::string tls_ca;    // PEM of the server's CA (with tls)

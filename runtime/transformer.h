@@ -73,6 +73,11 @@ class Transformer {
 
   // [B*T, vocab] logits of the last forward, on the model's device.
   Tensor logits() const;
+  // Sizes from the config alone, nothing allocated (for memory estimates before building a
+  // model): the parameter count, and the bytes of the activations (saved for backward, plus the
+  // backward scratch) of a forward+backward over [B, T].
+  static int64_t parameter_count(const ModelConfig& config);
+  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
@@ -82,11 +87,6 @@ class Transformer {
   // of a buffer reused by the next call). Throws tandem::Error on out-of-range tokens, positions,
   // slots, sequences or rows, or more rows than prepare_inference allowed.
   Tensor forward_paged(const AttentionContext& ctx, KvCache& cache);
-  // Sizes from the config alone, nothing allocated (for memory estimates before building a
-  // model): the parameter count, and the bytes of the activations (saved for backward, plus the
-  // backward scratch) of a forward+backward over [B, T].
-  static int64_t parameter_count(const ModelConfig& config);
-  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
 
   // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
   double flops_per_step(int B, int T) const;
@@ -97,9 +97,9 @@ class Transformer {
     int64_t ln2_w, ln2_b, up_w, up_b, down_w, down_b;
   };
   struct Activations;
-  struct InferenceState;
   struct LayoutOnly {};
   Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
+  struct InferenceState;
 
   void build_layout();
   void ensure_activations(int B, int T);

@@ -10,13 +10,11 @@ namespace tandem {
 
 namespace {
 // One matrix as the inference kernels read it: [out, in] f32 or packed bf16 (see
-// cpu::linear_rows), or the parameters in their own layout for the sgemm path.
+// cpu::linear_rows). [out, in] also makes OpenBLAS's batch-1 sgemv the fast, non-transposed one.
 struct InferenceMatrix {
   Tensor storage;  // empty when the parameters are read in place
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
-  const float* params = nullptr;  // sgemm path: the parameters as stored
-  WeightLayout layout = WeightLayout::kOutIn;
 };
 }  // namespace
 
@@ -54,11 +52,6 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
   // rows x cols matrix at `offset`, stored [in, out] (transpose) or [out, in].
   auto matrix = [&](int64_t offset, int64_t out, int64_t in, bool stored_in_out) {
     InferenceMatrix m;
-    if (!options.bf16_weights && !options.batch_invariant) {
-      m.params = params_.data<float>() + offset;
-      m.layout = stored_in_out ? WeightLayout::kInOut : WeightLayout::kOutIn;
-      return m;
-    }
     if (!stored_in_out && !options.bf16_weights && device_.is_cpu()) {
       m.f32 = params_.data<float>() + offset;  // already [out, in]: read in place
       return m;
@@ -193,10 +186,10 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
                     int K, int Nout) {
     if (w.bf16 != nullptr) {
       ops_->linear_rows_bf16(out, in, w.bf16, b, M, K, Nout);
-    } else if (w.params != nullptr) {
-      ops_->matmul_forward(out, in, w.params, b, M, K, Nout, w.layout);
-    } else {
+    } else if (s.options.batch_invariant) {
       ops_->linear_rows(out, in, w.f32, b, M, K, Nout);
+    } else {
+      ops_->matmul_forward(out, in, w.f32, b, M, K, Nout, WeightLayout::kOutIn);
     }
   };
   auto norm = [&](float* out, float* mean, float* rstd, const float* in, int64_t w, int64_t b,

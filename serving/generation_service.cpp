@@ -348,10 +348,15 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
 
   if (merged != nullptr) merged->set_request_id(request_id);
   GenerationDelta delta;
+  Clock::time_point last_check = Clock::now();
   while (true) {
     const RequestStream::Wait w = stream->next_for(std::chrono::milliseconds(20), delta);
     if (w == RequestStream::Wait::kEnded) break;
-    if (w == RequestStream::Wait::kTimeout) {
+    // A cancelled call (client cancel, disconnect, deadline) is noticed within ~20 ms, whether
+    // deltas keep coming (a unary call writes nothing until the end) or not.
+    if (w == RequestStream::Wait::kTimeout ||
+        Clock::now() - last_check >= std::chrono::milliseconds(20)) {
+      last_check = Clock::now();
       if (context->IsCancelled()) {
         engine_.abort(id);  // frees the sequence's KV blocks now
         // The client's own timer fires a little before ours (its deadline reached us as a
@@ -364,7 +369,7 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
                                   : grpc::Status(grpc::StatusCode::CANCELLED,
                                                  "the client cancelled the request"));
       }
-      continue;
+      if (w == RequestStream::Wait::kTimeout) continue;
     }
     if (!delta.tokens.empty() && ttft < 0) ttft = seconds_since(start);
     tokens += static_cast<int>(delta.tokens.size());

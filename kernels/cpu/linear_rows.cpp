@@ -20,8 +20,12 @@ namespace {
 // micro-kernel shape runs the same arithmetic (the compiler is given no contraction choices).
 #if defined(__AVX2__) && defined(__FMA__)
 using Lanes = __m256;
-inline Lanes zero_lanes() { return _mm256_setzero_ps(); }
-inline Lanes load8(const float* p) { return _mm256_loadu_ps(p); }
+inline Lanes zero_lanes() {
+  return _mm256_setzero_ps();
+}
+inline Lanes load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
 inline Lanes load8(const uint16_t* p) {  // 8 bf16 in natural order
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -34,7 +38,9 @@ inline void load16_packed(const uint16_t* p, Lanes& lo, Lanes& hi) {
   lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
   hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
-inline Lanes fma8(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline Lanes fma8(Lanes a, Lanes b, Lanes c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
 inline float lane(Lanes v, int i) {
   alignas(32) float f[8];
   _mm256_store_ps(f, v);
@@ -44,7 +50,9 @@ inline float lane(Lanes v, int i) {
 struct Lanes {
   float v[8];
 };
-inline Lanes zero_lanes() { return Lanes{}; }
+inline Lanes zero_lanes() {
+  return Lanes{};
+}
 inline float bf16_to_f32(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
@@ -74,14 +82,18 @@ inline Lanes fma8(Lanes a, Lanes b, Lanes c) {
   for (int i = 0; i < 8; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
   return r;
 }
-inline float lane(Lanes v, int i) { return v.v[i]; }
+inline float lane(Lanes v, int i) {
+  return v.v[i];
+}
 #endif
 
 constexpr int kRowBlock = 48;   // input rows whose dots share one pass over the weights
 constexpr int kWeightRows = 4;  // weight rows per micro-kernel
 constexpr int kInputRows = 3;   // input rows per micro-kernel (4 x 3 accumulators)
 
-inline float to_f32(float x) { return x; }
+inline float to_f32(float x) {
+  return x;
+}
 inline float to_f32(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
@@ -191,12 +203,14 @@ void linear_rows_impl(float* out, const float* inp, const W* weight, const float
       const float* b = bias != nullptr ? bias + n : nullptr;
       int m = m0;
       for (; m + kInputRows <= m1; m += kInputRows)
-        tile<kInputRows>(out + static_cast<size_t>(m) * N + n, N,
-                         inp + static_cast<size_t>(m) * K, K, w, b, n);
-      if (m1 - m == 2) tile<2>(out + static_cast<size_t>(m) * N + n, N,
-                               inp + static_cast<size_t>(m) * K, K, w, b, n);
-      if (m1 - m == 1) tile<1>(out + static_cast<size_t>(m) * N + n, N,
-                               inp + static_cast<size_t>(m) * K, K, w, b, n);
+        tile<kInputRows>(out + static_cast<size_t>(m) * N + n, N, inp + static_cast<size_t>(m) * K,
+                         K, w, b, n);
+      if (m1 - m == 2)
+        tile<2>(out + static_cast<size_t>(m) * N + n, N, inp + static_cast<size_t>(m) * K, K, w, b,
+                n);
+      if (m1 - m == 1)
+        tile<1>(out + static_cast<size_t>(m) * N + n, N, inp + static_cast<size_t>(m) * K, K, w, b,
+                n);
     }
   }
 }

@@ -1,6 +1,6 @@
 // Inference linear layers with [out, in] weights, the CUDA twins of kernels/cpu/linear_rows.cpp:
-// f32 through cuBLAS; bf16 weights (packed by cpu::pack_bf16_rows) with one warp per output element (a fixed-order dot:
-// deterministic and independent of the other rows).
+// f32 through cuBLAS; bf16 weights (packed by cpu::pack_bf16_rows) with one warp per output element
+// (a fixed-order dot: deterministic and independent of the other rows).
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/cuda.h"

@@ -44,6 +44,8 @@ TEST(BlockManager, SharedPrefixBlocksAreReusedAndCountedOnce) {
   EXPECT_EQ(bm.ref_count(a.block_table[0]), 2);
   ASSERT_TRUE(bm.ensure_capacity(b, b.num_tokens()));
   EXPECT_EQ(bm.num_used_blocks(), 4) << "the shared blocks count once";
+  bm.record_prefix_lookup(10, 0);
+  bm.record_prefix_lookup(11, 8);
   EXPECT_DOUBLE_EQ(bm.prefix_hit_rate(), 8.0 / 21.0);
   // A prompt made of exactly two cached blocks still computes its last block.
   Sequence c = make_seq(3, iota_tokens(8));

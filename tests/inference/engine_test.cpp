@@ -60,7 +60,7 @@ void check_batch_invariance(const ModelConfig& config) {
   GenerationDelta alone;
   {
     EngineConfig ec;
-  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.prefix_caching = false;
     ec.num_blocks = 64;
@@ -71,7 +71,7 @@ void check_batch_invariance(const ModelConfig& config) {
   }
   for (bool chunked : {false, true}) {
     EngineConfig ec;
-  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.num_blocks = 400;
     ec.block_size = 16;
@@ -115,7 +115,7 @@ TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
   }
   auto run = [&](bool caching) {
     EngineConfig ec;
-  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.prefix_caching = caching;
     ec.num_blocks = 100;
@@ -150,7 +150,7 @@ TEST(Engine, PreemptedRequestsFinishWithTheSameOutputs) {
   }
   auto run = [&](int num_blocks) {
     EngineConfig ec;
-  ec.batch_invariant = true;
+    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.num_blocks = num_blocks;
     ec.block_size = 4;

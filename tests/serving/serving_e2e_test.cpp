@@ -298,7 +298,9 @@ TEST_F(ServingE2E, CancelDeadlineAndDisconnectFreeTheKvBlocksAtOnce) {
       [&] {
         return scrape(metrics, "tandem_requests_total{outcome=\"deadline_exceeded\"}") == 1.0;
       },
-      5.0));
+      5.0))
+      << "cancelled " << scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") << ", ok "
+      << scrape(metrics, "tandem_requests_total{outcome=\"ok\"}");
 
   // 3. A client process is killed mid-stream (its connection drops without a goodbye).
   {
@@ -314,7 +316,7 @@ TEST_F(ServingE2E, CancelDeadlineAndDisconnectFreeTheKvBlocksAtOnce) {
   EXPECT_TRUE(eventually(
       [&] { return scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") == 2.0; }, 5.0));
   // No request ran to its 1000 tokens.
-  EXPECT_LT(scrape(metrics, "tandem_engine_generated_tokens"), 3000.0);
+  EXPECT_LT(scrape(metrics, "tandem_engine_generated_tokens"), 1000.0);
 }
 
 TEST_F(ServingE2E, QueueLimitAnswersResourceExhausted) {
