@@ -507,3 +507,36 @@ TEST(ServingCli, UsageErrorsAreOneLineAndExitTwo) {
 
 }  // namespace
 }  // namespace tandem::testing
+
+namespace tandem::testing {
+namespace {
+
+TEST_F(ServingE2E, TlsServesAndRefusesPlaintext) {
+  const std::string key = log("key.pem"), cert = log("cert.pem");
+  const std::string openssl = "openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key +
+                              " -out " + cert +
+                              " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost "
+                              ">/dev/null 2>&1";
+  if (std::system(openssl.c_str()) != 0) GTEST_SKIP() << "no openssl to make a certificate";
+  auto server = serve({"--tls-cert", cert, "--tls-key", key}, "serve.log");
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = read_text(cert);
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto secure = pb::Generation::NewStub(
+      grpc::CreateCustomChannel(server->address(), grpc::SslCredentials(ssl), args));
+  pb::GenerateResponse out;
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  const grpc::Status s = secure->Generate(&c, greedy("The quick", 4), &out);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(out.token_ids_size(), 4);
+  // A plaintext client gets nowhere.
+  auto plain = connect(server->address());
+  grpc::ClientContext pc;
+  pc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  EXPECT_FALSE(plain->Generate(&pc, greedy("The quick", 4), &out).ok());
+}
+
+}  // namespace
+}  // namespace tandem::testing
