@@ -1,7 +1,8 @@
 // The tandem command line: one executable, one subcommand per job, parsed with CLI11.
 //
 //   tandem prepare  --input PATH... --out DIR (--tokenizer DIR | --train-tokenizer --vocab-size N)
-//   tandem train    --config FILE [--section.key=value ...]
+//   tandem train    --config FILE [--section.key=value ...] [--dry-run [--ranks N]]
+//                   (under mpirun -np N: data parallel over N ranks, see README)
 //   tandem generate --model DIR --prompt TEXT | --prompts-file F --output O.jsonl | --interactive
 //   tandem tokenize --tokenizer DIR --text TEXT;  tandem score --model DIR --text TEXT
 //   tandem generate --server HOST:PORT --prompt TEXT ...          (streams from a server)
@@ -41,11 +42,14 @@
 #include "launch/generate_command.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/nccl_communicator.h"
 #include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/model_io.h"
 #include "runtime/tokenizer.h"
+#include "training/dry_run.h"
 #include "training/prepare.h"
 #include "training/trainer.h"
 
@@ -219,14 +223,24 @@ int run_prepare(const CLI::App& command, const PrepareArgs& a) {
 
 struct TrainArgs {
   std::string config_file;
+  bool dry_run = false;
+  int ranks = 0;  // with --dry-run; 0 = the mpirun world, or 1
 };
 
 CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   CLI::App* c = app.add_subcommand(
       "train",
       "Train a model: a JSON config plus --section.key=value overrides\n"
-      "(sections model, data, train, optim, eval, checkpoint, log; see launch/configs/)");
+      "(sections model, data, train, optim, eval, checkpoint, log, parallel; see "
+      "launch/configs/)");
   c->add_option("--config", a.config_file, "JSON config file (comments allowed)");
+  c->add_flag("--dry-run", a.dry_run,
+              "print the memory per rank (parameters, gradients, optimizer state, activations) "
+              "for the config and layout, and exit without training");
+  c->add_option("--ranks", a.ranks,
+                "with --dry-run: the number of ranks of the layout (default: the mpirun world, "
+                "or 1)")
+      ->check(CLI::PositiveNumber);
   c->allow_extras();  // the --section.key=value overrides, checked in run_train
   c->footer(
       "Overrides: --section.key=value, any number, applied in order on top of the config (the\n"
@@ -234,7 +248,9 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
       "  tandem train --config launch/configs/demo.json --optim.lr=3e-4 --train.steps=1000\n"
       "  tandem train --config launch/configs/demo.json --checkpoint.resume=true\n"
       "One trainer per checkpoint.dir (a lock); Ctrl-C / SIGTERM / SIGHUP stop after the current\n"
-      "step with a checkpoint and exit 128+signal.");
+      "step with a checkpoint and exit 128+signal.\n"
+      "Under mpirun -np N: data parallel over N ranks (data.batch_size per rank;\n"
+      "--parallel.zero=1 shards the AdamW moments; a failing rank aborts every rank).");
   return c;
 }
 
@@ -255,6 +271,13 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
   }
   tandem::cpu::check_blas_is_openmp();
   const tandem::TrainConfig config = tandem::load_train_config(a.config_file, overrides);
+  if (a.dry_run) {
+    const char* world = std::getenv("OMPI_COMM_WORLD_SIZE");
+    const int ranks = a.ranks > 0 ? a.ranks : (world ? std::atoi(world) : 1);
+    std::printf("%s", tandem::dry_run_report(config, ranks).c_str());
+    return 0;
+  }
+  if (a.ranks > 0) throw UsageError("train: --ranks goes with --dry-run");
   tandem::Trainer trainer(config, std::cout);
   install_stop_signals();
   const tandem::TrainResult r = trainer.run(&g_stop_signal);
@@ -581,6 +604,8 @@ int run_info() {
               tandem::cuda_built() ? "built" : "not built", tandem::cuda_device_count());
   std::printf("tandem: OpenBLAS parallel mode %d (2 = OpenMP), %d threads\n",
               tandem::cpu::blas_parallel_mode(), tandem::cpu::num_threads());
+  std::printf("tandem: MPI library %s; NCCL %s\n", tandem::mpi_library_version().c_str(),
+              tandem::nccl_built() ? tandem::nccl_version().c_str() : "not built");
   return 0;
 }
 
@@ -684,13 +709,13 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "tandem: usage error: %s (see %s)\n", e.what(), where.c_str());
-    return 2;
+    return tandem::report_failure_and_end_job(cat("usage error: ", e.what(), " (see ", where, ")"),
+                                              2);
   } catch (const tandem::PrepareInterrupted& e) {
     std::fprintf(stderr, "tandem: %s\n", e.what());
     return 128 + (g_stop_signal.load() != 0 ? g_stop_signal.load() : SIGINT);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "tandem: error: %s\n", e.what());
-    return 1;
+    // Under mpirun this aborts every rank with this rank's message: never a silent hang.
+    return tandem::report_failure_and_end_job(cat("error: ", e.what()), 1);
   }
 }

@@ -409,6 +409,8 @@ void Transformer::backward() {
   a.d_residual.zero();
   norm_backward(d_res, d_ln, a.residual.data<float>() + c.n_layer * NC, a.lnf_mean.data<float>(),
                 a.lnf_rstd.data<float>(), lnf_w_, lnf_b_, N);
+  // The final norm (and an untied LM head) sit after the last layer in the flat buffer.
+  if (gradients_ready_) gradients_ready_(lnf_w_);
 
   float* d_qkv = a.d_qkv.data<float>();
   float* d_att = a.d_att.data<float>();
@@ -444,9 +446,11 @@ void Transformer::backward() {
     ops_->matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
                           wl);
     norm_backward(d_res, d_ln, x, la.ln1_mean, la.ln1_rstd, o.ln1_w, o.ln1_b, N);
+    if (gradients_ready_) gradients_ready_(o.ln1_w);  // a layer's first parameter
   }
   ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
                            a.positions.data<int32_t>(), N, C);
+  if (gradients_ready_) gradients_ready_(0);
   a.has_targets = false;  // the logits buffer now holds gradients
 }
 

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "runtime/kv_cache.h"
@@ -71,6 +72,15 @@ class Transformer {
   void backward();
   void zero_grad();
 
+  // Called by backward() each time a suffix of the flat gradient buffer is final for this
+  // backward: grads()[watermark, num_parameters()) will not be written again until the next
+  // backward. Reported after the LM head and final norm, after each layer (last to first, the
+  // watermark being the layer's first parameter) and after the embeddings (watermark 0: the tied
+  // wte gets gradient from both ends, so it is final only then). Data parallelism starts a
+  // bucket's all-reduce once the watermark passes it. Empty = no hook.
+  using GradientsReadyHook = std::function<void(int64_t watermark)>;
+  void set_gradients_ready_hook(GradientsReadyHook hook) { gradients_ready_ = std::move(hook); }
+
   // [B*T, vocab] logits of the last forward, on the model's device.
   Tensor logits() const;
   // Sizes from the config alone, nothing allocated (for memory estimates before building a
@@ -119,6 +129,7 @@ class Transformer {
   Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2] on device_ (Llama)
   std::shared_ptr<Activations> acts_;
   std::shared_ptr<InferenceState> infer_;
+  GradientsReadyHook gradients_ready_;
 };
 
 }  // namespace tandem

@@ -22,6 +22,16 @@ TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size
   return m;
 }
 
+TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
+                                        int grad_accum, int dp, int zero) {
+  TrainingMemory m = estimate_training_memory(model, batch_size, seq_len, grad_accum);
+  if (zero >= 1 && dp > 1) {
+    const uint64_t params = m.parameters / 4;
+    m.optimizer_state = (params + dp - 1) / dp * 8;
+  }
+  return m;
+}
+
 std::string format_bytes(uint64_t bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
   double value = static_cast<double>(bytes);

@@ -24,6 +24,11 @@ struct TrainingMemory {
 TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
                                         int grad_accum);
 
+// Per rank of a data-parallel run over dp ranks: with ZeRO stage >= 1 each rank holds about
+// 1/dp of the optimizer state (the rest is as above: parameters and gradients are replicated).
+TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
+                                        int grad_accum, int dp, int zero);
+
 // "1.23 GiB"-style text.
 std::string format_bytes(uint64_t bytes);
 

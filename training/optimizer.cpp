@@ -1,5 +1,6 @@
 #include "training/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "runtime/ops.h"
@@ -8,19 +9,65 @@
 namespace tandem {
 
 AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device)
-    : config_(config), ops_(&ops_for(device)) {
-  for (const ParamSpec& s : layout.specs()) {
-    const float wd = decay_for(s);
-    if (!segments_.empty() && segments_.back().weight_decay == wd &&
-        segments_.back().offset + segments_.back().numel == s.offset) {
-      segments_.back().numel += s.numel;
-    } else {
-      segments_.push_back({s.offset, s.numel, wd});
+    : AdamW(layout, config, device, {{0, layout.total_numel()}}) {
+  sharded_ = false;
+}
+
+AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device,
+             const std::vector<Range>& owned)
+    : config_(config),
+      numel_(layout.total_numel()),
+      sharded_(true),
+      owned_(owned),
+      ops_(&ops_for(device)) {
+  int64_t state = 0, previous_end = 0;
+  for (const auto& [begin, end] : owned) {
+    require(begin >= previous_end && end > begin && end <= numel_, "AdamW: owned range [", begin,
+            ", ", end, ") is not ascending within [0, ", numel_, ")");
+    previous_end = end;
+    for (const ParamSpec& s : layout.specs()) {
+      const int64_t b = std::max(begin, s.offset), e = std::min(end, s.offset + s.numel);
+      if (e <= b) continue;
+      const float wd = decay_for(s);
+      Segment* last = segments_.empty() ? nullptr : &segments_.back();
+      if (last && last->weight_decay == wd && last->offset + last->numel == b) {
+        last->numel += e - b;
+      } else {
+        segments_.push_back({b, e - b, wd, state});
+      }
+      state += e - b;
     }
   }
-  numel_ = layout.total_numel();
-  m_ = Tensor::zeros({numel_}, DType::kF32, device);
-  v_ = Tensor::zeros({numel_}, DType::kF32, device);
+  m_ = Tensor::zeros({state}, DType::kF32, device);
+  v_ = Tensor::zeros({state}, DType::kF32, device);
+}
+
+void AdamW::copy_owned(const Tensor& full, const Tensor& mine, bool to_full) const {
+  for (const Segment& s : segments_) {
+    Tensor f = full.flat_view(s.offset, {s.numel});
+    Tensor m = mine.flat_view(s.state_offset, {s.numel});
+    if (to_full) {
+      f.copy_from(m);
+    } else {
+      m.copy_from(f);
+    }
+  }
+}
+
+void AdamW::export_moments(AdamW& full) const {
+  require(!full.sharded_ && full.numel_ == numel_,
+          "AdamW: export_moments needs an unsharded optimizer of the same layout");
+  copy_owned(full.m_, m_, true);
+  copy_owned(full.v_, v_, true);
+  full.step_ = step_;
+}
+
+void AdamW::import_moments(const AdamW& full) {
+  require(!full.sharded_ && full.numel_ == numel_,
+          "AdamW: import_moments needs an unsharded optimizer of the same layout");
+  copy_owned(full.m_, m_, false);
+  copy_owned(full.v_, v_, false);
+  step_ = full.step_;
 }
 
 float AdamW::decay_for(const ParamSpec& spec) const {
@@ -39,13 +86,15 @@ void AdamW::step(float* params, const float* grads, float lr) {
   float* m = m_.data<float>();
   float* v = v_.data<float>();
   for (const Segment& s : segments_) {
-    ops_->adamw_step(params + s.offset, grads + s.offset, m + s.offset, v + s.offset,
+    ops_->adamw_step(params + s.offset, grads + s.offset, m + s.state_offset, v + s.state_offset,
                      static_cast<size_t>(s.numel), lr, config_.beta1, config_.beta2, config_.eps,
                      s.weight_decay, step_);
   }
 }
 
 void AdamW::save(const std::string& path) const {
+  require(!sharded_,
+          "AdamW: a sharded optimizer is saved through an unsharded one (export_moments)");
   const Tensor m = m_.to(Device::cpu()), v = v_.to(Device::cpu());  // no copy on the CPU
   write_safetensors(path,
                     {{"exp_avg", DType::kF32, {numel_}, m.raw_data()},
@@ -54,6 +103,8 @@ void AdamW::save(const std::string& path) const {
 }
 
 void AdamW::load(const std::string& path) {
+  require(!sharded_,
+          "AdamW: a sharded optimizer is loaded through an unsharded one (import_moments)");
   const SafetensorsFile f = SafetensorsFile::open(path);
   Tensor m = m_.host_mirror(), v = v_.host_mirror();
   f.read_f32("exp_avg", {numel_}, m.data<float>());

@@ -1,13 +1,17 @@
 // AdamW over the flat parameter buffer, learning-rate schedules and global-norm clipping.
 //
 // AdamW keeps fp32 first/second moments as two flat buffers laid out like the parameters, so
-// ZeRO sharding and checkpointing are slicing. Weight decay is decoupled (Loshchilov & Hutter)
+// ZeRO sharding and checkpointing are slicing. A sharded AdamW (ZeRO) owns only some ranges of
+// the flat buffer: its moments hold those ranges back to back, and step() updates only them;
+// export_moments/import_moments move the state to and from an unsharded AdamW (checkpoints keep
+// the unsharded layout). Weight decay is decoupled (Loshchilov & Hutter)
 // and, by default, applies to weight matrices only: not to embeddings, norms or biases.
 #pragma once
 
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "runtime/parameters.h"
@@ -30,10 +34,24 @@ class AdamW {
  public:
   // The moments live on `device`, with the parameters they update.
   AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device = Device::cpu());
+  // Sharded: updates only `owned` ([begin, end) flat ranges, ascending, disjoint).
+  using Range = std::pair<int64_t, int64_t>;
+  AdamW(const ParamLayout& layout, const AdamWConfig& config, Device device,
+        const std::vector<Range>& owned);
   // One update with learning rate lr; increments step_count() first (bias correction uses it).
-  // params and grads are flat buffers on the optimizer's device.
+  // params and grads are flat buffers (the whole layout) on the optimizer's device; a sharded
+  // AdamW reads and writes only its ranges.
   void step(float* params, const float* grads, float lr);
   long step_count() const { return step_; }
+  // Elements of moment state held (the layout's size, or the owned ranges' total).
+  int64_t state_numel() const { return m_.numel(); }
+  // Moves the state between this (sharded or not) AdamW and an unsharded one of the same layout:
+  // export writes this optimizer's ranges of `full`'s moments (other elements untouched) and its
+  // step; import reads them. Throws unless `full` is unsharded with the same layout size.
+  void export_moments(AdamW& full) const;
+  void import_moments(const AdamW& full);
+  Tensor& exp_avg() { return m_; }
+  Tensor& exp_avg_sq() { return v_; }
   const AdamWConfig& config() const { return config_; }
   // Weight decay applied to a parameter under this config.
   float decay_for(const ParamSpec& spec) const;
@@ -48,10 +66,15 @@ class AdamW {
   struct Segment {
     int64_t offset, numel;
     float weight_decay;
+    int64_t state_offset;  // into m_ and v_
   };
+  // Copies the owned elements between an unsharded buffer and this optimizer's state layout.
+  void copy_owned(const Tensor& full, const Tensor& mine, bool to_full) const;
   AdamWConfig config_;
   std::vector<Segment> segments_;  // contiguous runs with the same decay
-  int64_t numel_ = 0;
+  int64_t numel_ = 0;              // of the whole layout
+  bool sharded_ = false;
+  std::vector<Range> owned_;
   const Ops* ops_;  // the kernels of the moments' device
   Tensor m_, v_;
   long step_ = 0;

@@ -180,7 +180,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
   const Sources sources(source, overridden);
   require(j.is_object(), source, ": the config must be a JSON object");
   const std::vector<std::string> sections = {"model", "data",       "train", "optim",
-                                             "eval",  "checkpoint", "log"};
+                                             "eval",  "checkpoint", "log",   "parallel"};
   for (auto it = j.begin(); it != j.end(); ++it) {
     std::string from = source;
     for (const std::string& k : overridden) {
@@ -188,7 +188,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     }
     require(std::find(sections.begin(), sections.end(), it.key()) != sections.end(), from,
             ": unknown section '", it.key(), "'", suggestion(it.key(), sections),
-            " (known: model, data, train, optim, eval, checkpoint, log)");
+            " (known: model, data, train, optim, eval, checkpoint, log, parallel)");
   }
   TrainConfig c;
 
@@ -309,6 +309,15 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<long>("progress_every", c.progress_every, positive<long>(), "> 0");
     r.finish();
   }
+  {
+    SectionReader r(section(j, "parallel"), "parallel", sources);
+    r.field<int>("tp", c.parallel_tp, positive<int>(), "> 0")
+        .field<int>(
+            "zero", c.parallel_zero, [](int z) { return z == 0 || z == 1; }, "0 or 1")
+        .field<double>("bucket_mb", c.parallel_bucket_mb, positive<double>(), "> 0")
+        .field<double>("timeout_s", c.parallel_timeout_s, positive<double>(), "> 0");
+    r.finish();
+  }
   require(!c.data_dir.empty(), source,
           ": data.dir is required (a directory made by 'tandem prepare')");
   require(c.seq_len <= c.model.max_seq_len,
@@ -397,7 +406,12 @@ nlohmann::json TrainConfig::to_json() const {
             {"every", checkpoint_every},
             {"keep_last", keep_last},
             {"resume", resume}}},
-          {"log", {{"metrics_file", metrics_file}, {"progress_every", progress_every}}}};
+          {"log", {{"metrics_file", metrics_file}, {"progress_every", progress_every}}},
+          {"parallel",
+           {{"tp", parallel_tp},
+            {"zero", parallel_zero},
+            {"bucket_mb", parallel_bucket_mb},
+            {"timeout_s", parallel_timeout_s}}}};
 }
 
 }  // namespace tandem

@@ -11,7 +11,8 @@
 //                    "grad_clip": 1.0},
 //     "eval":       {"every": 100, "batches": 20, "sample_tokens": 64, "sample_prompt": "..."},
 //     "checkpoint": {"dir": "runs/demo", "every": 200, "keep_last": 3, "resume": false},
-//     "log":        {"metrics_file": "metrics.jsonl", "progress_every": 1}
+//     "log":        {"metrics_file": "metrics.jsonl", "progress_every": 1},
+//     "parallel":   {"tp": 1, "zero": 0, "bucket_mb": 25, "timeout_s": 600}  // under mpirun
 //   }
 // Every key has a default; unknown keys are errors (with the closest known key suggested).
 #pragma once
@@ -55,6 +56,13 @@ struct TrainConfig {
   long checkpoint_every = 0;  // 0 = only at the end (and on Ctrl-C)
   int keep_last = 3;
   bool resume = false;
+
+  // Under mpirun: dp = world size / tp. batch_size is per dp rank (the global batch is
+  // dp * grad_accum * batch_size sequences).
+  int parallel_tp = 1;                // tensor-parallel ranks (only 1 is supported so far)
+  int parallel_zero = 0;              // 0, or 1 = AdamW moments sharded over dp
+  double parallel_bucket_mb = 25.0;   // gradient all-reduce bucket, MiB
+  double parallel_timeout_s = 600.0;  // a collective running longer aborts the job
 
   std::string metrics_file = "metrics.jsonl";  // relative to out_dir
   long progress_every = 1;

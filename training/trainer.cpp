@@ -9,9 +9,11 @@
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "parallel/rank_ordered_sum.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/ops.h"
@@ -129,9 +131,43 @@ void truncate_metrics_after(const std::string& path, long step) {
 
 }  // namespace
 
+namespace {
+// Under mpirun one GPU per rank: train.device = cuda (or cuda:0) on the i-th rank of a node
+// means cuda:i; cuda:N with N > 0 is taken as given.
+Device rank_device(const Device& configured) {
+  const char* local_rank = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  if (configured.is_cpu() || configured.index != 0 || local_rank == nullptr) return configured;
+  return Device::cuda(std::atoi(local_rank));
+}
+
+std::unique_ptr<ParallelContext> create_parallel_context(const TrainConfig& config) {
+  require(config.parallel_tp == 1, "parallel.tp = ", config.parallel_tp,
+          ": tensor parallelism is not available yet; use data parallelism (parallel.tp = 1, "
+          "mpirun -np N)");
+  return ParallelContext::create({.tp = config.parallel_tp,
+                                  .timeout_s = config.parallel_timeout_s,
+                                  .device = rank_device(config.device)});
+}
+
+// Threads per rank when train.threads is 0 under mpirun: the node's cores shared by its ranks.
+int default_threads_per_rank() {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks_here);
+}
+}  // namespace
+
 Trainer::Trainer(const TrainConfig& config, std::ostream& log)
-    : config_(config), log_(log), device_(config.device) {
-  if (config_.threads > 0) cpu::set_num_threads(config_.threads);
+    : config_(config),
+      parallel_(create_parallel_context(config)),
+      log_(parallel_->rank() == 0 ? log : quiet_log_),
+      device_(rank_device(config.device)) {
+  if (config_.threads > 0) {
+    cpu::set_num_threads(config_.threads);
+  } else if (parallel_->distributed()) {
+    cpu::set_num_threads(default_threads_per_rank());
+  }
+  parallel_->watchdog().set_activity("setting up the trainer");
   if (!device_.is_cpu()) {
     require(cuda_built(), "train.device = ", device_.str(), ", but this build has no CUDA backend");
     require(device_.index < cuda_device_count(), "train.device = ", device_.str(),
@@ -173,9 +209,10 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   config_.model.validate();
   // Before any allocation: a model or batch that cannot fit is an error now, not an OOM kill
   // after minutes of paging.
-  require_training_memory_fits(estimate_training_memory(config_.model, config_.batch_size,
-                                                        config_.seq_len, config_.grad_accum),
-                               device_);
+  require_training_memory_fits(
+      estimate_training_memory(config_.model, config_.batch_size, config_.seq_len,
+                               config_.grad_accum, parallel_->mesh().dp, config_.parallel_zero),
+      device_);
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
     tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
   }
@@ -186,6 +223,8 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   lc.seed = config_.seed;
   lc.vocab_size = data_vocab;
   lc.shuffle = true;
+  lc.rank = parallel_->dp_rank();  // tp peers (same dp rank) read the same batch
+  lc.world_size = parallel_->mesh().dp;
   // The shards prepare.json lists (not a directory glob, which could pick up strays).
   auto shards_of = [&](const char* split) {
     std::vector<std::string> paths;
@@ -204,41 +243,64 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   DataLoaderConfig vc = lc;
   vc.batch_size = config_.batch_size;
   vc.shuffle = false;
+  // Validation batches are global batches too: dp rank r evaluates its share of each.
   val_loader_ = std::make_unique<DataLoader>(val_shards, vc);
   unigram_val_loss_ = unigram_cross_entropy(train_shards, val_shards, data_vocab);
 
-  // Output directory: must be writable; an existing run is only continued with resume.
-  std::error_code ec;
-  fs::create_directories(config_.out_dir, ec);
-  require(!ec && fs::is_directory(config_.out_dir), "checkpoint.dir ", config_.out_dir,
-          " cannot be created: ", ec ? ec.message() : "not a directory");
-  require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir,
-          " is not writable");
-  // One trainer per run directory: a second would delete the first's temporary checkpoints and
-  // interleave its metrics. The kernel drops the lock when this process dies.
-  try {
-    run_lock_ = std::make_unique<DirectoryLock>(config_.out_dir, ".tandem-train.lock", "trainer");
-  } catch (const Error& e) {
-    throw Error(cat("checkpoint.dir ", e.what()));
-  }
+  // Output directory: must be writable; an existing run is only continued with resume. Rank 0
+  // owns it (lock, metrics, checkpoints); an error there aborts every rank.
   const std::string metrics_path = (fs::path(config_.out_dir) / config_.metrics_file).string();
-  require_our_metrics_file(metrics_path);
-  const bool has_run = !list_checkpoints(config_.out_dir).empty() || fs::exists(metrics_path);
-  require(config_.resume || !has_run, "checkpoint.dir ", config_.out_dir,
-          " already holds a run (checkpoints or ", config_.metrics_file,
-          "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
+  if (is_root()) {
+    std::error_code ec;
+    fs::create_directories(config_.out_dir, ec);
+    require(!ec && fs::is_directory(config_.out_dir), "checkpoint.dir ", config_.out_dir,
+            " cannot be created: ", ec ? ec.message() : "not a directory");
+    require(::access(config_.out_dir.c_str(), W_OK) == 0, "checkpoint.dir ", config_.out_dir,
+            " is not writable");
+    // One trainer per run directory: a second would delete the first's temporary checkpoints and
+    // interleave its metrics. The kernel drops the lock when this process dies.
+    try {
+      run_lock_ = std::make_unique<DirectoryLock>(config_.out_dir, ".tandem-train.lock", "trainer");
+    } catch (const Error& e) {
+      throw Error(cat("checkpoint.dir ", e.what()));
+    }
+    require_our_metrics_file(metrics_path);
+    const bool has_run = !list_checkpoints(config_.out_dir).empty() || fs::exists(metrics_path);
+    require(config_.resume || !has_run, "checkpoint.dir ", config_.out_dir,
+            " already holds a run (checkpoints or ", config_.metrics_file,
+            "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
+  }
 
   model_ = std::make_unique<Transformer>(config_.model, device_);
-  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
+  dp_ = std::make_unique<DataParallel>(
+      *model_, parallel_->dp_device(), parallel_->dp(),
+      DataParallelOptions{.bucket_mb = config_.parallel_bucket_mb, .zero = config_.parallel_zero});
+  optimizer_ = dp_->make_optimizer(config_.adamw);
+  parallel_->watchdog().set_activity("loading a checkpoint");
   if (!config_.resume || !resume(metrics_path)) start_fresh();
-  metrics_ = std::make_unique<LineAppender>(metrics_path);
+  if (parallel_->distributed()) {
+    // Every rank must continue from the same step (a checkpoint one rank could not read would
+    // otherwise make it start elsewhere, silently).
+    const std::vector<double> steps =
+        gather_in_rank_order(parallel_->world(), static_cast<double>(start_step_));
+    for (size_t r = 0; r < steps.size(); ++r) {
+      require(steps[r] == steps[0], "rank ", r, " would start at step ", steps[r],
+              " but rank 0 at ", steps[0], " (it could not load the same checkpoint of ",
+              config_.out_dir, ")");
+    }
+  }
+  if (is_root()) metrics_ = std::make_unique<LineAppender>(metrics_path);
   peak_gflops_ = ops_for(device_).measure_sgemm_gflops(device_.is_cpu() ? 1024 : 4096, 3);
 }
 
 Trainer::~Trainer() = default;
 
 long Trainer::restore_from(const std::string& dir) {
-  const nlohmann::json state = load_checkpoint(dir, *model_, *optimizer_);
+  // Checkpoints hold the whole optimizer state: ZeRO loads it whole and keeps its own part.
+  std::unique_ptr<AdamW> whole;
+  if (dp_->zero() >= 1) whole = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
+  const nlohmann::json state = load_checkpoint(dir, *model_, whole ? *whole : *optimizer_);
+  if (whole) dp_->scatter_optimizer(*whole, *optimizer_);
   const std::string state_path = dir + "/trainer_state.json";
   DataLoaderState data_state;
   long step = 0;
@@ -269,7 +331,19 @@ long Trainer::restore_from(const std::string& dir) {
                                      " now (it decides the order of the data)"));
       }
     };
-    same("data", "batch_size", config_.batch_size);
+    // The global batch decides the data order: data.batch_size is per dp rank.
+    const nlohmann::json was_batch =
+        saved.value("data", nlohmann::json::object()).value("batch_size", nlohmann::json());
+    const int saved_dp = state.value("dp", 1), dp = parallel_->mesh().dp;
+    if (saved_dp == dp) {
+      same("data", "batch_size", config_.batch_size);
+    } else if (was_batch.is_number_integer() &&
+               was_batch.get<long>() * saved_dp != static_cast<long>(config_.batch_size) * dp) {
+      throw CheckpointMismatch(
+          cat("cannot resume ", dir, ": the global batch (data.batch_size x dp ranks) was ",
+              was_batch.get<long>(), " x ", saved_dp, " in that run but is ", config_.batch_size,
+              " x ", dp, " now (it decides the order of the data)"));
+    }
     same("data", "seq_len", config_.seq_len);
     same("train", "grad_accum", config_.grad_accum);
     same("train", "seed", config_.seed);
@@ -286,8 +360,8 @@ long Trainer::restore_from(const std::string& dir) {
 }
 
 void Trainer::start_fresh() {
-  model_->init_weights(config_.seed);
-  optimizer_ = std::make_unique<AdamW>(model_->layout(), config_.adamw, device_);
+  model_->init_weights(config_.seed);  // the same draw on every rank
+  optimizer_ = dp_->make_optimizer(config_.adamw);
   train_loader_->reset();
   rng_ = Rng(config_.seed ^ 0x9e3779b97f4a7c15ull);  // sampling stream, apart from the init's
   val_history_.clear();
@@ -301,6 +375,7 @@ bool Trainer::resume(const std::string& metrics_path) {
   // Each gets a name of its own (step_X.invalid, step_X.invalid.2, ...); a failed rename stops
   // the resume rather than leave a damaged directory where a later save would replace it.
   auto set_aside = [&] {
+    if (!is_root()) return;  // rank 0 owns the run directory
     for (const std::string& dir : rejected) {
       const std::string moved = rename_to_free_name(dir, ".invalid");
       log_ << "tandem: moved " << dir << " to " << moved << std::endl;
@@ -320,14 +395,14 @@ bool Trainer::resume(const std::string& metrics_path) {
     set_aside();
     start_step_ = step;
     log_ << "tandem: resumed from " << *it << " at step " << start_step_ << "\n";
-    truncate_metrics_after(metrics_path, start_step_);
+    if (is_root()) truncate_metrics_after(metrics_path, start_step_);
     return true;
   }
   set_aside();
   // Nothing usable (a failed load may have written part of the weights: the caller starts
   // fresh, which rewrites all of them).
   log_ << "tandem: no valid checkpoint in " << config_.out_dir << "; starting from scratch\n";
-  if (fs::exists(metrics_path)) {
+  if (is_root() && fs::exists(metrics_path)) {
     const std::string kept = rename_to_free_name(metrics_path, ".previous");
     log_ << "tandem: kept the old metrics as " << kept << std::endl;
   }
@@ -335,6 +410,7 @@ bool Trainer::resume(const std::string& metrics_path) {
 }
 
 void Trainer::write_metrics(const nlohmann::json& line) {
+  if (!metrics_) return;  // ranks other than 0
   metrics_->append_line(line.dump());
 }
 
@@ -357,11 +433,19 @@ float Trainer::evaluate(const std::atomic<int>* stop) {
     val_loader_->next_batch(in.data(), tg.data());
     total += model_->forward(in.data(), tg.data(), B, T);
   }
+  // Data parallel: each rank evaluated its share of every global batch; the mean over ranks is
+  // the loss of the global batches (a world of one returns its own value unchanged).
+  total = dp_->mean_over_dp(total);
   return static_cast<float>(total / std::max(batches, 1));
 }
 
 std::string Trainer::save(long step, float last_loss) {
   require_finite_weights(step);
+  parallel_->watchdog().set_activity(cat("saving the checkpoint of step ", step));
+  // Checkpoints hold the whole optimizer state: ZeRO gathers it (collective), rank 0 writes.
+  std::unique_ptr<AdamW> whole;
+  if (dp_->zero() >= 1) whole = dp_->gather_optimizer(*optimizer_, config_.adamw);
+  if (!is_root()) return "";
   nlohmann::json state = {{"step", step},
                           {"lr", config_.schedule.at(std::max(0L, step - 1))},
                           {"data", train_loader_->state()},
@@ -369,11 +453,12 @@ std::string Trainer::save(long step, float last_loss) {
                           {"data_windows", train_loader_->num_windows()},
                           {"last_loss", last_loss},
                           {"unigram_val_loss", unigram_val_loss_},
-                          {"config", config_.to_json()}};
+                          {"config", config_.to_json()},
+                          {"dp", parallel_->mesh().dp}};
   nlohmann::json vals = nlohmann::json::array();
   for (const auto& [s, v] : val_history_) vals.push_back({s, v});
   state["val_losses"] = vals;
-  CheckpointSave save{model_.get(), optimizer_.get(), state,
+  CheckpointSave save{model_.get(), whole ? whole.get() : optimizer_.get(), state,
                       tokenizer_ ? config_.data_dir : std::string()};
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
@@ -404,9 +489,18 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   std::vector<int32_t> inputs(tokens_per_step), targets(tokens_per_step);
   const double flops = model_->flops_per_step(B, T) * K;
   const bool tty = ::isatty(STDOUT_FILENO) && &log_ == &std::cout;
-  auto stopping = [stop] { return stop != nullptr && stop->load() != 0; };
+  // A world of one reacts to the stop flag at once. Distributed ranks combine their flags after
+  // every step (a signal may reach only one rank) and stop together after the same step; until
+  // then evaluation and sampling run uninterrupted, so every rank issues the same collectives.
+  const bool distributed = parallel_->distributed();
+  const std::atomic<int>* local_stop = distributed ? nullptr : stop;
+  bool stop_agreed = false;
+  auto stopping = [&] { return distributed ? stop_agreed : stop != nullptr && stop->load() != 0; };
+  const int dp = parallel_->mesh().dp;
+  const double global_tokens_per_step = static_cast<double>(tokens_per_step) * dp;
 
-  const TrainingMemory memory = estimate_training_memory(config_.model, B, T, K);
+  const TrainingMemory memory =
+      estimate_training_memory(config_.model, B, T, K, dp, config_.parallel_zero);
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
        << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
@@ -415,7 +509,14 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
        << format_bytes(memory.gradients) << ", optimizer state "
        << format_bytes(memory.optimizer_state) << ", activations "
        << format_bytes(memory.activations) << ", total " << format_bytes(memory.total())
-       << std::endl;
+       << (distributed ? " per rank" : "") << std::endl;
+  if (distributed) {
+    log_ << "tandem: data parallel over " << dp << " ranks (global batch " << dp << " x " << B
+         << " x " << K << " sequences), ZeRO stage " << config_.parallel_zero << ", "
+         << dp_->reducer().buckets().size()
+         << " gradient buckets of <= " << config_.parallel_bucket_mb << " MiB, collective timeout "
+         << config_.parallel_timeout_s << " s" << std::endl;
+  }
   log_ << "tandem: train " << train_loader_->num_windows() << " windows, val "
        << val_loader_->num_windows() << " windows; unigram baseline val loss " << unigram_val_loss_
        << std::endl;
@@ -430,7 +531,10 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     } catch (const Error& e) {
       std::string saved;
       try {
-        if (step > start_step_) saved = "; checkpoint " + save(step, loss) + " written";
+        // (Not under ZeRO: saving gathers the optimizer state from every rank.)
+        if (step > start_step_ && dp_->zero() == 0) {
+          saved = "; checkpoint " + save(step, loss) + " written";
+        }
       } catch (const Error& save_error) {
         saved = cat("; no checkpoint could be written either (", save_error.what(), ")");
       }
@@ -440,7 +544,9 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   // Validation loss at `step`: kept for checkpoints and the result, logged and written. False
   // when a stop signal cut it short.
   auto record_eval = [&]() {
-    const float v = evaluate(stop);
+    if (stopping()) return false;
+    parallel_->watchdog().set_activity(cat("evaluating at step ", step));
+    const float v = evaluate(local_stop);
     if (stopping()) return false;
     val_history_.emplace_back(step, v);
     result.val_losses.emplace_back(step, v);
@@ -449,6 +555,16 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
          << std::endl;
     return true;
   };
+  write_metrics_or_stop({{"step", step},
+                         {"memory",
+                          {{"parameters", memory.parameters},
+                           {"gradients", memory.gradients},
+                           {"optimizer_state", memory.optimizer_state},
+                           {"activations", memory.activations},
+                           {"other", memory.other},
+                           {"total", memory.total()},
+                           {"dp", dp},
+                           {"zero", config_.parallel_zero}}}});
   if (start_step_ == 0 && config_.eval_every > 0) record_eval();
 
   const auto t_start = std::chrono::steady_clock::now();
@@ -457,20 +573,26 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     const auto t0 = std::chrono::steady_clock::now();
     const float lr = config_.schedule.at(step);
     train_loader_->next_batch(inputs.data(), targets.data());
-    loss = accumulate_gradients(*model_, inputs.data(), targets.data(), K, B, T);
-    const float norm = clip_grad_norm(model_->grads().data<float>(), model_->num_parameters(),
-                                      config_.grad_clip, device_);
+    parallel_->watchdog().set_activity(cat("step ", step + 1, " forward/backward"));
+    // The mean loss and the gradient of the global batch (the same on every rank).
+    loss = dp_->compute_gradients(inputs.data(), targets.data(), K, B, T);
+    parallel_->watchdog().set_activity(cat("step ", step + 1, " optimizer"));
+    const float norm = dp_->clip_gradients(config_.grad_clip);
     // Stop before a non-finite gradient reaches the weights (and then a checkpoint).
     require(std::isfinite(loss) && std::isfinite(norm), "training diverged at step ", step + 1,
             ": loss ", loss, ", gradient norm ", norm,
             " (try a lower optim.lr or optim.grad_clip); the last checkpoint is intact");
-    optimizer_->step(model_->params().data<float>(), model_->grads().data<float>(), lr);
+    dp_->optimizer_step(*optimizer_, lr);
     ++step;
+    if (distributed) {
+      const bool mine = stop != nullptr && stop->load() != 0;
+      stop_agreed = sum_in_rank_order(parallel_->world(), mine ? 1.0 : 0.0) > 0;
+    }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     compute_seconds += dt;
-    tokens_done += tokens_per_step;
+    tokens_done += global_tokens_per_step;
     result.step_losses.push_back(loss);
-    const double tps = tokens_per_step / dt;
+    const double tps = global_tokens_per_step / dt;
     const double mfu = flops / dt / 1e9 / peak_gflops_;
     write_metrics_or_stop({{"step", step},
                            {"loss", loss},
@@ -502,8 +624,10 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.last_step = step;
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
-  if (!stopping()) result.sample = sample_text(stop);
-  result.interrupted = stopping();  // also when the signal came during the sample
+  // Only rank 0 samples and no collective follows, so its own stop flag may cut the sample short
+  // in a distributed run too.
+  if (!stopping() && is_root()) result.sample = sample_text(stop);
+  result.interrupted = stopping() || (stop != nullptr && stop->load() != 0 && is_root());
 
   log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished")
        << " at step " << step << "/" << config_.steps << " in " << format_duration(wall) << ", "

@@ -25,11 +25,13 @@
 #include <string>
 #include <vector>
 
+#include "parallel/parallel_context.h"
 #include "runtime/file_io.h"
 #include "runtime/random.h"
 #include "runtime/tokenizer.h"
 #include "runtime/transformer.h"
 #include "training/data_loader.h"
+#include "training/data_parallel.h"
 #include "training/optimizer.h"
 #include "training/train_config.h"
 
@@ -83,11 +85,18 @@ class Trainer {
   // Throws when the weights hold a NaN or an infinity (checked before every save).
   void require_finite_weights(long step) const;
 
+  bool is_root() const { return parallel_->rank() == 0; }
+
   TrainConfig config_;
+  // This rank's place in the job (a world of one without mpirun). Rank 0 alone logs, writes
+  // metrics, samples and checkpoints; the others log to quiet_log_ (which writes nowhere).
+  std::unique_ptr<ParallelContext> parallel_;
+  std::ostream quiet_log_{nullptr};
   std::ostream& log_;
   Device device_;
   std::unique_ptr<Transformer> model_;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<DataParallel> dp_;  // gradient reduction over dp (also for a world of one)
+  std::unique_ptr<AdamW> optimizer_;  // sharded over dp under ZeRO
   std::unique_ptr<DataLoader> train_loader_, val_loader_;
   std::unique_ptr<BpeTokenizer> tokenizer_;
   int32_t eot_token_ = -1;

@@ -133,7 +133,7 @@ TEST_F(TrainerTest, LossFallsAndBeatsUnigramBaseline) {
     EXPECT_NO_THROW(nlohmann::json::parse(line));
     ++lines;
   }
-  EXPECT_EQ(lines, 60 + 3);  // one per step + val at 0, 30, 60
+  EXPECT_EQ(lines, 1 + 60 + 3);  // the memory table, one per step + val at 0, 30, 60
 }
 
 TEST_F(TrainerTest, StopFlagWritesCheckpointAndEnds) {

@@ -1,0 +1,231 @@
+// `tandem train` under mpirun, end to end through the CLI: data parallelism and ZeRO-1 reproduce
+// the single-process run over the same global batch, checkpoints reshard between layouts and
+// resume bit for bit at a fixed layout, and faults (a failing rank, a killed rank, a stalled
+// collective) end every rank quickly with a line naming the rank. Runs mpirun itself (label mpi).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "runtime/file_io.h"
+#include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
+#include "training/token_shard.h"
+
+namespace tandem {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Outcome {
+  int status = -1;
+  std::string output;  // stdout and stderr
+  double seconds = 0;
+};
+
+const std::string kTandem = std::string(TANDEM_BINARY_DIR) + "/tandem";
+const std::string kMpirun = "mpirun --oversubscribe --allow-run-as-root";
+
+Outcome run(const std::string& command, const std::string& log_file) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int raw =
+      std::system(("timeout -s KILL 120 " + command + " >" + log_file + " 2>&1").c_str());
+  Outcome o;
+  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  o.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  std::ifstream in(log_file);
+  o.output.assign(std::istreambuf_iterator<char>(in), {});
+  return o;
+}
+
+struct Metrics {
+  std::map<long, double> loss, val_loss;
+  nlohmann::json memory;
+};
+
+Metrics read_metrics(const fs::path& run_dir) {
+  Metrics m;
+  std::ifstream in(run_dir / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    const long step = j.at("step").get<long>();
+    if (j.contains("loss")) m.loss[step] = j["loss"].get<double>();
+    if (j.contains("val_loss")) m.val_loss[step] = j["val_loss"].get<double>();
+    if (j.contains("memory")) m.memory = j["memory"];
+  }
+  return m;
+}
+
+class MpiTrainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fs::create_directories(dir_ / "data");
+    const auto train = testing::random_tokens(20000, 61, 1),
+               val = testing::random_tokens(4000, 61, 2);
+    write_token_shard((dir_ / "data" / "train_000000.bin").string(), train, 64);
+    write_token_shard((dir_ / "data" / "val_000000.bin").string(), val, 64);
+    write_file_atomic((dir_ / "data" / "prepare.json").string(),
+                      testing::prepare_summary_json(64, 63));
+  }
+  // The same global batch (8 sequences x grad_accum 2) on any number of ranks.
+  std::string args(const std::string& run, int ranks, const std::string& extra = "") const {
+    return " train --data.dir=" + (dir_ / "data").string() +
+           " --checkpoint.dir=" + (dir_ / run).string() +
+           " --data.batch_size=" + std::to_string(8 / ranks) +
+           " --train.grad_accum=2 --train.steps=6 --train.threads=1 --data.seq_len=16"
+           " --model.max_seq_len=16 --model.n_layer=2 --model.n_embd=32 --model.n_head=4"
+           " --model.ffn_hidden=64 --optim.lr=3e-3 --optim.warmup_steps=0"
+           " --optim.schedule=constant --eval.every=3 --eval.batches=2 --eval.sample_tokens=0"
+           " --checkpoint.every=3 --checkpoint.keep_last=5 --parallel.bucket_mb=0.01 " +
+           extra;
+  }
+  Outcome train(const std::string& run_name, int ranks, const std::string& extra = "") {
+    const std::string log = (dir_ / (run_name + ".log")).string();
+    const std::string cmd = ranks == 1 ? kTandem + args(run_name, 1, extra)
+                                       : kMpirun + " -np " + std::to_string(ranks) + " " + kTandem +
+                                             args(run_name, ranks, extra);
+    return run(cmd, log);
+  }
+  static void expect_close(const std::map<long, double>& a, const std::map<long, double>& b,
+                           double rel, const char* what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (const auto& [step, v] : b) {
+      ASSERT_TRUE(a.count(step)) << what << " at step " << step;
+      EXPECT_NEAR(a.at(step), v, rel * std::abs(v)) << what << " at step " << step;
+    }
+  }
+  testing::ScratchDir scratch_{"tandem_mpi_train"};
+  const fs::path dir_ = scratch_.path();
+};
+
+TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
+  const Outcome one = train("one", 1);
+  ASSERT_EQ(one.status, 0) << one.output;
+  const Outcome two = train("two", 2);
+  ASSERT_EQ(two.status, 0) << two.output;
+  const Outcome zero = train("zero", 2, "--parallel.zero=1");
+  ASSERT_EQ(zero.status, 0) << zero.output;
+  const Metrics m1 = read_metrics(dir_ / "one"), m2 = read_metrics(dir_ / "two"),
+                mz = read_metrics(dir_ / "zero");
+  ASSERT_EQ(m1.loss.size(), 6u);
+  expect_close(m2.loss, m1.loss, 1e-5, "dp=2 loss");
+  expect_close(m2.val_loss, m1.val_loss, 1e-5, "dp=2 val loss");
+  expect_close(mz.loss, m1.loss, 1e-5, "dp=2 zero=1 loss");
+  // Rank 0 alone logs: one progress line per step.
+  size_t lines = 0;
+  for (size_t at = two.output.find("step      1/6"); at != std::string::npos;
+       at = two.output.find("step      1/6", at + 1))
+    ++lines;
+  EXPECT_EQ(lines, 1u) << two.output;
+  // The memory table: ZeRO-1 holds half the optimizer state per rank.
+  EXPECT_NEAR(mz.memory.at("optimizer_state").get<double>() * 2,
+              m2.memory.at("optimizer_state").get<double>(), 16);
+  EXPECT_EQ(mz.memory.at("zero").get<int>(), 1);
+
+  // Resharding: the dp=2 zero=1 run's step-3 checkpoint resumed on one rank, and the one-rank
+  // run's step-3 checkpoint resumed on dp=2 zero=1, continue like the uninterrupted runs.
+  fs::copy(dir_ / "zero", dir_ / "zero_to_one", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "zero_to_one" / "checkpoints" / "step_00000006");
+  const Outcome a = train("zero_to_one", 1, "--checkpoint.resume=true");
+  ASSERT_EQ(a.status, 0) << a.output;
+  fs::copy(dir_ / "one", dir_ / "one_to_zero", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "one_to_zero" / "checkpoints" / "step_00000006");
+  const Outcome b = train("one_to_zero", 2, "--parallel.zero=1 --checkpoint.resume=true");
+  ASSERT_EQ(b.status, 0) << b.output;
+  const Metrics ma = read_metrics(dir_ / "zero_to_one"), mb = read_metrics(dir_ / "one_to_zero");
+  expect_close(ma.loss, m1.loss, 1e-5, "zero=1 dp=2 -> 1 rank");
+  expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> zero=1 dp=2");
+
+  // The same layout resumes bit for bit.
+  fs::copy(dir_ / "two", dir_ / "two_again", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "two_again" / "checkpoints" / "step_00000006");
+  const Outcome c = train("two_again", 2, "--checkpoint.resume=true");
+  ASSERT_EQ(c.status, 0) << c.output;
+  const Metrics mc = read_metrics(dir_ / "two_again");
+  for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), m2.loss.at(step)) << step;
+}
+
+TEST_F(MpiTrainTest, ARankFailingOnACorruptShardEndsEveryRankNamingIt) {
+  fs::copy(dir_ / "data", dir_ / "bad_data", fs::copy_options::recursive);
+  {
+    std::fstream f(dir_ / "bad_data" / "train_000000.bin",
+                   std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(0);
+    f.write("XXXX", 4);  // bad magic
+  }
+  // MPMD: rank 1 alone reads the corrupt copy.
+  const std::string bad = args("run", 2) + " --data.dir=" + (dir_ / "bad_data").string();
+  const Outcome o = run(kMpirun + " -np 1 " + kTandem + args("run", 2) +
+                            " --train.steps=200 : -np 1 " + kTandem + bad,
+                        (dir_ / "fail.log").string());
+  EXPECT_NE(o.status, 0) << o.output;
+  EXPECT_LT(o.seconds, 60) << o.output;
+  EXPECT_NE(o.output.find("tandem: rank 1 of 2 failed: error: "), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("train_000000.bin"), std::string::npos) << o.output;
+}
+
+TEST_F(MpiTrainTest, StalledCollectiveIsAbortedByTheWatchdog) {
+  const std::string log = (dir_ / "stall.log").string();
+  const Outcome o = run(kMpirun + " -x TANDEM_TEST_STALL_COLLECTIVE=1:12 -np 2 " + kTandem +
+                            args("run", 2, "--parallel.timeout_s=2 --train.steps=50"),
+                        log);
+  EXPECT_NE(o.status, 0) << o.output;
+  EXPECT_LT(o.seconds, 60) << o.output;
+  EXPECT_NE(o.output.find("tandem: watchdog: rank "), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("did not finish within 2 s"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("aborting the job"), std::string::npos) << o.output;
+}
+
+TEST_F(MpiTrainTest, KilledRankEndsTheJobAndTheLastCheckpointLoads) {
+  // Rank 1 records its pid, then becomes tandem; it is SIGKILLed once a checkpoint exists.
+  const std::string pid_file = (dir_ / "rank1.pid").string();
+  const std::string cmd = kMpirun + " -np 1 " + kTandem +
+                          args("run", 2, "--train.steps=100000 --checkpoint.every=2") +
+                          " : -np 1 sh -c 'echo $$ > " + pid_file + "; exec " + kTandem +
+                          args("run", 2, "--train.steps=100000 --checkpoint.every=2") + "'";
+  Outcome o;
+  std::thread job([&] { o = run(cmd, (dir_ / "killed.log").string()); });
+  const auto t0 = std::chrono::steady_clock::now();
+  bool killed = false;
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (fs::exists(dir_ / "run" / "checkpoints" / "step_00000002") && fs::exists(pid_file)) {
+      std::ifstream in(pid_file);
+      long pid = 0;
+      in >> pid;
+      ASSERT_GT(pid, 0);
+      std::system(("kill -KILL " + std::to_string(pid)).c_str());
+      killed = true;
+      break;
+    }
+  }
+  const auto t_kill = std::chrono::steady_clock::now();
+  job.join();
+  ASSERT_TRUE(killed) << o.output;
+  EXPECT_NE(o.status, 0) << o.output;
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count(), 60);
+  EXPECT_NE(o.output.find("rank 1"), std::string::npos) << o.output;
+  // The newest checkpoint left behind loads and training goes on (on one rank: any layout
+  // resumes any other).
+  long newest = 0;
+  for (const auto& e : fs::directory_iterator(dir_ / "run" / "checkpoints")) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && name.find('.') == std::string::npos)
+      newest = std::max(newest, std::stol(name.substr(5)));
+  }
+  ASSERT_GE(newest, 2);
+  const Outcome resumed =
+      train("run", 1, "--checkpoint.resume=true --train.steps=" + std::to_string(newest + 1));
+  EXPECT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from"), std::string::npos) << resumed.output;
+}
+
+}  // namespace
+}  // namespace tandem
