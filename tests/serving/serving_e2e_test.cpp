@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "proto/grpc/health/v1/health.grpc.pb.h"
@@ -485,6 +486,40 @@ TEST_F(ServingE2E, RouterSendsASharedPrefixToOneReplica) {
   // And the replica that has the prefix reuses it.
   const int port = on_a == 10.0 ? a->metrics_port() : b->metrics_port();
   EXPECT_GT(scrape(port, "tandem_prefix_cache_hit_rate"), 0.5);
+}
+
+TEST_F(ServingE2E, BenchServeReportsEveryRequestAsTableAndJson) {
+  auto server = serve({"--no-request-log"}, "serve.log");
+  const std::string dataset = log("prompts.jsonl"), result = log("result.json");
+  std::ofstream(dataset) << "{\"prompt\": \"The quick brown fox\", \"max_tokens\": 5}\n\n"
+                         << "{\"prompt\": \"In the beginning\", \"max_tokens\": 3}\n";
+  for (const std::vector<std::string>& extra :
+       {std::vector<std::string>{"--dataset", dataset, "--num-requests", "6"},
+        std::vector<std::string>{"--rate", "50", "--num-requests", "12", "--prompt-len", "8",
+                                 "--prompt-len-range", "4", "--output-len", "6"}}) {
+    std::vector<std::string> args = {
+        tandem_binary(), "bench", "serve",         "--target", server->address(),
+        "--seed",        "3",     "--result-json", result};
+    args.insert(args.end(), extra.begin(), extra.end());
+    ChildProcess bench(args, log("bench.log"));
+    ASSERT_EQ(bench.stop(0, 60.0), 0) << bench.log();
+    const std::string table = bench.log();
+    EXPECT_NE(table.find("Successful requests:"), std::string::npos) << table;
+    EXPECT_NE(table.find("P99 TTFT (ms):"), std::string::npos) << table;
+    const auto json = nlohmann::json::parse(read_text(result));
+    const int n = std::stoi(extra[3]);
+    EXPECT_EQ(json["completed"], n);
+    EXPECT_EQ(json["failed"], 0);
+    EXPECT_EQ(json["ttft"]["count"], n);
+    EXPECT_GT(json["output_token_throughput"].get<double>(), 0.0);
+    EXPECT_LE(json["ttft"]["p50_ms"].get<double>(), json["ttft"]["p99_ms"].get<double>());
+    if (extra[0] == "--dataset") {
+      EXPECT_LE(json["total_output_tokens"].get<int>(), 3 * 5 + 3 * 3);  // the lines' max_tokens
+    } else {
+      EXPECT_EQ(json["total_output_tokens"], 12 * 6);  // ignore_eos: exactly the asked lengths
+    }
+  }
+  EXPECT_EQ(scrape(server->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 18.0);
 }
 
 TEST(ServingCli, UsageErrorsAreOneLineAndExitTwo) {
