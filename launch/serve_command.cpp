@@ -1,6 +1,7 @@
 #include "launch/serve_command.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include "kernels/cpu/kernels.h"
@@ -44,6 +45,16 @@ std::string read_auth_token(const std::string& path) {
 }
 
 int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop_signal) {
+  // mpirun -np N serve (N > 1) would be a tensor-parallel replica, which needs the model's
+  // tensor-parallel forward (not built yet); N independent servers sharing one port (gRPC sets
+  // SO_REUSEPORT) would be a silent surprise, so refuse.
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
+    const char* size = std::getenv(name);
+    require(size == nullptr || std::atoi(size) <= 1, "serve: started as ", size,
+            " ranks under mpirun, but tensor-parallel replicas are not built yet (the model has "
+            "no tensor-parallel forward); run one `tandem serve` per replica and `tandem router` "
+            "in front of them");
+  }
   if (o.threads > 0) cpu::set_num_threads(o.threads);
   const Device device = Device::parse(o.device);
   require(device.is_cpu() || device.index < cuda_device_count(), "serve: --device ", device.str(),
