@@ -281,7 +281,7 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
   tandem::Trainer trainer(config, std::cout);
   install_stop_signals();
   const tandem::TrainResult r = trainer.run(&g_stop_signal);
-  if (r.interrupted) return 128 + g_stop_signal.load();
+  if (r.interrupted) return 128 + r.stop_signal;  // under mpirun, the signal any rank received
   return 0;
 }
 

@@ -494,8 +494,10 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   // then evaluation and sampling run uninterrupted, so every rank issues the same collectives.
   const bool distributed = parallel_->distributed();
   const std::atomic<int>* local_stop = distributed ? nullptr : stop;
-  bool stop_agreed = false;
-  auto stopping = [&] { return distributed ? stop_agreed : stop != nullptr && stop->load() != 0; };
+  int stop_agreed = 0;  // the largest stop flag of any rank, once combined
+  auto stopping = [&] {
+    return distributed ? stop_agreed != 0 : stop != nullptr && stop->load() != 0;
+  };
   const int dp = parallel_->mesh().dp;
   const double global_tokens_per_step = static_cast<double>(tokens_per_step) * dp;
 
@@ -585,8 +587,10 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     dp_->optimizer_step(*optimizer_, lr);
     ++step;
     if (distributed) {
-      const bool mine = stop != nullptr && stop->load() != 0;
-      stop_agreed = sum_in_rank_order(parallel_->world(), mine ? 1.0 : 0.0) > 0;
+      const int mine = stop != nullptr ? stop->load() : 0;
+      for (double flag : gather_in_rank_order(parallel_->world(), mine)) {
+        stop_agreed = std::max(stop_agreed, static_cast<int>(flag));
+      }
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     compute_seconds += dt;
@@ -628,6 +632,8 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   // in a distributed run too.
   if (!stopping() && is_root()) result.sample = sample_text(stop);
   result.interrupted = stopping() || (stop != nullptr && stop->load() != 0 && is_root());
+  const int own_signal = stop != nullptr ? stop->load() : 0;
+  result.stop_signal = distributed && stop_agreed != 0 ? stop_agreed : own_signal;
 
   log_ << (tty ? "\n" : "") << "tandem: " << (result.interrupted ? "interrupted" : "finished")
        << " at step " << step << "/" << config_.steps << " in " << format_duration(wall) << ", "

@@ -45,6 +45,7 @@ struct TrainResult {
   double unigram_val_loss = 0.0;  // baseline: val cross-entropy of train unigram counts
   double tokens_per_second = 0.0;
   bool interrupted = false;
+  int stop_signal = 0;  // the stop flag's value that ended the run (any rank's, under mpirun)
   std::string last_checkpoint;
   std::string sample;  // decoded sample at the end (may be empty)
 };

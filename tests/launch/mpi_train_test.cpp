@@ -150,6 +150,12 @@ TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
   ASSERT_EQ(c.status, 0) << c.output;
   const Metrics mc = read_metrics(dir_ / "two_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), m2.loss.at(step)) << step;
+  fs::copy(dir_ / "zero", dir_ / "zero_again", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "zero_again" / "checkpoints" / "step_00000006");
+  const Outcome d = train("zero_again", 2, "--parallel.zero=1 --checkpoint.resume=true");
+  ASSERT_EQ(d.status, 0) << d.output;
+  const Metrics md = read_metrics(dir_ / "zero_again");
+  for (long step = 4; step <= 6; ++step) EXPECT_EQ(md.loss.at(step), mz.loss.at(step)) << step;
 }
 
 TEST_F(MpiTrainTest, ARankFailingOnACorruptShardEndsEveryRankNamingIt) {
@@ -225,6 +231,43 @@ TEST_F(MpiTrainTest, KilledRankEndsTheJobAndTheLastCheckpointLoads) {
       train("run", 1, "--checkpoint.resume=true --train.steps=" + std::to_string(newest + 1));
   EXPECT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resumed from"), std::string::npos) << resumed.output;
+}
+
+TEST_F(MpiTrainTest, AStopSignalToOneRankStopsEveryRankAfterTheSameStepWithACheckpoint) {
+  const std::string pid_file = (dir_ / "rank1.pid").string();
+  const std::string a = args("run", 2, "--train.steps=100000 --checkpoint.every=1000");
+  const std::string cmd = kMpirun + " -np 1 " + kTandem + a + " : -np 1 sh -c 'echo $$ > " +
+                          pid_file + "; exec " + kTandem + a + "'";
+  Outcome o;
+  std::thread job([&] { o = run(cmd, (dir_ / "stopped.log").string()); });
+  bool signalled = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    // Once training runs (a few steps written), SIGTERM reaches rank 1 only.
+    if (fs::exists(pid_file) && read_metrics(dir_ / "run").loss.size() >= 3) {
+      std::ifstream in(pid_file);
+      long pid = 0;
+      in >> pid;
+      ASSERT_GT(pid, 0);
+      std::system(("kill -TERM " + std::to_string(pid)).c_str());
+      signalled = true;
+      break;
+    }
+  }
+  job.join();
+  ASSERT_TRUE(signalled) << o.output;
+  EXPECT_EQ(o.status, 128 + 15) << o.output;  // both ranks exit 128 + SIGTERM
+  EXPECT_LT(o.seconds, 60) << o.output;
+  // The checkpoint of the last step both ranks completed, and nothing after it.
+  const Metrics m = read_metrics(dir_ / "run");
+  ASSERT_FALSE(m.loss.empty());
+  const long last = m.loss.rbegin()->first;
+  char name[32];
+  std::snprintf(name, sizeof(name), "step_%08ld", last);
+  EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
+  EXPECT_NE(o.output.find("interrupted at step " + std::to_string(last)), std::string::npos)
+      << o.output;
 }
 
 }  // namespace
