@@ -582,6 +582,9 @@ CLI::App* add_bench(CLI::App& app, tandem::BenchServeOptions& a, CLI::App** serv
   s->add_option("--seed", a.seed, "Seed of the request set and arrivals")->check(kUnsigned64);
   s->add_option("--auth-token-file", a.auth_token_file, "Bearer token file");
   s->add_option("--result-json", a.result_json, "Also write the JSON report to this file");
+  s->add_option("--request-timeout", a.request_timeout_s, "Deadline of each request, seconds")
+      ->check(finite_in(0.001, 1e6))
+      ->capture_default_str();
   s->add_flag(
       "--no-progress", [&a](int64_t) { a.progress = false; }, "No progress bar");
   *serve = s;

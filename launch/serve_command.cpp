@@ -148,6 +148,7 @@ int run_bench_serve_command(const BenchServeOptions& o, const std::atomic<int>& 
   l.dataset = o.dataset;
   l.seed = o.seed;
   l.auth_token = read_auth_token(o.auth_token_file);
+  l.request_timeout_s = o.request_timeout_s;
   std::mutex progress_mu;
   const auto t0 = std::chrono::steady_clock::now();
   if (o.progress) {

@@ -59,6 +59,7 @@ struct BenchServeOptions {
   uint64_t seed = 0;
   std::string auth_token_file;
   std::string result_json;  // also write the JSON report here
+  double request_timeout_s = 300;
   bool progress = true;
 };
 

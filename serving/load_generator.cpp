@@ -218,6 +218,8 @@ LoadReport run_load(const LoadGeneratorOptions& o, const std::atomic<int>& stop)
       out.input_tokens = r.has_prompt_tokens() ? r.prompt_tokens().ids_size() : 0;
       grpc::ClientContext c;
       add_auth(c);
+      c.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(o.request_timeout_s * 1e3)));
       const Clock::time_point start = Clock::now();
       Clock::time_point last = start;
       auto reader = stubs[i % stubs.size()]->GenerateStream(&c, r);

@@ -28,6 +28,7 @@ struct LoadGeneratorOptions {
   std::string dataset;  // JSONL instead of random prompts
   uint64_t seed = 0;
   std::string auth_token;
+  double request_timeout_s = 300;  // each request's deadline: a stuck stream cannot hang the run
   // Called after each finished request with (finished, total).
   std::function<void(int, int)> on_progress;
 };
