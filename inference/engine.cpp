@@ -120,7 +120,7 @@ Engine::Engine(Transformer& model, EngineConfig config)
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
-  runner_ = std::make_unique<ModelRunner>(model_, *cache_);
+  runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.before_forward);
   stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
 }
 

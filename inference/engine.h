@@ -55,6 +55,10 @@ struct EngineConfig {
   // > 0: OpenMP threads of the loop thread (omp_set_num_threads is per thread, so a count set
   // on the thread that builds the engine does not reach the loop thread).
   int loop_threads = 0;
+  // Called on the stepping thread with each step's attention context just before the model runs
+  // it: where a tensor-parallel leader sends its step plan to the other ranks
+  // (serving/step_plan.h). Must not call back into the engine.
+  std::function<void(const AttentionContext&)> before_forward;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };

@@ -9,7 +9,11 @@
 #include <mutex>
 #include <thread>
 
+#include <map>
+
+#include "inference/engine.h"
 #include "runtime/error.h"
+#include "runtime/transformer.h"
 
 namespace tandem::serving {
 namespace {
@@ -149,6 +153,88 @@ TEST(StepPlan, BroadcastDeliversTheLeadersPlanToAWorker) {
   worker.join();
   EXPECT_EQ(received.step, 3);
   expect_same(received.context(), ctx);
+}
+
+// The plans are self-contained: a second copy of the model that sees nothing but the encoded
+// plans (its own KV cache, no scheduler, no block manager) rebuilds the leader's KV state and
+// predicts exactly the tokens the leader sampled, step after step. This is the TP worker's job
+// at tp = 1 (no sharding yet).
+TEST(StepPlan, AWorkerFedOnlyThePlansReproducesTheLeadersTokens) {
+  ModelConfig c;
+  c.family = ModelFamily::kGpt2;
+  c.vocab_size = 61;
+  c.max_seq_len = 64;
+  c.n_embd = 32;
+  c.n_layer = 2;
+  c.n_head = 4;
+  c.n_kv_head = 4;
+  c.ffn_hidden = 64;
+  Transformer leader(c), worker(c);
+  leader.init_weights(11);
+  worker.init_weights(11);
+
+  std::vector<std::vector<int32_t>> wire;
+  EngineConfig ec;
+  ec.block_size = 4;
+  ec.num_blocks = 40;
+  ec.max_batched_tokens = 16;  // prompts are chunked: prefill and decode rows share steps
+  ec.batch_invariant = true;
+  ec.before_forward = [&wire](const AttentionContext& ctx) {
+    wire.push_back(StepPlan::from_context(ctx, static_cast<int64_t>(wire.size())).encode());
+  };
+  Engine engine(leader, ec);
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 4; ++i) {
+    GenerationRequest r;
+    for (int t = 0; t < 5 + 7 * i; ++t) r.prompt.push_back((t * 7 + i * 3) % c.vocab_size);
+    r.max_tokens = 12 + i;
+    r.sampling.temperature = 0.0f;
+    requests.push_back(r);
+  }
+  const std::vector<GenerationDelta> results = engine.generate(requests);
+  ASSERT_GT(wire.size(), 4u);
+
+  InferenceOptions options;
+  options.max_batched_tokens = ec.max_batched_tokens;
+  options.max_logit_rows = ec.max_seqs;
+  options.batch_invariant = true;
+  worker.prepare_inference(options);
+  KvCache cache(c, ec.num_blocks, ec.block_size);
+  std::vector<StepPlan> plans;
+  std::vector<std::vector<int32_t>> predicted;  // per plan, per logit row: the argmax
+  for (const auto& buffer : wire) {
+    plans.push_back(StepPlan::decode(buffer.data(), buffer.size()));
+    const Tensor logits = worker.forward_paged(plans.back().context(), cache);
+    const float* l = logits.data<float>();
+    std::vector<int32_t> argmax;
+    for (size_t r = 0; r < plans.back().logit_rows.size(); ++r) {
+      const float* row = l + r * c.vocab_size;
+      argmax.push_back(static_cast<int32_t>(std::max_element(row, row + c.vocab_size) - row));
+    }
+    predicted.push_back(argmax);
+  }
+  // The token the leader sampled for a row shows up in the next plan as the row one position
+  // further of the same sequence (named by its first KV block).
+  int checked = 0;
+  for (size_t k = 0; k + 1 < plans.size(); ++k) {
+    std::map<std::pair<int32_t, int32_t>, int32_t> next;  // (first block, position) -> token
+    const StepPlan& n = plans[k + 1];
+    for (size_t r = 0; r < n.tokens.size(); ++r) {
+      next[{n.block_tables[n.row_seq[r] * n.max_blocks_per_seq], n.positions[r]}] = n.tokens[r];
+    }
+    const StepPlan& p = plans[k];
+    for (size_t i = 0; i < p.logit_rows.size(); ++i) {
+      const int32_t row = p.logit_rows[i];
+      const auto it =
+          next.find({p.block_tables[p.row_seq[row] * p.max_blocks_per_seq], p.positions[row] + 1});
+      if (it == next.end()) continue;  // the sequence finished in step k
+      EXPECT_EQ(predicted[k][i], it->second) << "plan " << k << ", logit row " << i;
+      ++checked;
+    }
+  }
+  int generated = 0;
+  for (const auto& r : results) generated += static_cast<int>(r.tokens.size());
+  EXPECT_EQ(checked, generated - 4);  // every sampled token but each request's last
 }
 
 }  // namespace
