@@ -101,22 +101,38 @@ Engine::Engine(Transformer& model, EngineConfig config)
   require(config_.max_batched_tokens > 0, "engine: max_batched_tokens must be > 0, got ",
           config_.max_batched_tokens);
   require(config_.max_seqs > 0, "engine: max_seqs must be > 0, got ", config_.max_seqs);
-  int num_blocks = config_.num_blocks;
-  if (num_blocks <= 0) {
-    require(config_.kv_cache_mb > 0, "engine: kv_cache_mb must be > 0, got ", config_.kv_cache_mb);
-    const int64_t per_block = KvCache::bytes_per_block(mc, config_.block_size);
-    const int64_t blocks = config_.kv_cache_mb * (int64_t{1} << 20) / per_block;
-    require(blocks >= 1, "engine: kv_cache_mb = ", config_.kv_cache_mb, " holds no KV block (one ",
-            config_.block_size, "-token block takes ", per_block, " bytes)");
-    num_blocks = static_cast<int>(std::min<int64_t>(blocks, 1 << 30));
-  }
+  require(std::isfinite(config_.kv_cache_fraction) && config_.kv_cache_fraction >= 0.0 &&
+              config_.kv_cache_fraction < 1.0,
+          "engine: kv_cache_fraction must be in [0, 1), got ", config_.kv_cache_fraction);
   InferenceOptions inference;
   inference.max_batched_tokens = config_.max_batched_tokens;
   inference.max_logit_rows = config_.max_seqs;
   inference.bf16_weights = config_.bf16_weights;
   inference.batch_invariant = config_.batch_invariant;
-  model_.prepare_inference(inference);
-  cache_ = std::make_unique<KvCache>(mc, num_blocks, config_.block_size, model.device());
+  model_.prepare_inference(inference);  // first: its buffers come before the pool's share
+  const DType kv_dtype = config_.bf16_kv_cache ? DType::kBF16 : DType::kF32;
+  int num_blocks = config_.num_blocks;
+  if (num_blocks <= 0) {
+    const int64_t per_block = KvCache::bytes_per_block(mc, config_.block_size, kv_dtype);
+    int64_t pool_bytes;
+    std::string what;
+    if (config_.kv_cache_fraction > 0.0) {
+      pool_bytes = static_cast<int64_t>(
+          static_cast<double>(available_memory_bytes(model.device())) * config_.kv_cache_fraction);
+      what = cat("kv_cache_fraction = ", config_.kv_cache_fraction, " of the available memory (",
+                 pool_bytes >> 20, " MiB)");
+    } else {
+      require(config_.kv_cache_mb > 0, "engine: kv_cache_mb must be > 0, got ",
+              config_.kv_cache_mb);
+      pool_bytes = config_.kv_cache_mb * (int64_t{1} << 20);
+      what = cat("kv_cache_mb = ", config_.kv_cache_mb);
+    }
+    const int64_t blocks = pool_bytes / per_block;
+    require(blocks >= 1, "engine: ", what, " holds no KV block (one ", config_.block_size,
+            "-token block takes ", per_block, " bytes)");
+    num_blocks = static_cast<int>(std::min<int64_t>(blocks, 1 << 30));
+  }
+  cache_ = std::make_unique<KvCache>(mc, num_blocks, config_.block_size, model.device(), kv_dtype);
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);

@@ -13,7 +13,8 @@
 // Threads: add_request, abort and stats may be called from any thread at any time. Steps run
 // either on the engine's own loop thread (start/stop) or by calling step() yourself, not both.
 // abort() waits for a step in flight, then frees the request's blocks at once. The model and
-// the tokenizer function must outlive the engine; the engine owns the KV pool.
+// the tokenizer function must outlive the engine; the engine owns the KV pool. The engine calls
+// model.prepare_inference, whose buffers it then uses: one live engine per model.
 #pragma once
 
 #include <atomic>
@@ -40,16 +41,21 @@
 namespace tandem {
 
 struct EngineConfig {
-  int block_size = 16;           // tokens per KV block
-  int64_t kv_cache_mb = 256;     // KV pool size (f32 K and V of every layer)
+  int block_size = 16;        // tokens per KV block
+  int64_t kv_cache_mb = 256;  // KV pool size (K and V of every layer)
+  // > 0: the pool takes this fraction of the memory available on the model's device once the
+  // model is prepared (MemAvailable and the cgroup limit, or the GPU's free memory), instead of
+  // kv_cache_mb.
+  double kv_cache_fraction = 0.0;
+  bool bf16_kv_cache = false;    // K/V stored as bf16: twice the tokens in the same bytes
   int num_blocks = 0;            // > 0: exactly this many blocks (overrides kv_cache_mb)
   int max_batched_tokens = 512;  // rows per step (prefill chunks + decode rows)
   int max_seqs = 64;             // sequences running at once
   bool prefix_caching = true;
   bool bf16_weights = false;  // bf16 weight copy for inference (half the bytes per decode step)
   // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
-  // prefill, prefix hits, preemption): InferenceOptions::batch_invariant. Costs prefill speed.
-  bool batch_invariant = false;
+  // prefill, prefix hits, preemption) on the CPU: InferenceOptions::batch_invariant.
+  bool batch_invariant = true;
   int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
   uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
   // > 0: OpenMP threads of the loop thread (omp_set_num_threads is per thread, so a count set

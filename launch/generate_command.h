@@ -41,12 +41,14 @@ struct GenerateCommandOptions {
   int logprobs = -1;  // >= 0: print each token's logprob and this many alternatives (stderr)
   // Engine.
   int64_t kv_cache_mb = 256;
+  double kv_cache_fraction = 0.0;  // > 0: this share of the available memory instead
+  bool bf16_kv_cache = false;
   int block_size = 16;
   int max_batched_tokens = 512;
   int max_seqs = 64;
   bool prefix_caching = true;
   bool bf16_weights = false;
-  bool batch_invariant = false;
+  bool batch_invariant = true;
 };
 
 struct TokenizeCommandOptions {

@@ -339,6 +339,10 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
   c->add_option("--kv-cache-mb", o.kv_cache_mb, "KV cache pool size")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
       ->capture_default_str();
+  c->add_option("--kv-cache-fraction", o.kv_cache_fraction,
+                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
+      ->check(finite_in(0.0, 0.99));
+  c->add_flag("--bf16-kv-cache", o.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
   c->add_option("--block-size", o.block_size, "Tokens per KV block")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -350,8 +354,8 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
       ->capture_default_str();
   c->add_flag("--no-prefix-caching{false}", o.prefix_caching, "Disable the prefix cache");
   c->add_flag("--bf16", o.bf16_weights, "bf16 weight copy for inference");
-  c->add_flag("--batch-invariant", o.batch_invariant,
-              "Results bitwise independent of batching (slower prefill)");
+  c->add_flag("--no-batch-invariant{false}", o.batch_invariant,
+              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
   c->add_option("--server", remote.server,
                 "Stream from a tandem server or router at HOST:PORT instead of --model");
   c->add_option("--auth-token-file", remote.auth_token_file,
@@ -471,8 +475,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       "--no-prefix-caching", [&a](int64_t) { a.prefix_caching = false; },
       "Turn the prefix cache off");
   c->add_flag("--bf16", a.bf16_weights, "bf16 weight copy for inference");
-  c->add_flag("--batch-invariant", a.batch_invariant,
-              "A request's tokens bitwise independent of batching (slower prefill)");
+  c->add_flag("--no-batch-invariant{false}", a.batch_invariant,
+              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
   c->add_option("--tls-cert", a.tls_cert, "PEM certificate chain (TLS on the gRPC port)");
   c->add_option("--tls-key", a.tls_key, "PEM private key");
   c->add_option("--auth-token-file", a.auth_token_file,

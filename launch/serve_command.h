@@ -31,7 +31,7 @@ struct ServeCommandOptions {
   int64_t max_message_mb = 4;
   bool prefix_caching = true;
   bool bf16_weights = false;
-  bool batch_invariant = false;  // a request's tokens independent of what else runs
+  bool batch_invariant = true;  // a request's tokens independent of what else runs
   std::string tls_cert, tls_key, auth_token_file;
   double drain_grace_s = 30.0;
   bool request_log = true;  // one JSON line per finished request on stdout

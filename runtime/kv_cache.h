@@ -1,8 +1,9 @@
 // The paged KV cache and the attention context of one inference step.
 //
 // KvCache owns, for every layer, K and V pools of `num_blocks` blocks of `block_size` token
-// slots, each slot holding the n_kv_head * head_dim values of one token (f32, on the model's
-// device): slot = block * block_size + offset. Which block belongs to which sequence is decided
+// slots, each slot holding the n_kv_head * head_dim values of one token (F32, or BF16 for half
+// the bytes: written rounded to nearest even, read back widened to f32; on the model's device):
+// slot = block * block_size + offset. Which block belongs to which sequence is decided
 // by the caller (inference/BlockManager); the cache is plain memory.
 //
 // AttentionContext describes one step of Transformer::forward_paged as host arrays: a flat batch
@@ -22,18 +23,24 @@ namespace tandem {
 class KvCache {
  public:
   KvCache() = default;
-  KvCache(const ModelConfig& config, int num_blocks, int block_size, Device device = Device::cpu());
+  // dtype: DType::kF32 or DType::kBF16.
+  KvCache(const ModelConfig& config, int num_blocks, int block_size, Device device = Device::cpu(),
+          DType dtype = DType::kF32);
   // Bytes one block takes over all layers (K and V).
-  static int64_t bytes_per_block(const ModelConfig& config, int block_size);
+  static int64_t bytes_per_block(const ModelConfig& config, int block_size,
+                                 DType dtype = DType::kF32);
 
   int num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
   int64_t num_slots() const { return static_cast<int64_t>(num_blocks_) * block_size_; }
   int64_t bytes() const { return static_cast<int64_t>(storage_.nbytes()); }
   Device device() const { return storage_.device(); }
-  // [num_slots, n_kv_head * head_dim] of one layer.
+  DType dtype() const { return storage_.dtype(); }
+  // [num_slots, n_kv_head * head_dim] of one layer (k/v for an F32 cache, k_bf16/v_bf16 for BF16).
   float* k(int layer) const;
   float* v(int layer) const;
+  uint16_t* k_bf16(int layer) const;
+  uint16_t* v_bf16(int layer) const;
 
  private:
   Tensor storage_;  // [L, 2, num_slots, KV * D]

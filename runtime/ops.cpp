@@ -37,6 +37,8 @@ const Ops kCpuOps = {
     cpu::measure_sgemm_gflops,
     cpu::paged_kv_write,
     cpu::paged_attention_forward,
+    cpu::paged_kv_write_bf16,
+    cpu::paged_attention_forward_bf16,
     cpu::gelu_forward_rows,
     cpu::linear_rows,
     cpu::linear_rows_bf16,
@@ -98,6 +100,12 @@ const Ops kCudaOps = {
     [](float* o, const float* q, int qs, const float* kc, const float* vc, const int32_t* bt,
        int mb, const int32_t* rs, const int32_t* rp, int N, int H, int KV, int D, int bs) {
       cuda::paged_attention_forward(o, q, qs, kc, vc, bt, mb, rs, rp, N, H, KV, D, bs);
+    },
+    [](uint16_t* kc, uint16_t* vc, const float* k, const float* v, int stride, const int32_t* slots,
+       int N, int KV, int D) { cuda::paged_kv_write_bf16(kc, vc, k, v, stride, slots, N, KV, D); },
+    [](float* o, const float* q, int qs, const uint16_t* kc, const uint16_t* vc, const int32_t* bt,
+       int mb, const int32_t* rs, const int32_t* rp, int N, int H, int KV, int D, int bs) {
+      cuda::paged_attention_forward_bf16(o, q, qs, kc, vc, bt, mb, rs, rp, N, H, KV, D, bs);
     },
     [](float* o, const float* i, int N, int C) {
       cuda::gelu_forward(o, i, static_cast<size_t>(N) * C);

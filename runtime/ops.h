@@ -53,6 +53,11 @@ struct Ops {
   void (*paged_attention_forward)(float*, const float*, int, const float*, const float*,
                                   const int32_t*, int, const int32_t*, const int32_t*, int, int,
                                   int, int, int);
+  void (*paged_kv_write_bf16)(uint16_t*, uint16_t*, const float*, const float*, int, const int32_t*,
+                              int, int, int);
+  void (*paged_attention_forward_bf16)(float*, const float*, int, const uint16_t*, const uint16_t*,
+                                       const int32_t*, int, const int32_t*, const int32_t*, int,
+                                       int, int, int, int);
   void (*gelu_forward_rows)(float*, const float*, int, int);
   void (*linear_rows)(float*, const float*, const float*, const float*, int, int, int);
   void (*linear_rows_bf16)(float*, const float*, const uint16_t*, const float*, int, int, int);

@@ -12,8 +12,8 @@
 // inference kernels read (f32, or bf16 to halve the bytes a decode step streams) and allocates
 // buffers for at most `max_batched_tokens` rows; `forward_paged` then runs one engine step over
 // a flat batch of rows from many sequences through the paged KV cache (runtime/kv_cache.h),
-// computing logits only for the rows asked for. With InferenceOptions::batch_invariant (or bf16
-// weights) on the CPU, every row's result is independent of the rest of the batch, bit for bit.
+// computing logits only for the rows asked for. With InferenceOptions::batch_invariant (the
+// default) on the CPU, every row's result is independent of the rest of the batch, bit for bit.
 // The training forward above is the
 // dense special case and is untouched by it. Call prepare_inference again after the weights
 // change.
@@ -36,11 +36,12 @@ struct InferenceOptions {
   int max_batched_tokens = 512;  // rows per forward_paged call
   int max_logit_rows = 256;      // logit rows per call
   bool bf16_weights = false;     // bf16 copy of every matrix (f32 math)
-  // f32 weights: true runs every linear layer through the batch-invariant kernel
-  // (cpu::linear_rows: a row's logits are bitwise the same whatever else is in the batch);
-  // false through OpenBLAS sgemm/sgemv, faster for prefill (see README, bench_engine) but a
-  // row's last bits depend on the batch. bf16 weights are always batch-invariant.
-  bool batch_invariant = false;
+  // f32 weights on the CPU: true runs every linear layer through the batch-invariant kernel
+  // (cpu::linear_rows on packed panels: a row's logits are bitwise the same whatever else is in
+  // the batch; about as fast as OpenBLAS, see bench_engine), false through OpenBLAS sgemm/sgemv
+  // on [out, in] weights (no packed copy; a row's last bits depend on the batch). bf16 weights
+  // on the CPU are always batch-invariant. On CUDA f32 runs on cuBLAS either way.
+  bool batch_invariant = true;
 };
 
 class Transformer {

@@ -9,11 +9,13 @@
 namespace tandem {
 
 namespace {
-// One matrix as the inference kernels read it: [out, in] f32 or packed bf16 (see
-// cpu::linear_rows). [out, in] also makes OpenBLAS's batch-1 sgemv the fast, non-transposed one.
+// One matrix as the inference kernels read it: f32 [out, in] for sgemm/cuBLAS (it also makes
+// OpenBLAS's batch-1 sgemv the fast, non-transposed one), or panels for the batch-invariant CPU
+// kernel (cpu::pack_linear_f32), or bf16 (CPU panels, CUDA [out, in]).
 struct InferenceMatrix {
   Tensor storage;  // empty when the parameters are read in place
   const float* f32 = nullptr;
+  const float* packed = nullptr;
   const uint16_t* bf16 = nullptr;
 };
 }  // namespace
@@ -49,10 +51,11 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
 
   const Tensor host_params = params_.to(Device::cpu());
   const float* hp = host_params.data<float>();
-  // rows x cols matrix at `offset`, stored [in, out] (transpose) or [out, in].
+  // The out x in matrix at `offset`, stored [in, out] (GPT-2's Conv1D) or [out, in].
+  const bool packed = device_.is_cpu() && (options.bf16_weights || options.batch_invariant);
   auto matrix = [&](int64_t offset, int64_t out, int64_t in, bool stored_in_out) {
     InferenceMatrix m;
-    if (!stored_in_out && !options.bf16_weights && device_.is_cpu()) {
+    if (!stored_in_out && !packed && device_.is_cpu()) {
       m.f32 = params_.data<float>() + offset;  // already [out, in]: read in place
       return m;
     }
@@ -65,12 +68,23 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
     } else {
       std::memcpy(dst, src, sizeof(float) * out * in);
     }
+    const int N = static_cast<int>(out), K = static_cast<int>(in);
     if (options.bf16_weights) {
-      Tensor b = Tensor::empty({out, in}, DType::kBF16);
-      cpu::pack_bf16_rows(static_cast<uint16_t*>(b.raw_data()), dst, static_cast<int>(out),
-                          static_cast<int>(in));
+      // CPU: panels for cpu::linear_rows_bf16; CUDA: plain [out, in] bf16.
+      const int64_t n = packed ? static_cast<int64_t>(cpu::packed_linear_size(N, K)) : out * in;
+      Tensor b = Tensor::empty({n}, DType::kBF16);
+      if (packed) {
+        cpu::pack_linear_bf16(static_cast<uint16_t*>(b.raw_data()), dst, N, K);
+      } else {
+        convert_from_f32(dst, static_cast<size_t>(n), b.raw_data(), DType::kBF16);
+      }
       m.storage = b.to(device_);
       m.bf16 = static_cast<const uint16_t*>(m.storage.raw_data());
+    } else if (packed) {
+      Tensor p = Tensor::empty({static_cast<int64_t>(cpu::packed_linear_size(N, K))});
+      cpu::pack_linear_f32(p.data<float>(), dst, N, K);
+      m.storage = p;
+      m.packed = p.data<float>();
     } else {
       m.storage = t.to(device_);
       m.f32 = m.storage.data<float>();
@@ -186,8 +200,8 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
                     int K, int Nout) {
     if (w.bf16 != nullptr) {
       ops_->linear_rows_bf16(out, in, w.bf16, b, M, K, Nout);
-    } else if (s.options.batch_invariant) {
-      ops_->linear_rows(out, in, w.f32, b, M, K, Nout);
+    } else if (w.packed != nullptr) {
+      ops_->linear_rows(out, in, w.packed, b, M, K, Nout);
     } else {
       ops_->matmul_forward(out, in, w.f32, b, M, K, Nout, WeightLayout::kOutIn);
     }
@@ -223,10 +237,19 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
       ops_->rope_forward(qkv + HD, positions, rope_cos_.data<float>(), rope_sin_.data<float>(), N,
                          KV, D, QKV);
     }
-    ops_->paged_kv_write(cache.k(l), cache.v(l), qkv + HD, qkv + HD + KV * D, QKV, slots, N, KV, D);
-    ops_->paged_attention_forward(att, qkv, QKV, cache.k(l), cache.v(l), tables,
-                                  ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
-                                  cache.block_size());
+    if (cache.dtype() == DType::kBF16) {
+      ops_->paged_kv_write_bf16(cache.k_bf16(l), cache.v_bf16(l), qkv + HD, qkv + HD + KV * D, QKV,
+                                slots, N, KV, D);
+      ops_->paged_attention_forward_bf16(att, qkv, QKV, cache.k_bf16(l), cache.v_bf16(l), tables,
+                                         ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
+                                         cache.block_size());
+    } else {
+      ops_->paged_kv_write(cache.k(l), cache.v(l), qkv + HD, qkv + HD + KV * D, QKV, slots, N, KV,
+                           D);
+      ops_->paged_attention_forward(att, qkv, QKV, cache.k(l), cache.v(l), tables,
+                                    ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
+                                    cache.block_size());
+    }
     linear(tmp, att, w.attn_out, bias(o.attn_out_b), N, HD, C);
     ops_->add(x, x, tmp, NC);
     norm(ln, mean, rstd, x, o.ln2_w, o.ln2_b, N);

@@ -114,18 +114,31 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
                              const float* v_cache, const int32_t* block_tables,
                              int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
                              int N, int H, int KV, int D, int block_size);
+// The same over a bf16 cache (half the bytes per token): K/V are rounded to bf16 (nearest even)
+// when written and widened exactly to f32 when read; the arithmetic stays f32.
+void paged_kv_write_bf16(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v,
+                         int row_stride, const int32_t* slot_mapping, int N, int KV, int D);
+void paged_attention_forward_bf16(float* out, const float* q, int q_stride, const uint16_t* k_cache,
+                                  const uint16_t* v_cache, const int32_t* block_tables,
+                                  int max_blocks_per_seq, const int32_t* row_seq,
+                                  const int32_t* row_pos, int N, int H, int KV, int D,
+                                  int block_size);
 
 // ---- Batch-invariant linear layers for inference (linear_rows.cpp) ---------------------------
-// out[M,N] = inp[M,K] * W^T + bias with W [N,K] (nn.Linear layout) in f32, or in bf16 packed by
-// pack_bf16_rows (round to nearest even; within each run of 16 values of a row the middle two
-// groups of 4 are swapped, so the kernel widens them with in-lane unpacks). Each output element is computed by one fixed sequence of operations, so a
-// row's result is bitwise the same whatever the other rows are; the weights are streamed once
-// per 64 input rows (batch-1 decode reads them once per token).
+// out[M,N] = inp[M,K] * W^T + bias for W [N,K] (nn.Linear layout) packed by pack_linear_f32 or
+// pack_linear_bf16 (packed_linear_size elements: panels of 16 outputs, [K][16] each, zero
+// padded; bf16 rounded to nearest even, the middle two groups of 4 of each 16 swapped so the
+// kernel widens them with in-lane unpacks). Each output element is one FMA chain over k in
+// order, then + bias: a row's result is bitwise the same whatever the other rows, M, the
+// micro-kernel or the thread count (batch invariance). The weights stream once per 48 input
+// rows (batch-1 decode reads them once per token).
+size_t packed_linear_size(int N, int K);
+void pack_linear_f32(float* out, const float* weight, int N, int K);
+void pack_linear_bf16(uint16_t* out, const float* weight, int N, int K);
 void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
                  int N);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                       int M, int K, int N);
-void pack_bf16_rows(uint16_t* out, const float* in, int N, int K);
 
 // ---- Softmax + cross-entropy (cross_entropy.cpp) -------------------------------------------
 // losses[n] = lse_n - logits[n, targets[n]]; rows with targets[n] < 0 are ignored (loss 0).

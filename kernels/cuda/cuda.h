@@ -89,9 +89,18 @@ void paged_attention_forward(float* out, const float* q, int q_stride, const flo
                              const float* v_cache, const int32_t* block_tables,
                              int max_blocks_per_seq, const int32_t* row_seq, const int32_t* row_pos,
                              int N, int H, int KV, int D, int block_size, void* stream = nullptr);
-// Inference linear layers with [out, in] weights (linear_rows.cu), as cpu::linear_rows (f32 on
-// cuBLAS: deterministic, but not promised batch-invariant) and cpu::linear_rows_bf16 (weights
-// packed by cpu::pack_bf16_rows).
+// The same over a bf16 cache, as cpu::paged_kv_write_bf16 / paged_attention_forward_bf16.
+void paged_kv_write_bf16(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v,
+                         int row_stride, const int32_t* slot_mapping, int N, int KV, int D,
+                         void* stream = nullptr);
+void paged_attention_forward_bf16(float* out, const float* q, int q_stride, const uint16_t* k_cache,
+                                  const uint16_t* v_cache, const int32_t* block_tables,
+                                  int max_blocks_per_seq, const int32_t* row_seq,
+                                  const int32_t* row_pos, int N, int H, int KV, int D,
+                                  int block_size, void* stream = nullptr);
+// Inference linear layers (linear_rows.cu), as cpu::linear_rows (f32 on cuBLAS: deterministic,
+// not promised batch-invariant) and cpu::linear_rows_bf16, but with plain [out, in] weights
+// (f32, bf16): the CPU's panel packing is a CPU cache layout.
 void linear_rows(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
                  int N, void* stream = nullptr);
 void linear_rows_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,

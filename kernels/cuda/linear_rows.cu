@@ -1,5 +1,6 @@
-// Inference linear layers with [out, in] weights, the CUDA twins of kernels/cpu/linear_rows.cpp:
-// f32 through cuBLAS; bf16 weights (packed by cpu::pack_bf16_rows) with one warp per output element
+// Inference linear layers with plain [out, in] weights (the GPU takes no CPU panel packing), the
+// CUDA twins of kernels/cpu/linear_rows.cpp:
+// f32 through cuBLAS; bf16 weights with one warp per output element
 // (a fixed-order dot: deterministic and independent of the other rows).
 #include <cuda_bf16.h>
 
@@ -20,16 +21,8 @@ __global__ void linear_rows_bf16_kernel(float* out, const float* inp, const uint
   if (n >= N) return;
   const float* x = inp + static_cast<size_t>(m) * K;
   const uint16_t* w = weight + static_cast<size_t>(n) * K;
-  const int K16 = K & ~15;
   float s = 0.0f;
-  for (int k = lane; k < K; k += 32) {
-    int pos = k;  // cpu::pack_bf16_rows swaps the middle two quads of each run of 16
-    if (k < K16) {
-      const int quad = (k & 15) >> 2;
-      pos = (k & ~15) + (quad == 1 ? 2 : (quad == 2 ? 1 : quad)) * 4 + (k & 3);
-    }
-    s += __uint_as_float(static_cast<uint32_t>(w[pos]) << 16) * x[k];
-  }
+  for (int k = lane; k < K; k += 32) s += __uint_as_float(static_cast<uint32_t>(w[k]) << 16) * x[k];
   for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
   if (lane == 0) out[static_cast<size_t>(m) * N + n] = s + (bias != nullptr ? bias[n] : 0.0f);
 }

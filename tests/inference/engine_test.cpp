@@ -130,7 +130,9 @@ TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
   for (size_t i = 0; i < requests.size(); ++i) {
     expect_same_output(cached[i], plain[i], cat("request ", i));
     EXPECT_EQ(plain[i].usage.cached_prompt_tokens, 0);
-    if (i > 0) EXPECT_EQ(cached[i].usage.cached_prompt_tokens, 40) << "request " << i;
+    if (i > 0) {
+      EXPECT_EQ(cached[i].usage.cached_prompt_tokens, 40) << "request " << i;
+    }
   }
   EXPECT_GT(cached_stats.prefix_hit_rate, 0.5);
   EXPECT_EQ(plain_stats.prefix_hit_rate, 0.0);
@@ -311,6 +313,48 @@ TEST(Engine, LoopThreadServesConcurrentSubmitters) {
   EXPECT_EQ(s.running + s.waiting, 0);
   EXPECT_GT(s.generated_tokens, 0);
   EXPECT_GT(s.generated_tokens_per_s, 0.0);
+}
+
+TEST(Engine, Bf16KvCacheHoldsTwiceTheBlocksAndStaysBatchInvariant) {
+  Transformer model(engine_llama());
+  model.init_weights(12);
+  EngineConfig ec;
+  ec.kv_cache_mb = 1;
+  int f32_blocks = 0;
+  {
+    Engine engine(model, ec);
+    f32_blocks = engine.num_kv_blocks();
+  }
+  ec.bf16_kv_cache = true;
+  Engine engine(model, ec);
+  EXPECT_EQ(engine.num_kv_blocks(), 2 * f32_blocks);
+  const auto prompt = random_tokens(30, 37, 77);
+  const GenerationDelta alone = engine.generate({greedy(prompt, 12)})[0];
+  ASSERT_EQ(alone.finish, FinishReason::kLength) << alone.error;
+  std::vector<GenerationRequest> batch;
+  for (int i = 0; i < 9; ++i) batch.push_back(greedy(random_tokens(5 + 3 * i, 37, 90 + i), 7));
+  batch.insert(batch.begin() + 4, greedy(prompt, 12));
+  const auto out = engine.generate(std::move(batch));
+  expect_same_output(alone, out[4], "bf16 KV cache, alone vs batched");
+}
+
+TEST(Engine, KvCacheFractionSizesThePoolFromAvailableMemory) {
+  Transformer model(engine_gpt2());
+  model.init_weights(13);
+  EngineConfig ec;
+  ec.kv_cache_fraction = 0.001;
+  Engine engine(model, ec);
+  const int64_t expected =
+      static_cast<int64_t>(static_cast<double>(available_memory_bytes(Device::cpu())) * 0.001 /
+                           KvCache::bytes_per_block(model.config(), ec.block_size));
+  EXPECT_GT(engine.num_kv_blocks(), 0);
+  // Available memory moves a little between the two readings.
+  EXPECT_NEAR(engine.num_kv_blocks(), expected, expected * 0.2 + 2);
+  for (double bad : {-0.1, 1.0, std::nan("")}) {
+    EngineConfig b;
+    b.kv_cache_fraction = bad;
+    EXPECT_THROW(Engine(model, b), Error) << bad;
+  }
 }
 
 }  // namespace

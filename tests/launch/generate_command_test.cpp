@@ -2,6 +2,7 @@
 // bytes included), offline batch generation to JSON lines with per-request errors.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <fstream>
@@ -22,8 +23,9 @@ struct Output {
   std::string out, err;
 };
 
-Output run(const std::string& args, const std::string& tag) {
-  const std::string base = ::testing::TempDir() + "/tandem_gen_" + tag;
+// Output files live in the test's scratch directory (named with the process id: several
+// checkouts may run this suite at the same time on one machine).
+Output run(const std::string& args, const std::string& base) {
   const std::string cmd =
       std::string(TANDEM_BINARY_DIR) + "/tandem " + args + " >" + base + ".out 2>" + base + ".err";
   const int raw = std::system(cmd.c_str());
@@ -59,7 +61,8 @@ class GenerateCommandTest : public ::testing::Test {
     save_pretrained(model, dir());
   }
   std::string dir() const { return scratch_ / "model"; }
-  testing::ScratchDir scratch_{"tandem_generate"};
+  std::string out(const std::string& tag) const { return scratch_ / ("run_" + tag); }
+  testing::ScratchDir scratch_{"tandem_generate_" + std::to_string(getpid())};
   int32_t nul_ = -1;
 };
 
@@ -67,7 +70,7 @@ TEST_F(GenerateCommandTest, OutputIsByteExactWithNulBytes) {
   const Output o =
       run("generate --model " + dir() +
               " --prompt hi --max-new-tokens 5 --temperature 0 --threads 1 --kv-cache-mb 8",
-          "nul");
+          out("nul"));
   ASSERT_EQ(o.status, 0) << o.err;
   EXPECT_EQ(o.out, std::string("hi") + std::string(5, '\0') + "\n");
 }
@@ -79,22 +82,23 @@ TEST_F(GenerateCommandTest, InteractiveAnswersEachStdinLine) {
                            " --interactive --max-new-tokens 2 --temperature 0 --threads 1"
                            " --kv-cache-mb 8 <" +
                            input,
-                       "interactive");
+                       out("interactive"));
   ASSERT_EQ(o.status, 0) << o.err;
   EXPECT_EQ(o.out, std::string("hi") + std::string(2, '\0') + "\nyo" + std::string(2, '\0') + "\n");
 }
 
 TEST_F(GenerateCommandTest, PromptsFileGivesOneJsonLinePerPromptAndErrorsInPlace) {
   const std::string prompts = scratch_ / "prompts.jsonl";
-  const std::string out = scratch_ / "out.jsonl";
+  const std::string results = scratch_ / "out.jsonl";
   write_file_atomic(prompts,
                     "\"hello\"\n\n{\"prompt\": \"the sea\", \"max_tokens\": 2}\n"
                     "{\"prompt\": \"x\", \"temperature\": -1}\n");
-  const Output o = run("generate --model " + dir() + " --prompts-file " + prompts + " --output " +
-                           out + " --max-new-tokens 3 --temperature 0 --threads 1 --kv-cache-mb 8",
-                       "file");
+  const Output o =
+      run("generate --model " + dir() + " --prompts-file " + prompts + " --output " + results +
+              " --max-new-tokens 3 --temperature 0 --threads 1 --kv-cache-mb 8",
+          out("file"));
   ASSERT_EQ(o.status, 0) << o.err;
-  std::istringstream lines(read_file(out));
+  std::istringstream lines(read_file(results));
   std::vector<nlohmann::json> rows;
   for (std::string line; std::getline(lines, line);) rows.push_back(nlohmann::json::parse(line));
   ASSERT_EQ(rows.size(), 3u);
@@ -108,14 +112,15 @@ TEST_F(GenerateCommandTest, PromptsFileGivesOneJsonLinePerPromptAndErrorsInPlace
 }
 
 TEST_F(GenerateCommandTest, TokenizeAndScore) {
-  const Output t = run("tokenize --model " + dir() + " --text 'hello world'", "tokenize");
+  const Output t = run("tokenize --model " + dir() + " --text 'hello world'", out("tokenize"));
   ASSERT_EQ(t.status, 0) << t.err;
   EXPECT_FALSE(t.out.empty());
-  const Output s = run("score --model " + dir() + " --text 'hello world' --threads 1", "score");
+  const Output s =
+      run("score --model " + dir() + " --text 'hello world' --threads 1", out("score"));
   ASSERT_EQ(s.status, 0) << s.err;
   EXPECT_NE(s.out.find("perplexity"), std::string::npos) << s.out;
   const Output bad =
-      run("generate --model " + dir() + " --prompt hi --top-p 0 --kv-cache-mb 8", "bad");
+      run("generate --model " + dir() + " --prompt hi --top-p 0 --kv-cache-mb 8", out("bad"));
   EXPECT_EQ(bad.status, 2) << "an out-of-range flag is a usage error";
   EXPECT_TRUE(bad.out.empty()) << "nothing printed for a rejected request";
   EXPECT_NE(bad.err.find("--top-p"), std::string::npos) << bad.err;

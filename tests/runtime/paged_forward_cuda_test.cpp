@@ -24,7 +24,7 @@ double max_relative_diff(const Tensor& a, const Tensor& b) {
   return diff / std::max(ref, 1e-12);
 }
 
-void check_paged_on_gpu(ModelConfig config, bool bf16) {
+void check_paged_on_gpu(ModelConfig config, bool bf16, DType kv_dtype = DType::kF32) {
   config.max_seq_len = 64;
   Transformer cpu_model(config);
   cpu_model.init_weights(3);
@@ -37,7 +37,8 @@ void check_paged_on_gpu(ModelConfig config, bool bf16) {
   cpu_model.prepare_inference(opt);
   gpu_model.prepare_inference(opt);
   const int bs = 4;
-  KvCache cpu_cache(config, 16, bs), gpu_cache(config, 16, bs, Device::cuda());
+  KvCache cpu_cache(config, 16, bs, Device::cpu(), kv_dtype),
+      gpu_cache(config, 16, bs, Device::cuda(), kv_dtype);
   // Sequence 0: 13 prompt tokens in blocks 7, 2, 9, 4; sequence 1: 6 tokens in blocks 0, 11.
   const std::vector<int32_t> tables = {7, 2, 9, 4, 0, 11, 0, 0};
   const auto a = testing::random_tokens(14, config.vocab_size, 1);
@@ -80,6 +81,7 @@ TEST(PagedForwardCuda, MatchesTheCpu) {
   for (bool bf16 : {false, true}) {
     check_paged_on_gpu(testing::tiny_gpt2(), bf16);
     check_paged_on_gpu(testing::tiny_llama(), bf16);
+    check_paged_on_gpu(testing::tiny_llama(), bf16, DType::kBF16);  // bf16 KV cache
   }
 }
 

@@ -32,7 +32,7 @@ ModelConfig with_context(ModelConfig c, int max_seq_len) {
 // Runs one sequence through forward_paged in chunks of `chunk` rows (blocks handed out in a
 // scrambled order) and compares every row's logits with the dense forward's.
 void check_paged_matches_dense(const ModelConfig& config, int block_size, int chunk, bool bf16,
-                               bool invariant = true) {
+                               bool invariant = true, DType kv_dtype = DType::kF32) {
   const int T = 70;
   Transformer model(config);
   model.init_weights(21);
@@ -48,7 +48,7 @@ void check_paged_matches_dense(const ModelConfig& config, int block_size, int ch
   model.prepare_inference(opt);
   const int blocks_needed = (T + block_size - 1) / block_size;
   const int num_blocks = blocks_needed + 3;
-  KvCache cache(config, num_blocks, block_size);
+  KvCache cache(config, num_blocks, block_size, Device::cpu(), kv_dtype);
   std::vector<int32_t> table(blocks_needed);
   for (int b = 0; b < blocks_needed; ++b)
     table[b] = (num_blocks - 1 - 2 * b + 3 * num_blocks) % num_blocks;
@@ -85,8 +85,9 @@ void check_paged_matches_dense(const ModelConfig& config, int block_size, int ch
     const double err =
         relative_error(logits.data<float>(), dense.data<float>() + static_cast<size_t>(start) * V,
                        static_cast<size_t>(n) * V);
-    EXPECT_LT(err, bf16 ? 2e-2 : 1e-4) << family_name(config.family) << " block " << block_size
-                                       << " chunk " << chunk << " rows from " << start;
+    const bool rounded = bf16 || kv_dtype == DType::kBF16;
+    EXPECT_LT(err, rounded ? 2e-2 : 1e-4) << family_name(config.family) << " block " << block_size
+                                          << " chunk " << chunk << " rows from " << start;
   }
 }
 
@@ -105,6 +106,18 @@ TEST(PagedForward, IncrementalDecodeMatchesDenseForward) {
 TEST(PagedForward, Bf16WeightsStayCloseToDense) {
   check_paged_matches_dense(with_context(testing::tiny_gpt2(), 80), 16, 7, true);
   check_paged_matches_dense(with_context(testing::tiny_llama(), 80), 16, 7, true);
+}
+
+TEST(PagedForward, Bf16KvCacheStaysCloseToDenseAtHalfTheBytes) {
+  for (const ModelConfig& config :
+       {with_context(testing::tiny_gpt2(), 80), with_context(testing::tiny_llama(), 80)}) {
+    check_paged_matches_dense(config, 16, 7, false, true, DType::kBF16);
+    check_paged_matches_dense(config, 1, 64, false, false, DType::kBF16);
+    EXPECT_EQ(KvCache::bytes_per_block(config, 16, DType::kBF16) * 2,
+              KvCache::bytes_per_block(config, 16, DType::kF32));
+    EXPECT_EQ(KvCache(config, 4, 16, Device::cpu(), DType::kBF16).bytes() * 2,
+              KvCache(config, 4, 16).bytes());
+  }
 }
 
 // Two sequences interleaved in one batch: each row's logits equal those of its sequence run

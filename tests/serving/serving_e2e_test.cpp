@@ -42,7 +42,7 @@ class ServingE2E : public ::testing::Test {
                                      slow ? slow_model_dir_ : model_dir_,
                                      "--metrics-port",
                                      "0",
-                                     "--batch-invariant",
+
                                      "--threads",
                                      "1",
                                      "--drain-grace",
