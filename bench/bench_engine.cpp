@@ -8,9 +8,11 @@
 //       kernel against OpenBLAS sgemm on the same prefill shapes);
 //   (d) a shared-prefix workload with and without prefix caching.
 //
-//   build/bench/bench_engine [--model gpt2] [--threads 2] [--decode-tokens 64] [--sections abcd]
-//                            [--quick]
-// Weights are random (init_weights); the engine's work does not depend on their values.
+//   build/bench/bench_engine [--model gpt2 | --checkpoint DIR] [--threads 2] [--decode-tokens 64]
+//                            [--sections abcd] [--quick]
+// Weights are random (init_weights) unless --checkpoint loads a saved model (e.g. the one a
+// `tandem serve` benchmark serves, for the in-process reference of `tandem bench serve`); the
+// engine's work does not depend on their values.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +21,7 @@
 
 #include "inference/engine.h"
 #include "kernels/cpu/kernels.h"
+#include "runtime/model_io.h"
 #include "runtime/random.h"
 #include "runtime/transformer.h"
 
@@ -82,7 +85,7 @@ double decode_tokens_per_s(Engine& engine, int vocab, int tokens) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string preset = "gpt2";
+  std::string preset = "gpt2", checkpoint;
   int threads = 2, decode_tokens = 64;
   bool quick = false;
   std::string sections = "abcd";
@@ -99,6 +102,8 @@ int main(int argc, char** argv) {
     const char* value = argv[++i];
     if (key == "--model") {
       preset = value;
+    } else if (key == "--checkpoint") {
+      checkpoint = value;
     } else if (key == "--threads") {
       threads = std::atoi(value);
     } else if (key == "--decode-tokens") {
@@ -107,7 +112,8 @@ int main(int argc, char** argv) {
       sections = value;
     } else {
       std::fprintf(stderr,
-                   "bench_engine: unknown option %s (--model, --threads, --decode-tokens, "
+                   "bench_engine: unknown option %s (--model, --checkpoint, --threads, "
+                   "--decode-tokens, "
                    "--sections abcd, --quick)\n",
                    key.c_str());
       return 2;
@@ -115,9 +121,16 @@ int main(int argc, char** argv) {
   }
   tandem::cpu::check_blas_is_openmp();
   tandem::cpu::set_num_threads(threads);
-  const tandem::ModelConfig config = tandem::ModelConfig::preset(preset);
-  tandem::Transformer model(config);
-  model.init_weights(1);
+  std::unique_ptr<tandem::Transformer> owned;
+  if (checkpoint.empty()) {
+    owned = std::make_unique<tandem::Transformer>(tandem::ModelConfig::preset(preset));
+    owned->init_weights(1);
+  } else {
+    owned = tandem::load_pretrained(checkpoint);
+    preset = checkpoint;
+  }
+  tandem::Transformer& model = *owned;
+  const tandem::ModelConfig config = model.config();
   const int V = config.vocab_size;
 
   double bandwidth = triad_gb_per_s(size_t{1} << 26, 5);  // 3 x 256 MiB

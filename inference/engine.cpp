@@ -6,6 +6,7 @@
 #include <exception>
 
 #include "inference/text_stream.h"
+#include "kernels/cpu/kernels.h"
 #include "runtime/error.h"
 
 namespace tandem {
@@ -46,6 +47,17 @@ std::optional<GenerationDelta> RequestStream::next() {
   queue_.pop_front();
   if (d.finished()) final_taken_ = true;
   return d;
+}
+
+RequestStream::Wait RequestStream::next_for(std::chrono::milliseconds timeout,
+                                            GenerationDelta& out) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (final_taken_) return Wait::kEnded;
+  if (!cv_.wait_for(lock, timeout, [&] { return !queue_.empty(); })) return Wait::kTimeout;
+  out = std::move(queue_.front());
+  queue_.pop_front();
+  if (out.finished()) final_taken_ = true;
+  return Wait::kDelta;
 }
 
 GenerationDelta RequestStream::wait_all() {
@@ -124,7 +136,7 @@ Engine::Engine(Transformer& model, EngineConfig config)
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
-  runner_ = std::make_unique<ModelRunner>(model_, *cache_);
+  runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.before_forward);
   stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
 }
 
@@ -357,6 +369,7 @@ void Engine::run_until_idle() {
 }
 
 void Engine::loop() {
+  if (config_.loop_threads > 0) cpu::set_num_threads(config_.loop_threads);
   while (true) {
     {
       std::unique_lock<std::mutex> lock(queue_mu_);

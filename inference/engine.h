@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -57,6 +58,13 @@ struct EngineConfig {
   bool batch_invariant = true;
   int32_t eos_token = -1;  // ends a request unless it sets ignore_eos; -1 = none
   uint64_t seed = 0;       // requests without a seed use seed ^ f(request id)
+  // > 0: OpenMP threads of the loop thread (omp_set_num_threads is per thread, so a count set
+  // on the thread that builds the engine does not reach the loop thread).
+  int loop_threads = 0;
+  // Called on the stepping thread with each step's attention context just before the model runs
+  // it: where a tensor-parallel leader sends its step plan to the other ranks
+  // (serving/step_plan.h). Must not call back into the engine.
+  std::function<void(const AttentionContext&)> before_forward;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };
@@ -101,6 +109,9 @@ class RequestStream {
   uint64_t id() const { return id_; }
   // Blocks for the next delta; nullopt once the final delta has been returned.
   std::optional<GenerationDelta> next();
+  // Like next(), waiting at most `timeout` (a server polls for a cancelled call between waits).
+  enum class Wait { kDelta, kTimeout, kEnded };
+  Wait next_for(std::chrono::milliseconds timeout, GenerationDelta& out);
   // Blocks to the end and returns all deltas merged into one.
   GenerationDelta wait_all();
   bool finished() const;
@@ -133,6 +144,9 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   std::shared_ptr<RequestStream> add_request(GenerationRequest request);
+  // What add_request would reject the request for ("" when nothing): lets a server answer a bad
+  // request with INVALID_ARGUMENT before it takes a place in the queue. Thread-safe.
+  std::string validate(const GenerationRequest& request) const;
   void abort(uint64_t request_id);
 
   // One step, if there is work. Returns whether work remains. Not while the loop thread runs.
@@ -150,7 +164,6 @@ class Engine {
 
  private:
   struct Request;
-  std::string validate(const GenerationRequest& request) const;
   void admit_incoming();  // step lock held
   void finish(Request& request, FinishReason reason, std::string error = {});
   void fail_all(const std::string& message);

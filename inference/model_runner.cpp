@@ -38,6 +38,7 @@ const float* ModelRunner::run(const std::vector<ScheduledSequence>& plan) {
   ctx.block_tables = tables_.data();
   ctx.num_logit_rows = static_cast<int>(logit_rows_.size());
   ctx.logit_rows = logit_rows_.data();
+  if (before_forward_) before_forward_(ctx);
   Tensor logits = model_.forward_paged(ctx, cache_);
   if (logits.device().is_cpu()) return logits.data<float>();
   host_logits_ = logits.to(Device::cpu());

@@ -4,6 +4,7 @@
 // arrays between steps. Not thread-safe (the engine's step lock guards it).
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "inference/scheduler.h"
@@ -14,7 +15,10 @@ namespace tandem {
 
 class ModelRunner {
  public:
-  ModelRunner(Transformer& model, KvCache& cache) : model_(model), cache_(cache) {}
+  // before_forward (may be empty) sees each step's context just before forward_paged.
+  ModelRunner(Transformer& model, KvCache& cache,
+              std::function<void(const AttentionContext&)> before_forward = {})
+      : model_(model), cache_(cache), before_forward_(std::move(before_forward)) {}
   // Logits [number of entries with sample == true, vocab] on the host, in plan order; valid
   // until the next call.
   const float* run(const std::vector<ScheduledSequence>& plan);
@@ -22,6 +26,7 @@ class ModelRunner {
  private:
   Transformer& model_;
   KvCache& cache_;
+  std::function<void(const AttentionContext&)> before_forward_;
   std::vector<int32_t> tokens_, positions_, row_seq_, slots_, tables_, logit_rows_;
   Tensor host_logits_;
 };

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine: install packages (idempotent), build, then train a
 # small GPT on the bundled corpus (the King James Bible from Debian's bible-kjv) with the
-# validation loss evaluated in the loop, and answer a generation request from the checkpoint.
+# validation loss evaluated in the loop, answer a generation request from the checkpoint, then
+# serve it over gRPC behind a router, answer a request through the router and shut down.
 #   launch/demo.sh [--section.key=value ...]   (overrides for launch/configs/demo.json)
 # A fresh run moves the previous runs/demo aside to runs/demo.previous (replacing an older one);
 # --checkpoint.resume=true continues it instead.
@@ -43,3 +44,45 @@ fi
 ckpt="$(ls -d "$run_dir"/checkpoints/step_* | grep -E "/step_[0-9]+$" | sort -V | tail -n 1)"
 echo "tandem: generating from $ckpt"
 "$tandem" generate --model "$ckpt" --prompt "In the beginning" --max-new-tokens 60 --seed 7
+
+# 4. Serve the checkpoint over gRPC (one replica; tensor-parallel replicas are not built yet, see
+# docs/ARCHITECTURE.md "Serving"), put a router in front, answer a request through the router,
+# then shut both down cleanly (SIGTERM: drain, exit 0).
+serve_log="$run_dir/serve.log"
+router_log="$run_dir/router.log"
+pids=()
+stop_servers() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+trap stop_servers EXIT
+wait_for_port() {  # LOG -> the port printed in "listening on 127.0.0.1:PORT"
+  for _ in $(seq 1 300); do
+    port=$(grep -ao "listening on 127\.0\.0\.1:[0-9]*" "$1" 2>/dev/null | head -n 1 | sed 's/.*://')
+    if [[ -n "$port" ]]; then echo "$port"; return 0; fi
+    sleep 0.1
+  done
+  echo "tandem: demo: server did not start, see $1" >&2
+  return 1
+}
+"$tandem" serve --model "$ckpt" --port 0 --metrics-port 0 >"$serve_log" 2>&1 &
+pids+=($!)
+replica_port=$(wait_for_port "$serve_log")
+"$tandem" router --replicas "127.0.0.1:$replica_port" --port 0 >"$router_log" 2>&1 &
+pids+=($!)
+router_port=$(wait_for_port "$router_log")
+echo "tandem: replica on 127.0.0.1:$replica_port, router on 127.0.0.1:$router_port"
+echo "tandem: asking the router (gRPC tandem.v1.Generation/GenerateStream):"
+"$tandem" generate --server "127.0.0.1:$router_port" --prompt "And God said" --max-new-tokens 40 \
+  --seed 7 --timeout 120
+status=0
+for pid in "${pids[@]}"; do kill -TERM "$pid"; done
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+pids=()
+trap - EXIT
+if [[ $status -ne 0 ]]; then
+  echo "tandem: demo: a server exited with status $status (logs: $serve_log, $router_log)" >&2
+  exit 1
+fi
+echo "tandem: servers drained and exited cleanly"

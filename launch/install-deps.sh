@@ -7,7 +7,8 @@ packages=(
   cmake g++ make ccache pkg-config
   libopenblas-openmp-dev libopenblas-dev
   libopenmpi-dev openmpi-bin
-  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc libcpp-httplib-dev
+  python3-grpcio python3-protobuf
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
   nlohmann-json3-dev libxxhash-dev
   bible-kjv-text bible-kjv

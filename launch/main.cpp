@@ -5,6 +5,10 @@
 //                   (under mpirun -np N: data parallel over N ranks, see README)
 //   tandem generate --model DIR --prompt TEXT | --prompts-file F --output O.jsonl | --interactive
 //   tandem tokenize --tokenizer DIR --text TEXT;  tandem score --model DIR --text TEXT
+//   tandem generate --server HOST:PORT --prompt TEXT ...          (streams from a server)
+//   tandem serve    --model DIR --port P [--metrics-port M] ...   (a gRPC replica)
+//   tandem router   --replicas HOST:PORT,... --port P              (in front of replicas)
+//   tandem bench serve --target HOST:PORT --rate R --num-requests N
 //   tandem info
 //   tandem help [COMMAND]      tandem COMMAND --help      tandem --version
 //
@@ -36,6 +40,7 @@
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
 #include "launch/generate_command.h"
+#include "launch/serve_command.h"
 #include "launch/version.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/nccl_communicator.h"
@@ -282,7 +287,8 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
 
 // ---- generate, tokenize, score (through the inference engine: launch/generate_command.h) ----
 
-CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o) {
+CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
+                       tandem::RemoteGenerateOptions& remote) {
   CLI::App* c = app.add_subcommand(
       "generate", "Generate from a checkpoint through the inference engine (paged KV cache)");
   c->add_option("--model", o.model_dir, "Checkpoint (Hugging Face model) directory");
@@ -350,11 +356,44 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o) {
   c->add_flag("--bf16", o.bf16_weights, "bf16 weight copy for inference");
   c->add_flag("--no-batch-invariant{false}", o.batch_invariant,
               "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
+  c->add_option("--server", remote.server,
+                "Stream from a tandem server or router at HOST:PORT instead of --model");
+  c->add_option("--auth-token-file", remote.auth_token_file,
+                "Bearer token for --server (the file's first line)");
+  c->add_flag("--tls", remote.tls, "Connect to --server with TLS");
+  c->add_option("--tls-ca", remote.tls_ca, "PEM file of the CA of the server's certificate");
+  c->add_option("--timeout", remote.timeout_s, "Deadline in seconds for --server (0 = none)")
+      ->check(finite_in(0.0, 1e6));
   return c;
 }
 
-int run_generate(const CLI::App& command, const tandem::GenerateCommandOptions& o) {
+int run_generate(const CLI::App& command, const tandem::GenerateCommandOptions& o,
+                 const tandem::RemoteGenerateOptions& remote) {
   require_no_extras(command);
+  if (!remote.server.empty()) {
+    for (const char* local : {"--model", "--prompts-file", "--output", "--interactive"}) {
+      if (command.get_option(local)->count() > 0) {
+        throw UsageError(cat("generate: --server and ", local, " do not go together"));
+      }
+    }
+    tandem::RemoteGenerateOptions r = remote;
+    r.prompt = o.prompt;
+    r.max_tokens = o.max_new_tokens;
+    r.temperature = o.temperature;
+    r.top_k = o.top_k;
+    r.top_p = o.top_p;
+    r.min_p = o.min_p;
+    r.repetition_penalty = o.repetition_penalty;
+    r.presence_penalty = o.presence_penalty;
+    r.frequency_penalty = o.frequency_penalty;
+    r.has_seed = command.get_option("--seed")->count() > 0;
+    r.seed = o.seed;
+    r.stop = o.stop;
+    r.stop_token_ids = o.stop_token_ids;
+    r.ignore_eos = o.ignore_eos;
+    install_stop_signals();
+    return tandem::run_remote_generate_command(r, g_stop_signal);
+  }
   require_flags(command, {"--model"});
   return tandem::run_generate_command(o);
 }
@@ -389,6 +428,179 @@ int run_score(const CLI::App& command, const tandem::ScoreCommandOptions& o) {
   require_no_extras(command);
   require_flags(command, {"--model"});
   return tandem::run_score_command(o);
+}
+
+// ---- serve, router, bench serve ------------------------------------------------------------
+
+CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
+  CLI::App* c = app.add_subcommand(
+      "serve",
+      "Serve a checkpoint over gRPC (tandem.v1.Generation, grpc.health.v1, reflection)\n"
+      "SIGTERM/SIGINT: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish\n"
+      "within --drain-grace seconds, exit 0.");
+  c->add_option("--model", a.model_dir, "Checkpoint directory (with encoder.json, vocab.bpe)");
+  c->add_option("--host", a.host, "Address to listen on")->capture_default_str();
+  c->add_option("--port", a.port, "gRPC port (0 = any free port, printed)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  c->add_option("--metrics-port", a.metrics_port,
+                "Prometheus /metrics port (0 = any; off if unset)")
+      ->check(CLI::Range(0, 65535));
+  c->add_option("--device", a.device, "cpu, cuda or cuda:N")->capture_default_str();
+  c->add_option("--threads", a.threads, "CPU threads (0 = OpenMP default)")
+      ->check(CLI::Range(0, 4096));
+  c->add_option("--kv-cache-mb", a.kv_cache_mb, "KV cache pool size")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
+      ->capture_default_str();
+  c->add_option("--block-size", a.block_size, "Tokens per KV block")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  c->add_option("--max-batched-tokens", a.max_batched_tokens, "Rows per engine step")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--max-running", a.max_running, "Sequences running at once")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  c->add_option("--max-queue", a.max_queue,
+                "Requests waiting beyond the running ones (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--max-tokens-limit", a.max_tokens_limit,
+                "Largest max_tokens accepted (0 = the model's context)")
+      ->check(CLI::Range(0, 1 << 24));
+  c->add_option("--max-message-mb", a.max_message_mb, "Largest request message")
+      ->check(CLI::Range(int64_t{1}, int64_t{1024}))
+      ->capture_default_str();
+  c->add_flag(
+      "--no-prefix-caching", [&a](int64_t) { a.prefix_caching = false; },
+      "Turn the prefix cache off");
+  c->add_flag("--bf16", a.bf16_weights, "bf16 weight copy for inference");
+  c->add_flag("--no-batch-invariant{false}", a.batch_invariant,
+              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
+  c->add_option("--tls-cert", a.tls_cert, "PEM certificate chain (TLS on the gRPC port)");
+  c->add_option("--tls-key", a.tls_key, "PEM private key");
+  c->add_option("--auth-token-file", a.auth_token_file,
+                "File whose first line is the bearer token clients must send");
+  c->add_option("--drain-grace", a.drain_grace_s, "Seconds in-flight requests get on SIGTERM")
+      ->check(finite_in(0.0, 3600.0))
+      ->capture_default_str();
+  c->add_flag(
+      "--no-request-log", [&a](int64_t) { a.request_log = false; },
+      "No JSON line per finished request on stdout");
+  return c;
+}
+
+int run_serve(const CLI::App& command, const tandem::ServeCommandOptions& a) {
+  require_no_extras(command);
+  require_flags(command, {"--model"});
+  if (a.tls_cert.empty() != a.tls_key.empty()) {
+    throw UsageError("serve: give both --tls-cert and --tls-key, or neither");
+  }
+  install_stop_signals();
+  return tandem::run_serve_command(a, g_stop_signal);
+}
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    if (end > begin) out.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return out;
+}
+
+struct RouterArgs {
+  tandem::RouterCommandOptions options;
+  std::string replicas;
+};
+
+CLI::App* add_router(CLI::App& app, RouterArgs& a) {
+  CLI::App* c = app.add_subcommand(
+      "router",
+      "Route tandem.v1.Generation requests over replicas by load and prefix affinity, with\n"
+      "health checks and failover (stateless: run as many as you like)");
+  c->add_option("--replicas", a.replicas, "Comma-separated HOST:PORT list of replicas");
+  c->add_option("--host", a.options.host, "Address to listen on")->capture_default_str();
+  c->add_option("--port", a.options.port, "gRPC port (0 = any free port, printed)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  c->add_option("--metrics-port", a.options.metrics_port, "Prometheus /metrics port")
+      ->check(CLI::Range(0, 65535));
+  c->add_option("--auth-token-file", a.options.auth_token_file,
+                "Bearer token clients must send (also sent to the replicas)");
+  c->add_option("--health-interval-ms", a.options.health_interval_ms, "Replica poll interval")
+      ->check(CLI::Range(10, 60000))
+      ->capture_default_str();
+  c->add_option("--drain-grace", a.options.drain_grace_s,
+                "Seconds in-flight requests get on SIGTERM")
+      ->check(finite_in(0.0, 3600.0))
+      ->capture_default_str();
+  c->add_flag(
+      "--no-request-log", [&a](int64_t) { a.options.request_log = false; },
+      "No JSON line per finished request on stdout");
+  return c;
+}
+
+int run_router(const CLI::App& command, RouterArgs& a) {
+  require_no_extras(command);
+  require_flags(command, {"--replicas"});
+  a.options.replicas = split_list(a.replicas);
+  if (a.options.replicas.empty()) throw UsageError("router: --replicas lists no replica");
+  for (const std::string& r : a.options.replicas) {
+    if (r.find(':') == std::string::npos) {
+      throw UsageError(cat("router: replica '", r, "' is not HOST:PORT"));
+    }
+  }
+  install_stop_signals();
+  return tandem::run_router_command(a.options, g_stop_signal);
+}
+
+CLI::App* add_bench(CLI::App& app, tandem::BenchServeOptions& a, CLI::App** serve) {
+  CLI::App* c = app.add_subcommand("bench", "Benchmarks: 'tandem bench serve' (load generator)");
+  CLI::App* s = c->add_subcommand(
+      "serve",
+      "Load a server or router with Poisson arrivals; report throughput and TTFT/TPOT/ITL/E2E\n"
+      "percentiles as a table and JSON");
+  s->add_option("--target", a.target, "HOST:PORT of a tandem server or router");
+  s->add_option("--rate", a.rate, "Requests per second (0 = all at once)")
+      ->check(finite_in(0.0, 1e9))
+      ->capture_default_str();
+  s->add_option("--num-requests", a.num_requests, "Requests to send")
+      ->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  s->add_option("--max-concurrency", a.max_concurrency, "Requests in flight at most (0 = any)")
+      ->check(CLI::Range(0, 1 << 20));
+  s->add_option("--prompt-len", a.prompt_len, "Prompt tokens (random ids)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  s->add_option("--prompt-len-range", a.prompt_len_range, "Prompt length +/- (uniform)")
+      ->check(CLI::Range(0, 1 << 20));
+  s->add_option("--output-len", a.output_len, "Output tokens (ignore_eos)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  s->add_option("--output-len-range", a.output_len_range, "Output length +/- (uniform)")
+      ->check(CLI::Range(0, 1 << 20));
+  s->add_option("--dataset", a.dataset, "JSONL file of {\"prompt\": ..., \"max_tokens\": N}");
+  s->add_option("--seed", a.seed, "Seed of the request set and arrivals")->check(kUnsigned64);
+  s->add_option("--auth-token-file", a.auth_token_file, "Bearer token file");
+  s->add_option("--result-json", a.result_json, "Also write the JSON report to this file");
+  s->add_option("--request-timeout", a.request_timeout_s, "Deadline of each request, seconds")
+      ->check(finite_in(0.001, 1e6))
+      ->capture_default_str();
+  s->add_flag(
+      "--no-progress", [&a](int64_t) { a.progress = false; }, "No progress bar");
+  *serve = s;
+  c->require_subcommand(1);
+  return c;
+}
+
+int run_bench_serve(const CLI::App& command, const tandem::BenchServeOptions& a) {
+  require_no_extras(command);
+  require_flags(command, {"--target"});
+  install_stop_signals();
+  return tandem::run_bench_serve_command(a, g_stop_signal);
 }
 
 // ---- info -----------------------------------------------------------------------------------
@@ -441,11 +653,21 @@ int main(int argc, char** argv) {
   tandem::ScoreCommandOptions score_args;
   CLI::App* prepare = add_prepare(app, prepare_args);
   CLI::App* train = add_train(app, train_args);
-  CLI::App* generate = add_generate(app, generate_args);
+  tandem::RemoteGenerateOptions remote_args;
+  CLI::App* generate = add_generate(app, generate_args, remote_args);
   CLI::App* tokenize = add_tokenize(app, tokenize_args);
   CLI::App* score = add_score(app, score_args);
+  tandem::ServeCommandOptions serve_args;
+  RouterArgs router_args;
+  tandem::BenchServeOptions bench_args;
+  CLI::App* serve = add_serve(app, serve_args);
+  CLI::App* router = add_router(app, router_args);
+  CLI::App* bench_serve = nullptr;
+  CLI::App* bench = add_bench(app, bench_args, &bench_serve);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command : {prepare, generate, tokenize, score, info}) command->allow_extras();
+  for (CLI::App* command : {prepare, generate, tokenize, score, info, serve, router, bench_serve}) {
+    command->allow_extras();
+  }
   std::string help_topic;
   CLI::App* help = app.add_subcommand("help", "Usage of tandem or of one command");
   help->add_option("command", help_topic, "A command name");
@@ -454,8 +676,10 @@ int main(int argc, char** argv) {
   const std::string where = known ? cat("'tandem ", argv[1], " --help'") : "'tandem --help'";
   try {
     if (argc > 1 && argv[1][0] != '-' && !known) {
-      throw UsageError(cat("unknown command '", argv[1],
-                           "' (commands: prepare, train, generate, tokenize, score, info, help)"));
+      throw UsageError(
+          cat("unknown command '", argv[1],
+              "' (commands: prepare, train, generate, tokenize, score, serve, router, bench, "
+              "info, help)"));
     }
     try {
       app.parse(argc, argv);
@@ -480,9 +704,12 @@ int main(int argc, char** argv) {
     }
     if (*prepare) return run_prepare(*prepare, prepare_args);
     if (*train) return run_train(*train, train_args);
-    if (*generate) return run_generate(*generate, generate_args);
+    if (*generate) return run_generate(*generate, generate_args, remote_args);
     if (*tokenize) return run_tokenize(*tokenize, tokenize_args);
     if (*score) return run_score(*score, score_args);
+    if (*serve) return run_serve(*serve, serve_args);
+    if (*router) return run_router(*router, router_args);
+    if (*bench) return run_bench_serve(*bench_serve, bench_args);
     if (*info) {
       require_no_extras(*info);
       return run_info();

@@ -1,0 +1,248 @@
+#include "launch/serve_command.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "kernels/cpu/kernels.h"
+#include "runtime/error.h"
+#include "runtime/file_io.h"
+#include "runtime/model_io.h"
+#include "runtime/tokenizer.h"
+#include "serving/load_generator.h"
+#include "serving/replica.h"
+#include "serving/router.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+namespace tandem {
+
+namespace fs = std::filesystem;
+
+namespace {
+// The first line of a token file, without surrounding whitespace.
+std::string read_token_file(const std::string& path) {
+  std::string text = read_file(path, 1 << 16);
+  const size_t end = text.find_first_of("\r\n");
+  if (end != std::string::npos) text.resize(end);
+  while (!text.empty() && (text.back() == ' ' || text.back() == '\t')) text.pop_back();
+  size_t begin = 0;
+  while (begin < text.size() && (text[begin] == ' ' || text[begin] == '\t')) ++begin;
+  text = text.substr(begin);
+  require(!text.empty(), path, ": the token file is empty");
+  return text;
+}
+}  // namespace
+
+std::string read_auth_token(const std::string& path) {
+  return path.empty() ? std::string() : read_token_file(path);
+}
+
+int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop_signal) {
+  // mpirun -np N serve (N > 1) would be a tensor-parallel replica, which needs the model's
+  // tensor-parallel forward (not built yet); N independent servers sharing one port (gRPC sets
+  // SO_REUSEPORT) would be a silent surprise, so refuse.
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
+    const char* size = std::getenv(name);
+    require(size == nullptr || std::atoi(size) <= 1, "serve: started as ", size,
+            " ranks under mpirun, but tensor-parallel replicas are not built yet (the model has "
+            "no tensor-parallel forward); run one `tandem serve` per replica and `tandem router` "
+            "in front of them");
+  }
+  if (o.threads > 0) cpu::set_num_threads(o.threads);
+  const Device device = Device::parse(o.device);
+  require(device.is_cpu() || device.index < cuda_device_count(), "serve: --device ", device.str(),
+          " is not available (", cuda_device_count(), " CUDA device(s))");
+  require(fs::exists(fs::path(o.model_dir) / "encoder.json"), o.model_dir,
+          " has no tokenizer files (encoder.json, vocab.bpe)");
+  const BpeTokenizer tokenizer = BpeTokenizer::load_dir(o.model_dir);
+  std::unique_ptr<Transformer> model = load_pretrained(o.model_dir, device);
+
+  serving::ReplicaOptions r;
+  r.server.host = o.host;
+  r.server.port = o.port;
+  r.server.max_running = o.max_running;
+  r.server.max_queue = o.max_queue;
+  r.server.max_tokens_limit = o.max_tokens_limit;
+  r.server.max_message_bytes = o.max_message_mb << 20;
+  r.server.tls_cert_file = o.tls_cert;
+  r.server.tls_key_file = o.tls_key;
+  r.server.auth_token = read_auth_token(o.auth_token_file);
+  r.server.model_name = fs::path(o.model_dir).lexically_normal().filename().string();
+  if (r.server.model_name.empty()) {
+    r.server.model_name = fs::path(o.model_dir).lexically_normal().parent_path().filename();
+  }
+  r.server.request_log = o.request_log ? stdout : nullptr;
+  r.engine.kv_cache_mb = o.kv_cache_mb;
+  r.engine.block_size = o.block_size;
+  r.engine.max_batched_tokens = o.max_batched_tokens;
+  r.engine.prefix_caching = o.prefix_caching;
+  r.engine.bf16_weights = o.bf16_weights;
+  r.engine.batch_invariant = o.batch_invariant;
+  r.engine.loop_threads = o.threads;
+  r.metrics_port = o.metrics_port;
+
+  serving::Replica replica(*model, tokenizer, r);
+  std::fprintf(stderr, "tandem: serve: %s listening on %s:%d%s%s (metrics %s)\n",
+               r.server.model_name.c_str(), o.host.c_str(), replica.port(),
+               o.tls_cert.empty() ? "" : " with TLS",
+               r.server.auth_token.empty() ? "" : ", bearer token required",
+               replica.metrics_port() > 0
+                   ? cat("http://", o.host, ":", replica.metrics_port(), "/metrics").c_str()
+                   : "off");
+  replica.serve_until(stop_signal, 0.0 + o.drain_grace_s);
+  std::fprintf(stderr, "tandem: serve: drained, exiting\n");
+  return 0;
+}
+
+int run_router_command(const RouterCommandOptions& o, const std::atomic<int>& stop_signal) {
+  serving::RouterOptions r;
+  r.replicas = o.replicas;
+  r.server.host = o.host;
+  r.server.port = o.port;
+  r.server.auth_token = read_auth_token(o.auth_token_file);
+  r.replica_auth_token = r.server.auth_token;
+  r.server.request_log = o.request_log ? stdout : nullptr;
+  r.health_interval_ms = o.health_interval_ms;
+  serving::MetricsRegistry registry;
+  serving::Router router(r, registry);
+  serving::GrpcServer server(router, r.server);
+  router.on_health_change([&server](bool healthy) { server.set_serving(healthy); });
+  std::unique_ptr<serving::MetricsHttpServer> metrics;
+  if (o.metrics_port >= 0) {
+    metrics = std::make_unique<serving::MetricsHttpServer>(registry, o.host, o.metrics_port);
+  }
+  std::fprintf(stderr,
+               "tandem: router: listening on %s:%d over %zu replicas (%d healthy) (metrics %s)\n",
+               o.host.c_str(), server.port(), o.replicas.size(), router.healthy_replicas(),
+               metrics ? cat("http://", o.host, ":", metrics->port(), "/metrics").c_str() : "off");
+  while (stop_signal.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  router.start_draining();
+  server.set_serving(false);
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(o.drain_grace_s * 1e3));
+  while (router.in_flight() > 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  server.shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  std::fprintf(stderr, "tandem: router: drained, exiting\n");
+  return 0;
+}
+
+int run_bench_serve_command(const BenchServeOptions& o, const std::atomic<int>& stop_signal) {
+  serving::LoadGeneratorOptions l;
+  l.target = o.target;
+  l.rate = o.rate;
+  l.num_requests = o.num_requests;
+  l.max_concurrency = o.max_concurrency;
+  l.prompt_len = o.prompt_len;
+  l.prompt_len_range = o.prompt_len_range;
+  l.output_len = o.output_len;
+  l.output_len_range = o.output_len_range;
+  l.dataset = o.dataset;
+  l.seed = o.seed;
+  l.auth_token = read_auth_token(o.auth_token_file);
+  l.request_timeout_s = o.request_timeout_s;
+  std::mutex progress_mu;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (o.progress) {
+    l.on_progress = [&](int done, int total) {
+      std::lock_guard<std::mutex> lock(progress_mu);
+      const int width = 40;
+      const int filled = static_cast<int>(static_cast<int64_t>(width) * done / total);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::fprintf(stderr, "\r[%s%s] %d/%d requests, %.1f s", std::string(filled, '#').c_str(),
+                   std::string(width - filled, '.').c_str(), done, total, s);
+      if (done == total) std::fputc('\n', stderr);
+      std::fflush(stderr);
+    };
+  }
+  std::fprintf(stderr, "tandem: bench serve: %d requests to %s at %s req/s\n", o.num_requests,
+               o.target.c_str(), o.rate > 0 && std::isfinite(o.rate) ? cat(o.rate).c_str() : "inf");
+  const serving::LoadReport report = serving::run_load(l, stop_signal);
+  std::fputs(report.to_table().c_str(), stdout);
+  const std::string json = report.to_json(l).dump(2);
+  if (!o.result_json.empty()) {
+    write_file_atomic(o.result_json, json + "\n");
+  }
+  std::printf("%s\n", report.to_json(l).dump().c_str());
+  for (const std::string& e : report.errors)
+    std::fprintf(stderr, "tandem: bench serve: failed: %s\n", e.c_str());
+  return report.failed == 0 ? 0 : 1;
+}
+
+int run_remote_generate_command(const RemoteGenerateOptions& o,
+                                const std::atomic<int>& stop_signal) {
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (o.tls) {
+    grpc::SslCredentialsOptions ssl;
+    if (!o.tls_ca.empty()) ssl.pem_root_certs = read_file(o.tls_ca);
+    credentials = grpc::SslCredentials(ssl);
+  }
+  auto stub = tandem::v1::Generation::NewStub(grpc::CreateChannel(o.server, credentials));
+  tandem::v1::GenerateRequest request;
+  request.set_prompt(o.prompt);
+  request.set_max_tokens(o.max_tokens);
+  request.mutable_sampling()->set_temperature(o.temperature);
+  request.mutable_sampling()->set_top_k(o.top_k);
+  request.mutable_sampling()->set_top_p(o.top_p);
+  request.mutable_sampling()->set_min_p(o.min_p);
+  request.mutable_sampling()->set_repetition_penalty(o.repetition_penalty);
+  request.mutable_sampling()->set_presence_penalty(o.presence_penalty);
+  request.mutable_sampling()->set_frequency_penalty(o.frequency_penalty);
+  if (o.has_seed) request.mutable_sampling()->set_seed(o.seed);
+  for (const std::string& s : o.stop) request.add_stop(s);
+  for (int32_t t : o.stop_token_ids) request.add_stop_token_ids(t);
+  request.set_ignore_eos(o.ignore_eos);
+  grpc::ClientContext context;
+  const std::string token = read_auth_token(o.auth_token_file);
+  if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
+  if (o.timeout_s > 0) {
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(int64_t(o.timeout_s * 1e3)));
+  }
+  // A stop signal cancels the call (the server frees the sequence at once).
+  std::atomic<bool> finished{false};
+  std::thread watcher([&] {
+    while (!finished.load()) {
+      if (stop_signal.load() != 0) {
+        context.TryCancel();
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  auto reader = stub->GenerateStream(&context, request);
+  tandem::v1::GenerateResponse message;
+  std::fwrite(o.prompt.data(), 1, o.prompt.size(), stdout);
+  std::fflush(stdout);
+  tandem::v1::Usage usage;
+  tandem::v1::FinishReason finish = tandem::v1::FINISH_REASON_UNSPECIFIED;
+  while (reader->Read(&message)) {
+    std::fwrite(message.text().data(), 1, message.text().size(), stdout);
+    std::fflush(stdout);
+    if (message.has_usage()) usage = message.usage();
+    if (message.finish_reason() != tandem::v1::FINISH_REASON_UNSPECIFIED) {
+      finish = message.finish_reason();
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  finished = true;
+  watcher.join();
+  std::fputc('\n', stdout);
+  if (stop_signal.load() != 0) return 128 + stop_signal.load();
+  require(status.ok(), "generate: ", o.server, " answered ", status.error_code(), " (",
+          status.error_message(), ")");
+  std::fprintf(stderr, "tandem: generate: %d prompt + %d generated tokens, finish %s\n",
+               usage.prompt_tokens(), usage.completion_tokens(),
+               tandem::v1::FinishReason_Name(finish).c_str());
+  return 0;
+}
+
+}  // namespace tandem

@@ -1,0 +1,94 @@
+// The serving commands of the tandem CLI, as functions of plain option structs (main.cpp parses
+// the flags with CLI11):
+//   serve         a replica: the engine behind tandem.v1.Generation over gRPC, /metrics;
+//   router        the same service in front of replicas (load + prefix affinity, failover);
+//   bench serve   a load generator against a server or router (Poisson arrivals);
+//   generate --server   one prompt streamed from a server.
+// Bad input throws tandem::Error naming the flag or file. Long-running commands watch
+// `stop_signal` (set by SIGINT/SIGTERM/SIGHUP) and drain before returning 0.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tandem {
+
+struct ServeCommandOptions {
+  std::string model_dir;
+  std::string host = "127.0.0.1";
+  int port = 50051;       // 0: any free port (printed)
+  int metrics_port = -1;  // -1: no /metrics
+  std::string device = "cpu";
+  int threads = 0;
+  int64_t kv_cache_mb = 256;
+  int block_size = 16;
+  int max_batched_tokens = 512;
+  int max_running = 64;
+  int max_queue = 256;
+  int max_tokens_limit = 0;  // 0: the context length
+  int64_t max_message_mb = 4;
+  bool prefix_caching = true;
+  bool bf16_weights = false;
+  bool batch_invariant = true;  // a request's tokens independent of what else runs
+  std::string tls_cert, tls_key, auth_token_file;
+  double drain_grace_s = 30.0;
+  bool request_log = true;  // one JSON line per finished request on stdout
+};
+
+struct RouterCommandOptions {
+  std::vector<std::string> replicas;  // host:port
+  std::string host = "127.0.0.1";
+  int port = 50050;
+  int metrics_port = -1;
+  std::string auth_token_file;  // checked on clients and sent to replicas
+  int health_interval_ms = 250;
+  double drain_grace_s = 30.0;
+  bool request_log = true;
+};
+
+struct BenchServeOptions {
+  std::string target;  // host:port
+  double rate = 0.0;   // requests per second (Poisson); 0 or inf: all at once
+  int num_requests = 100;
+  int max_concurrency = 0;                    // 0: unlimited
+  int prompt_len = 64, prompt_len_range = 0;  // tokens, uniform in [len - range, len + range]
+  int output_len = 64, output_len_range = 0;
+  std::string dataset;  // JSONL: {"prompt": "...", "max_tokens": N} per line (instead of lengths)
+  uint64_t seed = 0;
+  std::string auth_token_file;
+  std::string result_json;  // also write the JSON report here
+  double request_timeout_s = 300;
+  bool progress = true;
+};
+
+struct RemoteGenerateOptions {
+  std::string server;  // host:port
+  std::string prompt;
+  int max_tokens = 64;
+  float temperature = 0.8f;
+  int top_k = 40;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  bool has_seed = false;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  std::string auth_token_file;
+  bool tls = false;
+  std::string tls_ca;    // PEM of the server's CA (with tls)
+  double timeout_s = 0;  // 0: none
+};
+
+int run_serve_command(const ServeCommandOptions& options, const std::atomic<int>& stop_signal);
+int run_router_command(const RouterCommandOptions& options, const std::atomic<int>& stop_signal);
+int run_bench_serve_command(const BenchServeOptions& options, const std::atomic<int>& stop_signal);
+int run_remote_generate_command(const RemoteGenerateOptions& options,
+                                const std::atomic<int>& stop_signal);
+
+}  // namespace tandem

@@ -1,0 +1,53 @@
+#include "serving/replica.h"
+
+#include <chrono>
+#include <thread>
+
+namespace tandem::serving {
+
+Replica::Replica(Transformer& model, const BpeTokenizer& tokenizer, ReplicaOptions options)
+    : options_(std::move(options)) {
+  options_.engine.max_seqs = options_.server.max_running;
+  if (options_.engine.eos_token < 0) options_.engine.eos_token = tokenizer.eot_id();
+  if (!options_.engine.token_text) {
+    options_.engine.token_text = [&tokenizer](int32_t t) { return tokenizer.decode_token(t); };
+  }
+  engine_ = std::make_unique<Engine>(model, options_.engine);
+  engine_->start();
+  service_ = std::make_unique<GenerationService>(*engine_, tokenizer, model.config(),
+                                                 options_.server, registry_);
+  grpc_ = std::make_unique<GrpcServer>(*service_, options_.server);
+  if (options_.metrics_port >= 0) {
+    metrics_http_ =
+        std::make_unique<MetricsHttpServer>(registry_, options_.server.host, options_.metrics_port);
+  }
+}
+
+Replica::~Replica() {
+  if (!drained_) drain(0.0);
+  metrics_http_.reset();
+  engine_->stop();
+}
+
+void Replica::serve_until(const std::atomic<int>& stop, double grace_s) {
+  while (stop.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  drain(grace_s);
+}
+
+int Replica::drain(double grace_s) {
+  if (drained_) return 0;
+  drained_ = true;
+  service_->start_draining();
+  grpc_->set_serving(false);
+  const auto until = std::chrono::steady_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));
+  while (service_->in_flight() > 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const int left = service_->in_flight();
+  service_->abort_all();
+  grpc_->shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  return left;
+}
+
+}  // namespace tandem::serving

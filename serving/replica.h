@@ -1,0 +1,58 @@
+// A serving replica in one process: the engine's loop thread, the Generation gRPC service with
+// health and reflection, and the /metrics endpoint; started by the constructor, stopped by the
+// destructor (RAII), drained on request.
+//
+// Draining (SIGTERM): health turns NOT_SERVING and new requests get UNAVAILABLE (a router sends
+// them elsewhere), requests in flight get up to `grace_s` to finish, what is left is aborted
+// (UNAVAILABLE), then the gRPC server and the engine stop.
+//
+// The tensor-parallel replica (mpirun -np TP) keeps this shape on rank 0; see
+// docs/ARCHITECTURE.md ("Serving") for the step-plan broadcast that is still to come.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "inference/engine.h"
+#include "runtime/tokenizer.h"
+#include "runtime/transformer.h"
+#include "serving/generation_service.h"
+#include "serving/metrics.h"
+
+namespace tandem::serving {
+
+struct ReplicaOptions {
+  ServerOptions server;
+  EngineConfig engine;    // max_seqs is set from server.max_running
+  int metrics_port = -1;  // -1: no /metrics; 0: any free port
+};
+
+class Replica {
+ public:
+  // model and tokenizer must outlive the replica.
+  Replica(Transformer& model, const BpeTokenizer& tokenizer, ReplicaOptions options);
+  ~Replica();
+  Replica(const Replica&) = delete;
+  Replica& operator=(const Replica&) = delete;
+
+  int port() const { return grpc_->port(); }
+  int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
+  const MetricsRegistry& metrics() const { return registry_; }
+
+  // Blocks until *stop becomes non-zero, then drains with `grace_s`.
+  void serve_until(const std::atomic<int>& stop, double grace_s);
+  // Returns the number of requests that had to be aborted after the grace period.
+  int drain(double grace_s);
+
+ private:
+  ReplicaOptions options_;
+  MetricsRegistry registry_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<GenerationService> service_;
+  std::unique_ptr<GrpcServer> grpc_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  bool drained_ = false;
+};
+
+}  // namespace tandem::serving

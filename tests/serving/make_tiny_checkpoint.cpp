@@ -1,0 +1,45 @@
+// Writes a tiny GPT-2 checkpoint (or with --slow a small one) (random weights, a BPE vocabulary
+// learned from a few sentences) into the directory given as argv[1]: what the serving tests serve.
+// Deterministic.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "runtime/model_io.h"
+#include "runtime/tokenizer.h"
+#include "runtime/transformer.h"
+
+int main(int argc, char** argv) {
+  const bool slow = argc == 3 && std::string(argv[2]) == "--slow";
+  if (argc != 2 && !slow) {
+    std::fprintf(stderr, "usage: make_tiny_checkpoint DIR [--slow]\n");
+    return 2;
+  }
+  try {
+    const std::vector<std::string> texts = {
+        "The quick brown fox jumps over the lazy dog. ",
+        "In the beginning God created the heaven and the earth. ",
+        "And the earth was without form, and void; and darkness was upon the face of the deep. ",
+        "Serving a model means answering many requests at once, quickly and fairly. "};
+    const tandem::BpeTokenizer tokenizer = tandem::BpeTokenizer::train(texts, 320);
+    tandem::ModelConfig c;
+    c.family = tandem::ModelFamily::kGpt2;
+    c.vocab_size = tokenizer.vocab_size();
+    c.max_seq_len = 1024;  // long enough that a request can still be running when a test cancels it
+    // --slow: wide enough that a long request takes a second or more, so a test can act on it
+    // while it runs whatever the machine's speed.
+    c.n_embd = slow ? 256 : 32;
+    c.n_layer = slow ? 6 : 2;
+    c.n_head = 4;
+    c.n_kv_head = 4;
+    c.ffn_hidden = slow ? 1024 : 64;
+    tandem::Transformer model(c);
+    model.init_weights(1234);
+    tandem::save_pretrained(model, argv[1]);
+    tokenizer.save_dir(argv[1]);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "make_tiny_checkpoint: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,592 @@
+// End-to-end tests of `tandem serve` and `tandem router`: real processes on loopback ports, a
+// tiny checkpoint written by the test, gRPC clients in the test.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cmath>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "runtime/model_io.h"
+#include "runtime/tokenizer.h"
+#include "runtime/transformer.h"
+#include "tests/serving/serving_test_support.h"
+#include "tests/test_support.h"
+
+namespace tandem::testing {
+namespace {
+
+namespace pb = tandem::v1;
+namespace fs = std::filesystem;
+
+class ServingE2E : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::make_unique<ScratchDir>("serving_e2e");
+    model_dir_ = (dir_->path() / "model").string();
+    slow_model_dir_ = (dir_->path() / "slow_model").string();
+    const std::string maker = std::string(TANDEM_BINARY_DIR) + "/tests/make_tiny_checkpoint ";
+    ASSERT_EQ(std::system((maker + model_dir_).c_str()), 0);
+    ASSERT_EQ(std::system((maker + slow_model_dir_ + " --slow").c_str()), 0);
+  }
+  std::string log(const std::string& name) const { return (dir_->path() / name).string(); }
+  // slow: the wider model, for tests that act on a request while it runs.
+  std::unique_ptr<ServerProcess> serve(std::vector<std::string> extra, const std::string& name,
+                                       bool slow = false) {
+    std::vector<std::string> args = {"serve",
+                                     "--model",
+                                     slow ? slow_model_dir_ : model_dir_,
+                                     "--metrics-port",
+                                     "0",
+
+                                     "--threads",
+                                     "1",
+                                     "--drain-grace",
+                                     "10"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return std::make_unique<ServerProcess>(args, log(name));
+  }
+
+  std::unique_ptr<ScratchDir> dir_;
+  std::string model_dir_, slow_model_dir_;
+};
+
+pb::GenerateRequest greedy(const std::string& prompt, int max_tokens) {
+  pb::GenerateRequest r;
+  r.set_prompt(prompt);
+  r.set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_temperature(0.0f);
+  return r;
+}
+
+pb::GenerateRequest long_request(int max_tokens = 1000) {
+  pb::GenerateRequest r = greedy("And the earth was without form", max_tokens);
+  r.set_ignore_eos(true);
+  return r;
+}
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  int messages = 0;
+  pb::FinishReason finish = pb::FINISH_REASON_UNSPECIFIED;
+  pb::Usage usage;
+};
+
+StreamResult stream(pb::Generation::Stub& stub, const pb::GenerateRequest& r,
+                    double timeout_s = 60) {
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() +
+                 std::chrono::milliseconds(static_cast<int>(timeout_s * 1000)));
+  StreamResult out;
+  auto reader = stub.GenerateStream(&c, r);
+  pb::GenerateResponse m;
+  while (reader->Read(&m)) {
+    ++out.messages;
+    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    out.text += m.text();
+    if (m.finish_reason() != pb::FINISH_REASON_UNSPECIFIED) out.finish = m.finish_reason();
+    if (m.has_usage()) out.usage = m.usage();
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+grpc::Status unary(pb::Generation::Stub& stub, const pb::GenerateRequest& r,
+                   pb::GenerateResponse* response, double timeout_s = 60) {
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() +
+                 std::chrono::milliseconds(static_cast<int>(timeout_s * 1000)));
+  return stub.Generate(&c, r, response);
+}
+
+TEST_F(ServingE2E, StreamYieldsTheSameTokensAsUnaryAndSeedsReproduce) {
+  auto server = serve({}, "serve.log");
+  auto stub = connect(server->address());
+  for (const std::string prompt : {"The quick brown fox", "In the beginning", "Serving"}) {
+    pb::GenerateResponse whole;
+    ASSERT_TRUE(unary(*stub, greedy(prompt, 24), &whole).ok());
+    const StreamResult s = stream(*stub, greedy(prompt, 24));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, std::vector<int32_t>(whole.token_ids().begin(), whole.token_ids().end()));
+    EXPECT_EQ(s.text, whole.text());
+    EXPECT_EQ(s.finish, whole.finish_reason());
+    // Deltas that are ready together go out as one message, and this model is fast enough to
+    // finish before the handler wakes; that a stream's first message arrives while the request
+    // still runs is checked with the slower model (CancelDeadlineAndDisconnect...).
+    EXPECT_GE(s.messages, 1);
+    EXPECT_EQ(s.usage.completion_tokens(), whole.token_ids_size());
+    EXPECT_GT(s.usage.prompt_tokens(), 0);
+  }
+  // Seeded sampling (temperature 1 by default when absent) reproduces; seed 0 is a seed.
+  pb::GenerateRequest seeded;
+  seeded.set_prompt("The quick");
+  seeded.set_max_tokens(16);
+  seeded.mutable_sampling()->set_seed(0);
+  pb::GenerateResponse a, b;
+  ASSERT_TRUE(unary(*stub, seeded, &a).ok());
+  ASSERT_TRUE(unary(*stub, seeded, &b).ok());
+  EXPECT_EQ(std::vector<int32_t>(a.token_ids().begin(), a.token_ids().end()),
+            std::vector<int32_t>(b.token_ids().begin(), b.token_ids().end()));
+  // Logprobs when asked: one per token, top entries sorted.
+  pb::GenerateRequest with_logprobs = greedy("The quick", 5);
+  with_logprobs.set_logprobs(true);
+  with_logprobs.set_top_logprobs(3);
+  pb::GenerateResponse lp;
+  ASSERT_TRUE(unary(*stub, with_logprobs, &lp).ok());
+  ASSERT_EQ(lp.logprobs_size(), lp.token_ids_size());
+  ASSERT_EQ(lp.top_logprobs_size(), lp.token_ids_size());
+  for (int i = 0; i < lp.token_ids_size(); ++i) {
+    EXPECT_LE(lp.logprobs(i), 0.0f);
+    ASSERT_EQ(lp.top_logprobs(i).entries_size(), 3);
+    EXPECT_EQ(lp.top_logprobs(i).entries(0).token(), lp.token_ids(i));  // greedy: the top one
+  }
+  // grpc.health.v1 says SERVING; ModelInfo and Tokenize answer.
+  grpc::ClientContext hc;
+  grpc::health::v1::HealthCheckRequest hreq;
+  grpc::health::v1::HealthCheckResponse hres;
+  auto health = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(health->Check(&hc, hreq, &hres).ok());
+  EXPECT_EQ(hres.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  grpc::ClientContext ic;
+  pb::ModelInfoResponse info;
+  ASSERT_TRUE(stub->ModelInfo(&ic, pb::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.family(), "gpt2");
+  EXPECT_EQ(info.max_seq_len(), 1024);
+  EXPECT_EQ(info.model(), "model");
+}
+
+TEST_F(ServingE2E, BadRequestsGetTheRightCodesAndTheServerKeepsServing) {
+  auto server = serve({}, "serve.log");
+  auto stub = connect(server->address(), 200 << 20);
+  auto expect_code = [&](const pb::GenerateRequest& r, grpc::StatusCode code,
+                         const std::string& names) {
+    pb::GenerateResponse out;
+    const grpc::Status s = unary(*stub, r, &out);
+    EXPECT_EQ(s.error_code(), code) << names << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(names), std::string::npos) << s.error_message();
+    const StreamResult st = stream(*stub, r);
+    EXPECT_EQ(st.status.error_code(), code) << names;
+    EXPECT_EQ(st.messages, 0);
+  };
+  pb::GenerateRequest r = greedy("", 8);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  r = greedy("hi", 0);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  r = greedy("hi", 1 << 30);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  r = greedy("hi", 8);
+  r.mutable_sampling()->set_temperature(-1.0f);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "temperature");
+  r = greedy("hi", 8);
+  r.mutable_sampling()->set_temperature(std::nanf(""));
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "temperature");
+  r = greedy("hi", 8);
+  r.mutable_sampling()->set_top_p(0.0f);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "top_p");
+  r = greedy("hi", 8);
+  r.mutable_sampling()->set_top_k(-3);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "top_k");
+  r = greedy("hi", 8);
+  r.mutable_sampling()->set_repetition_penalty(0.0f);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "repetition_penalty");
+  r = greedy("hi", 8);
+  r.set_top_logprobs(50);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "top_logprobs");
+  r = greedy("hi", 8);
+  r.clear_prompt();
+  for (int i = 0; i < 1100; ++i) r.mutable_prompt_tokens()->add_ids(5);  // > the 1024 context
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  r = greedy("hi", 8);
+  r.clear_prompt();
+  r.mutable_prompt_tokens()->add_ids(1 << 20);  // outside the vocabulary
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  r = greedy("hi", 8);
+  r.clear_prompt();  // neither prompt nor tokens
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  // A 100 MB prompt: refused by the message size limit before it is even parsed.
+  r = greedy(std::string(100 << 20, 'a'), 8);
+  {
+    pb::GenerateResponse out;
+    const grpc::Status s = unary(*stub, r, &out);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  }
+  // A prompt under the message limit but far longer than the context: named, not tokenized.
+  r = greedy(std::string(3 << 20, 'a'), 8);
+  expect_code(r, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  // Garbage bytes on the port: the connection is dropped, the server is unharmed.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(server->port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    std::mt19937 rng(attempt);
+    std::string junk(64 << 10, '\0');
+    for (char& c : junk) c = static_cast<char>(rng());
+    if (attempt == 1) junk = "GET / HTTP/1.1\r\nHost: x\r\n\r\n" + junk;
+    (void)!::send(fd, junk.data(), junk.size(), MSG_NOSIGNAL);
+    ::close(fd);
+  }
+  // Every rejection was counted; the server still answers, with the same tokens as before.
+  EXPECT_GE(scrape(server->metrics_port(), "tandem_requests_total{outcome=\"invalid_argument\"}"),
+            24.0);
+  const StreamResult ok = stream(*stub, greedy("The quick brown fox", 8));
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens.size(), 8u);
+  EXPECT_TRUE(server->process().running());
+}
+
+TEST_F(ServingE2E, BearerTokenIsRequiredWhenConfigured) {
+  const std::string token_file = log("token");
+  std::ofstream(token_file) << "s3cret-token\n";
+  auto server = serve({"--auth-token-file", token_file}, "serve.log");
+  auto stub = connect(server->address());
+  auto call = [&](const std::string& authorization) {
+    grpc::ClientContext c;
+    if (!authorization.empty()) c.AddMetadata("authorization", authorization);
+    pb::GenerateResponse out;
+    return stub->Generate(&c, greedy("The quick", 4), &out);
+  };
+  EXPECT_EQ(call("").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(call("Bearer wrong").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(call("Bearer s3cret-tokeN").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(call("Bearer s3cret-token").ok());
+  grpc::ClientContext c;
+  pb::ModelInfoResponse info;
+  EXPECT_EQ(stub->ModelInfo(&c, pb::ModelInfoRequest(), &info).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+}
+
+TEST_F(ServingE2E, CancelDeadlineAndDisconnectFreeTheKvBlocksAtOnce) {
+  auto server = serve({}, "serve.log", /*slow=*/true);
+  const int metrics = server->metrics_port();
+  auto stub = connect(server->address());
+  auto kv_used = [&] { return scrape(metrics, "tandem_kv_blocks_used"); };
+  ASSERT_EQ(kv_used(), 0.0);
+
+  // 1. The client cancels after the first message.
+  {
+    grpc::ClientContext c;
+    auto reader = stub->GenerateStream(&c, long_request());
+    pb::GenerateResponse m;
+    ASSERT_TRUE(reader->Read(&m));
+    // The sequence holds blocks while it runs (the stats follow each step).
+    EXPECT_TRUE(eventually([&] { return kv_used() > 0.0; }, 5.0));
+    c.TryCancel();
+    while (reader->Read(&m)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  EXPECT_TRUE(eventually([&] { return kv_used() == 0.0; }, 5.0)) << kv_used();
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") == 1.0; }, 5.0));
+
+  // 2. A deadline passes mid-generation.
+  {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+    pb::GenerateResponse out;
+    EXPECT_EQ(stub->Generate(&c, long_request(), &out).error_code(),
+              grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  EXPECT_TRUE(eventually([&] { return kv_used() == 0.0; }, 5.0)) << kv_used();
+  EXPECT_TRUE(eventually(
+      [&] {
+        return scrape(metrics, "tandem_requests_total{outcome=\"deadline_exceeded\"}") == 1.0;
+      },
+      5.0))
+      << "cancelled " << scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") << ", ok "
+      << scrape(metrics, "tandem_requests_total{outcome=\"ok\"}");
+
+  // 3. A client process is killed mid-stream (its connection drops without a goodbye).
+  {
+    ChildProcess client(
+        {tandem_binary(), "bench", "serve", "--target", server->address(), "--num-requests", "1",
+         "--prompt-len", "8", "--output-len", "1000", "--no-progress"},
+        log("client.log"));
+    ASSERT_TRUE(eventually([&] { return kv_used() > 0.0; }, 10.0));
+    client.stop(SIGKILL, 5.0);
+  }
+  EXPECT_TRUE(eventually([&] { return kv_used() == 0.0; }, 5.0)) << kv_used();
+  EXPECT_EQ(scrape(metrics, "tandem_num_requests_running"), 0.0);
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") == 2.0; }, 5.0));
+  // No request ran to its 1000 tokens.
+  EXPECT_LT(scrape(metrics, "tandem_engine_generated_tokens"), 1000.0);
+}
+
+TEST_F(ServingE2E, QueueLimitAnswersResourceExhausted) {
+  auto server = serve({"--max-running", "1", "--max-queue", "1"}, "serve.log", /*slow=*/true);
+  auto stub = connect(server->address());
+  std::vector<std::thread> holders;
+  std::vector<grpc::ClientContext> contexts(2);
+  for (int i = 0; i < 2; ++i) {
+    holders.emplace_back([&, i] {
+      pb::GenerateResponse out;
+      stub->Generate(&contexts[i], long_request(), &out).IgnoreError();
+    });
+  }
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(server->metrics_port(), "tandem_num_requests_in_flight") == 2.0; },
+      10.0));
+  pb::GenerateResponse out;
+  const grpc::Status s = unary(*stub, greedy("hi", 2), &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  for (auto& c : contexts) c.TryCancel();
+  for (auto& t : holders) t.join();
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(server->metrics_port(), "tandem_num_requests_in_flight") == 0.0; }, 5.0));
+  EXPECT_TRUE(unary(*stub, greedy("hi", 2), &out).ok());
+}
+
+TEST_F(ServingE2E, SigtermDrainsInFlightRequestsAndExitsZero) {
+  auto server = serve({}, "serve.log", /*slow=*/true);
+  auto stub = connect(server->address());
+  StreamResult in_flight;
+  std::thread t([&] { in_flight = stream(*stub, long_request(300)); });
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(server->metrics_port(), "tandem_num_requests_running") == 1.0; }, 10.0));
+  ::kill(server->process().pid(), SIGTERM);
+  // Draining: health NOT_SERVING, new requests UNAVAILABLE.
+  auto health = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials()));
+  EXPECT_TRUE(eventually(
+      [&] {
+        grpc::ClientContext c;
+        grpc::health::v1::HealthCheckResponse r;
+        const grpc::Status s = health->Check(&c, grpc::health::v1::HealthCheckRequest(), &r);
+        return s.ok() && r.status() == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+      },
+      5.0));
+  pb::GenerateResponse out;
+  EXPECT_EQ(unary(*stub, greedy("hi", 2), &out).error_code(), grpc::StatusCode::UNAVAILABLE);
+  t.join();
+  EXPECT_TRUE(in_flight.status.ok()) << in_flight.status.error_message();
+  EXPECT_EQ(in_flight.tokens.size(), 300u);
+  EXPECT_EQ(server->process().stop(0, 20.0), 0) << server->process().log();
+}
+
+// ---- through the router ---------------------------------------------------------------------
+
+TEST_F(ServingE2E, RouterServesConcurrentStreamsSurvivesAKilledReplicaAndTakesItBack) {
+  auto a = serve({"--no-request-log"}, "a.log");
+  auto b = serve({"--no-request-log"}, "b.log");
+  const int port_a = a->port();
+  auto router = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", a->address() + "," + b->address(),
+                               "--metrics-port", "0", "--health-interval-ms", "100",
+                               "--no-request-log"},
+      log("router.log"));
+  auto direct = connect(a->address());
+  auto via_router = connect(router->address());
+
+  // The expected answers, from a replica directly.
+  std::vector<std::string> prompts;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back("The quick brown fox " + std::to_string(i));
+    pb::GenerateResponse out;
+    ASSERT_TRUE(unary(*direct, greedy(prompts.back(), 12), &out).ok());
+    expected.emplace_back(out.token_ids().begin(), out.token_ids().end());
+  }
+  // 1. 64 concurrent streaming clients all complete with the right tokens.
+  {
+    std::vector<StreamResult> results(64);
+    std::vector<std::thread> clients;
+    for (int i = 0; i < 64; ++i) {
+      clients.emplace_back(
+          [&, i] { results[i] = stream(*via_router, greedy(prompts[i % prompts.size()], 12)); });
+    }
+    for (auto& t : clients) t.join();
+    for (int i = 0; i < 64; ++i) {
+      ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+      EXPECT_EQ(results[i].tokens, expected[i % prompts.size()]) << i;
+    }
+    // Both replicas took a share.
+    EXPECT_GT(scrape(a->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 8.0);
+    EXPECT_GT(scrape(b->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 0.0);
+  }
+  // 2. Kill replica a mid-run: no request that had not started streaming is lost.
+  {
+    const int n = 48;
+    std::vector<StreamResult> results(n);
+    std::vector<std::thread> clients;
+    for (int i = 0; i < n; ++i) {
+      clients.emplace_back([&, i] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10 * i));
+        pb::GenerateRequest r = long_request(60);
+        r.set_prompt("request " + std::to_string(i) + " of the failover run");
+        results[i] = stream(*via_router, r);
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    a->process().stop(SIGKILL, 5.0);
+    for (auto& t : clients) t.join();
+    int ok = 0, failed_after_start = 0;
+    for (int i = 0; i < n; ++i) {
+      if (results[i].status.ok()) {
+        ++ok;
+        EXPECT_EQ(results[i].tokens.size(), 60u);
+      } else {
+        // Only a request that had already streamed tokens may fail.
+        EXPECT_GT(results[i].messages, 0)
+            << i << " failed before its first token: " << results[i].status.error_message();
+        ++failed_after_start;
+      }
+    }
+    EXPECT_GT(ok, n / 2);
+    std::printf("failover: %d ok, %d failed after their first token\n", ok, failed_after_start);
+  }
+  // 3. The router keeps serving with b alone, and says so.
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_router_replicas_healthy") == 1.0; },
+      5.0));
+  for (int i = 0; i < 4; ++i) {
+    const StreamResult s = stream(*via_router, greedy(prompts[i], 12));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, expected[i]);
+  }
+  // 4. Restarted on the same port, a rejoins the rotation and gets requests again.
+  a = serve({"--no-request-log", "--port", std::to_string(port_a)}, "a2.log");
+  ASSERT_EQ(a->port(), port_a);
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_router_replicas_healthy") == 2.0; },
+      10.0));
+  for (int i = 0; i < 16; ++i) {
+    const StreamResult s = stream(*via_router, greedy("rejoin " + std::to_string(i), 4));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  }
+  EXPECT_GT(scrape(a->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 0.0);
+  // The router drains and exits 0 on SIGTERM too.
+  EXPECT_EQ(router->process().stop(SIGTERM, 20.0), 0) << router->process().log();
+}
+
+TEST_F(ServingE2E, RouterSendsASharedPrefixToOneReplica) {
+  auto a = serve({"--no-request-log"}, "a.log");
+  auto b = serve({"--no-request-log"}, "b.log");
+  auto router = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", a->address() + "," + b->address(),
+                               "--health-interval-ms", "100", "--no-request-log"},
+      log("router.log"));
+  auto stub = connect(router->address());
+  const std::string shared(200, 'x');  // the affinity key is the first 64 bytes
+  for (int i = 0; i < 10; ++i) {
+    const StreamResult s = stream(*stub, greedy(shared + std::to_string(i), 2));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  }
+  const double on_a = scrape(a->metrics_port(), "tandem_requests_total{outcome=\"ok\"}");
+  const double on_b = scrape(b->metrics_port(), "tandem_requests_total{outcome=\"ok\"}");
+  EXPECT_EQ(on_a + on_b, 10.0);
+  EXPECT_TRUE(on_a == 10.0 || on_b == 10.0) << on_a << " / " << on_b;
+  // And the replica that has the prefix reuses it.
+  const int port = on_a == 10.0 ? a->metrics_port() : b->metrics_port();
+  EXPECT_GT(scrape(port, "tandem_prefix_cache_hit_rate"), 0.5);
+}
+
+TEST_F(ServingE2E, BenchServeReportsEveryRequestAsTableAndJson) {
+  auto server = serve({"--no-request-log"}, "serve.log");
+  const std::string dataset = log("prompts.jsonl"), result = log("result.json");
+  std::ofstream(dataset) << "{\"prompt\": \"The quick brown fox\", \"max_tokens\": 5}\n\n"
+                         << "{\"prompt\": \"In the beginning\", \"max_tokens\": 3}\n";
+  for (const std::vector<std::string>& extra :
+       {std::vector<std::string>{"--dataset", dataset, "--num-requests", "6"},
+        std::vector<std::string>{"--rate", "50", "--num-requests", "12", "--prompt-len", "8",
+                                 "--prompt-len-range", "4", "--output-len", "6"}}) {
+    std::vector<std::string> args = {
+        tandem_binary(), "bench", "serve",         "--target", server->address(),
+        "--seed",        "3",     "--result-json", result};
+    args.insert(args.end(), extra.begin(), extra.end());
+    ChildProcess bench(args, log("bench.log"));
+    ASSERT_EQ(bench.stop(0, 60.0), 0) << bench.log();
+    const std::string table = bench.log();
+    EXPECT_NE(table.find("Successful requests:"), std::string::npos) << table;
+    EXPECT_NE(table.find("P99 TTFT (ms):"), std::string::npos) << table;
+    const auto json = nlohmann::json::parse(read_text(result));
+    const int n = std::stoi(extra[3]);
+    EXPECT_EQ(json["completed"], n);
+    EXPECT_EQ(json["failed"], 0);
+    EXPECT_EQ(json["ttft"]["count"], n);
+    EXPECT_GT(json["output_token_throughput"].get<double>(), 0.0);
+    EXPECT_LE(json["ttft"]["p50_ms"].get<double>(), json["ttft"]["p99_ms"].get<double>());
+    if (extra[0] == "--dataset") {
+      EXPECT_LE(json["total_output_tokens"].get<int>(), 3 * 5 + 3 * 3);  // the lines' max_tokens
+    } else {
+      EXPECT_EQ(json["total_output_tokens"], 12 * 6);  // ignore_eos: exactly the asked lengths
+    }
+  }
+  EXPECT_EQ(scrape(server->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 18.0);
+}
+
+TEST(ServingCli, UsageErrorsAreOneLineAndExitTwo) {
+  for (const std::string args :
+       {"serve", "serve --model x --port 70000", "router", "router --replicas nocolon",
+        "bench serve", "serve --model x --tls-cert a.pem", "generate --server a:1 --model m"}) {
+    const std::string out = ::testing::TempDir() + "/serving_cli.txt";
+    const int raw = std::system((tandem_binary() + " " + args + " >/dev/null 2>" + out).c_str());
+    EXPECT_EQ(WEXITSTATUS(raw), 2) << args;
+    const std::string err = read_text(out);
+    EXPECT_EQ(err.rfind("tandem: usage error: ", 0), 0u) << args << ": " << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+  const std::string out = ::testing::TempDir() + "/serving_cli.txt";
+  const int raw = std::system(
+      (tandem_binary() + " serve --model /nonexistent --port 0 >/dev/null 2>" + out).c_str());
+  EXPECT_EQ(WEXITSTATUS(raw), 1);
+  EXPECT_EQ(read_text(out).rfind("tandem: error: ", 0), 0u) << read_text(out);
+  // Under mpirun with more than one rank: refused (no tensor-parallel replica yet), not two
+  // servers silently sharing a port.
+  if (std::system("command -v mpirun >/dev/null 2>&1") == 0) {
+    const int mpi = std::system(("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+                                 "timeout 60 mpirun --oversubscribe -np 2 " +
+                                 tandem_binary() + " serve --model /nonexistent --port 0 " +
+                                 ">/dev/null 2>" + out)
+                                    .c_str());
+    EXPECT_NE(WEXITSTATUS(mpi), 0);
+    EXPECT_NE(read_text(out).find("tensor-parallel replicas are not built yet"), std::string::npos)
+        << read_text(out);
+  }
+}
+
+}  // namespace
+}  // namespace tandem::testing
+
+namespace tandem::testing {
+namespace {
+
+TEST_F(ServingE2E, TlsServesAndRefusesPlaintext) {
+  const std::string key = log("key.pem"), cert = log("cert.pem");
+  const std::string openssl = "openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key +
+                              " -out " + cert +
+                              " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost "
+                              ">/dev/null 2>&1";
+  if (std::system(openssl.c_str()) != 0) GTEST_SKIP() << "no openssl to make a certificate";
+  auto server = serve({"--tls-cert", cert, "--tls-key", key}, "serve.log");
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = read_text(cert);
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto secure = pb::Generation::NewStub(
+      grpc::CreateCustomChannel(server->address(), grpc::SslCredentials(ssl), args));
+  pb::GenerateResponse out;
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  const grpc::Status s = secure->Generate(&c, greedy("The quick", 4), &out);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(out.token_ids_size(), 4);
+  // A plaintext client gets nowhere.
+  auto plain = connect(server->address());
+  grpc::ClientContext pc;
+  pc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  EXPECT_FALSE(plain->Generate(&pc, greedy("The quick", 4), &out).ok());
+}
+
+}  // namespace
+}  // namespace tandem::testing
