@@ -14,14 +14,17 @@ namespace fs = std::filesystem;
 
 void save_pretrained(const Transformer& model, const std::string& dir, DType dtype) {
   require(is_floating(dtype), "save_pretrained: dtype must be F32, BF16 or F16");
+  // Under tensor parallelism the slices are gathered (a collective of the tp group) and the
+  // group's rank 0 writes the whole tensors.
+  const Tensor host = model.gather_full(model.params());
+  if (model.tp_rank() != 0) return;
   std::error_code ec;
   fs::create_directories(dir, ec);
   require(!ec && fs::is_directory(dir), "cannot create model directory ", dir, ": ", ec.message());
-  const Tensor host = model.params().to(Device::cpu());  // no copy for a CPU model
   const float* p = host.data<float>();
   std::vector<SafetensorsTensor> tensors;
   std::vector<Tensor> converted;  // keeps converted copies alive until written
-  for (const ParamSpec& s : model.layout().specs()) {
+  for (const ParamSpec& s : model.full_layout().specs()) {
     const void* data = p + s.offset;
     if (dtype != DType::kF32) {
       converted.push_back(host.flat_view(s.offset, s.shape).to_dtype(dtype));
@@ -71,10 +74,11 @@ void load_weights(Transformer& model, const std::string& path) {
       ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
-  Tensor host = model.params().host_mirror();
+  // The whole tensors; a tensor-parallel rank then keeps its slice.
+  Tensor host = Tensor::empty({model.full_layout().total_numel()});
   float* p = host.data<float>();
   std::unordered_set<std::string> used;
-  for (const ParamSpec& s : model.layout().specs()) {
+  for (const ParamSpec& s : model.full_layout().specs()) {
     auto it = file_name_of.find(s.name);
     require(it != file_name_of.end(), path, ": missing tensor '", s.name, "'");
     file.read_f32(it->second, s.shape, p + s.offset);
@@ -86,7 +90,7 @@ void load_weights(Transformer& model, const std::string& path) {
     throw Error(cat(path, ": unexpected tensor '", e.name, "' (not a parameter of this ",
                     family_name(model.config().family), " config)"));
   }
-  model.params().copy_from(host);
+  model.scatter_full(p, model.params());
 }
 
 }  // namespace tandem
