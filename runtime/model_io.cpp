@@ -1,5 +1,6 @@
 #include "runtime/model_io.h"
 
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <unordered_set>
@@ -18,24 +19,30 @@ void save_pretrained(const Transformer& model, const std::string& dir, DType dty
   // group's rank 0 writes the whole tensors.
   const Tensor host = model.gather_full(model.params());
   if (model.tp_rank() != 0) return;
+  save_pretrained_full(model.config(), model.full_layout(), host.data<float>(), dir, dtype);
+}
+
+void save_pretrained_full(const ModelConfig& config, const ParamLayout& full_layout,
+                          const float* p, const std::string& dir, DType dtype) {
+  require(is_floating(dtype), "save_pretrained: dtype must be F32, BF16 or F16");
   std::error_code ec;
   fs::create_directories(dir, ec);
   require(!ec && fs::is_directory(dir), "cannot create model directory ", dir, ": ", ec.message());
-  const float* p = host.data<float>();
   std::vector<SafetensorsTensor> tensors;
   std::vector<Tensor> converted;  // keeps converted copies alive until written
-  for (const ParamSpec& s : model.full_layout().specs()) {
+  for (const ParamSpec& s : full_layout.specs()) {
     const void* data = p + s.offset;
     if (dtype != DType::kF32) {
-      converted.push_back(host.flat_view(s.offset, s.shape).to_dtype(dtype));
+      Tensor view = Tensor::empty(s.shape);
+      std::memcpy(view.raw_data(), data, sizeof(float) * s.numel);
+      converted.push_back(view.to_dtype(dtype));
       data = converted.back().raw_data();
     }
     tensors.push_back({s.name, dtype, s.shape, data});
   }
   write_safetensors((fs::path(dir) / "model.safetensors").string(), tensors,
                     {{"format", "pt"}, {"producer", "tandem"}});
-  write_file_atomic((fs::path(dir) / "config.json").string(),
-                    model.config().to_hf_json().dump(2) + "\n");
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.to_hf_json().dump(2) + "\n");
 }
 
 ModelConfig load_config(const std::string& path) {

@@ -14,6 +14,9 @@ namespace tandem {
 // Always the whole (Hugging Face) tensors: a tensor-parallel model gathers its slices, which is
 // a collective of its tp group (every tp rank calls; the group's rank 0 writes).
 void save_pretrained(const Transformer& model, const std::string& dir, DType dtype = DType::kF32);
+// The same from whole tensors already at hand: `full` is a host flat buffer in `full_layout`.
+void save_pretrained_full(const ModelConfig& config, const ParamLayout& full_layout,
+                          const float* full, const std::string& dir, DType dtype = DType::kF32);
 // Reads dir/config.json and dir/model.safetensors into a model on `device`.
 std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device = Device::cpu());
 ModelConfig load_config(const std::string& config_json_path);

@@ -85,13 +85,7 @@ Transformer::Transformer(const ModelConfig& config, Device device, Communicator*
     tp_rank_ = tp_->rank();
   }
   if (tp_size_ > 1) {
-    const ModelConfig& c = config_;
-    require(c.n_head % tp_size_ == 0, "tensor parallelism: n_head = ", c.n_head,
-            " does not divide by parallel.tp = ", tp_size_);
-    require(c.n_kv_head % tp_size_ == 0, "tensor parallelism: n_kv_head = ", c.n_kv_head,
-            " does not divide by parallel.tp = ", tp_size_);
-    require(c.ffn_hidden % tp_size_ == 0, "tensor parallelism: ffn_hidden = ", c.ffn_hidden,
-            " does not divide by parallel.tp = ", tp_size_);
+    check_tensor_parallel(config_, tp_size_);
     require(device_.is_cpu() && tp_->device().is_cpu(),
             "tensor parallelism runs on CPU models over a host tp group (got the model on ",
             device_.str(), ")");
@@ -109,23 +103,34 @@ Transformer::Transformer(const ModelConfig& config, Device device, Communicator*
   }
 }
 
-Transformer::Transformer(const ModelConfig& config, LayoutOnly)
-    : config_(config), device_(Device::cpu()), ops_(nullptr) {
+void Transformer::check_tensor_parallel(const ModelConfig& c, int tp) {
+  require(tp >= 1, "tensor parallelism: parallel.tp must be >= 1, got ", tp);
+  require(c.n_head % tp == 0, "tensor parallelism: n_head = ", c.n_head,
+          " does not divide by parallel.tp = ", tp);
+  require(c.n_kv_head % tp == 0, "tensor parallelism: n_kv_head = ", c.n_kv_head,
+          " does not divide by parallel.tp = ", tp);
+  require(c.ffn_hidden % tp == 0, "tensor parallelism: ffn_hidden = ", c.ffn_hidden,
+          " does not divide by parallel.tp = ", tp);
+}
+
+Transformer::Transformer(const ModelConfig& config, LayoutOnly, int tp)
+    : config_(config), tp_size_(tp), device_(Device::cpu()), ops_(nullptr) {
   config_.validate();
+  check_tensor_parallel(config_, tp);
   build_layout();
 }
 
-int64_t Transformer::parameter_count(const ModelConfig& config) {
-  return Transformer(config, LayoutOnly{}).num_parameters();
+int64_t Transformer::parameter_count(const ModelConfig& config, int tp) {
+  return Transformer(config, LayoutOnly{}, tp).num_parameters();
 }
 
-int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T) {
-  // (tp = 1: a rank of a tp group holds about 1/tp of the per-layer widths and logits.)
+int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T, int tp) {
   // Mirrors ensure_activations below: keep the two together.
-  const Dims d(config);
-  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer, V = config.vocab_size;
+  const Dims d(config, tp);
+  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer;
+  const int64_t V = Transformer(config, LayoutOnly{}, tp).vocab_local();
   const int64_t per_layer =
-      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * config.n_head * T;
+      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * d.H * T;
   const int64_t floats = (L + 1) * N * d.C + L * per_layer + N * (d.C + 2) + N * V + 2 * N +
                          N * (3 * d.C + d.QKV + d.HD + d.UP + d.F);
   const int64_t ints = 3 * N;

@@ -120,8 +120,11 @@ class Transformer {
   // Sizes from the config alone, nothing allocated (for memory estimates before building a
   // model): the parameter count, and the bytes of the activations (saved for backward, plus the
   // backward scratch) of a forward+backward over [B, T].
-  static int64_t parameter_count(const ModelConfig& config);
-  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
+  // Under tensor parallelism (tp > 1), those of one rank.
+  static int64_t parameter_count(const ModelConfig& config, int tp = 1);
+  static int64_t activation_bytes(const ModelConfig& config, int B, int T, int tp = 1);
+  // Throws tandem::Error when n_head, n_kv_head or ffn_hidden does not divide by tp.
+  static void check_tensor_parallel(const ModelConfig& config, int tp);
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
@@ -142,7 +145,7 @@ class Transformer {
   };
   struct Activations;
   struct LayoutOnly {};
-  Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
+  Transformer(const ModelConfig& config, LayoutOnly, int tp);  // the parameter table, no memory
   struct InferenceState;
 
   void build_layout();
