@@ -778,12 +778,14 @@ double Transformer::flops_per_step(int B, int T) const {
   for (const ParamSpec& s : layout_.specs()) {
     if (s.kind == ParamKind::kMatrix) matmul_params += static_cast<double>(s.numel);
   }
-  if (c.tie_embeddings) matmul_params += static_cast<double>(c.vocab_size) * c.n_embd;
+  // (Under tensor parallelism: this rank's slices, its vocabulary rows and its heads.)
+  if (c.tie_embeddings) matmul_params += static_cast<double>(vocab_local_) * c.n_embd;
   const double tokens = static_cast<double>(B) * T;
   // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
   const double t = T;
   const double attention =
-      3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (t * (t + 1.0) / 2.0) * c.head_dim();
+      3.0 * 2.0 * 2.0 * B * c.n_layer * (c.n_head / tp_size_) * (t * (t + 1.0) / 2.0) *
+      c.head_dim();
   return 6.0 * matmul_params * tokens + attention;
 }
 

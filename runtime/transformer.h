@@ -135,7 +135,8 @@ class Transformer {
   // slots, sequences or rows, or more rows than prepare_inference allowed.
   Tensor forward_paged(const AttentionContext& ctx, KvCache& cache);
 
-  // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
+  // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention);
+  // under tensor parallelism, those of this rank.
   double flops_per_step(int B, int T) const;
 
  private:
