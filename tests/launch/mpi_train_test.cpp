@@ -91,7 +91,11 @@ class MpiTrainTest : public ::testing::Test {
   Outcome train(const std::string& run_name, int ranks, const std::string& extra = "",
                 int tp = 1) {
     const std::string log = (dir_ / (run_name + ".log")).string();
-    const std::string more = tp > 1 ? extra + " --parallel.tp=" + std::to_string(tp) : extra;
+    // (A collective stuck for a minute names itself through the watchdog before the test's
+    // 120 s kill.)
+    const std::string more =
+        tp > 1 ? extra + " --parallel.tp=" + std::to_string(tp) + " --parallel.timeout_s=60"
+               : extra;
     const std::string cmd = ranks == 1 ? kTandem + args(run_name, 1, more)
                                        : kMpirun + " -np " + std::to_string(ranks) + " " + kTandem +
                                              args(run_name, ranks, more, tp);
@@ -181,8 +185,19 @@ TEST_F(MpiTrainTest, TensorParallelMatchesOneRankAndReshardsBothWays) {
   expect_close(mt.loss, m1.loss, 1e-5, "tp=2 loss");
   expect_close(mt.val_loss, m1.val_loss, 1e-5, "tp=2 val loss");
 
-  // tp=2's step-3 checkpoint resumed on one rank, and one rank's resumed at dp=2 x tp=2 with
-  // ZeRO-1 on 4 ranks, continue like the uninterrupted run.
+  // dp=2 x tp=2 with ZeRO-1 on 4 ranks from the start.
+  const Outcome full = train("dp_tp_zero", 4, "--parallel.zero=1", 2);
+  ASSERT_EQ(full.status, 0) << full.output;
+  expect_close(read_metrics(dir_ / "dp_tp_zero").loss, m1.loss, 1e-5, "dp=2 x tp=2 zero=1 loss");
+
+  // tp=2's and (dp=2, tp=2, zero=1)'s step-3 checkpoints resumed on one rank, and one rank's
+  // resumed at dp=2 x tp=2 with ZeRO-1 on 4 ranks, continue like the uninterrupted run.
+  fs::copy(dir_ / "dp_tp_zero", dir_ / "dp_tp_zero_to_one", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "dp_tp_zero_to_one" / "checkpoints" / "step_00000006");
+  const Outcome z = train("dp_tp_zero_to_one", 1, "--checkpoint.resume=true");
+  ASSERT_EQ(z.status, 0) << z.output;
+  expect_close(read_metrics(dir_ / "dp_tp_zero_to_one").loss, m1.loss, 1e-5,
+               "dp=2 x tp=2 zero=1 -> 1 rank");
   fs::copy(dir_ / "tp", dir_ / "tp_to_one", fs::copy_options::recursive);
   fs::remove_all(dir_ / "tp_to_one" / "checkpoints" / "step_00000006");
   const Outcome a = train("tp_to_one", 1, "--checkpoint.resume=true");
