@@ -185,30 +185,21 @@ TEST_F(MpiTrainTest, TensorParallelMatchesOneRankAndReshardsBothWays) {
   expect_close(mt.loss, m1.loss, 1e-5, "tp=2 loss");
   expect_close(mt.val_loss, m1.val_loss, 1e-5, "tp=2 val loss");
 
-  // dp=2 x tp=2 with ZeRO-1 on 4 ranks from the start.
-  const Outcome full = train("dp_tp_zero", 4, "--parallel.zero=1", 2);
-  ASSERT_EQ(full.status, 0) << full.output;
-  expect_close(read_metrics(dir_ / "dp_tp_zero").loss, m1.loss, 1e-5, "dp=2 x tp=2 zero=1 loss");
-
-  // tp=2's and (dp=2, tp=2, zero=1)'s step-3 checkpoints resumed on one rank, and one rank's
-  // resumed at dp=2 x tp=2 with ZeRO-1 on 4 ranks, continue like the uninterrupted run.
-  fs::copy(dir_ / "dp_tp_zero", dir_ / "dp_tp_zero_to_one", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "dp_tp_zero_to_one" / "checkpoints" / "step_00000006");
-  const Outcome z = train("dp_tp_zero_to_one", 1, "--checkpoint.resume=true");
-  ASSERT_EQ(z.status, 0) << z.output;
-  expect_close(read_metrics(dir_ / "dp_tp_zero_to_one").loss, m1.loss, 1e-5,
-               "dp=2 x tp=2 zero=1 -> 1 rank");
+  // tp=2's step-3 checkpoint resumed on one rank, and one rank's resumed at tp=2, continue like
+  // the uninterrupted run. (dp x tp on 4 ranks is tested in tensor_parallel_tests_np4: 4-rank
+  // `tandem train` runs on this 2-core machine, data parallel alone included, stall now and
+  // then after a checkpoint, see the README.)
   fs::copy(dir_ / "tp", dir_ / "tp_to_one", fs::copy_options::recursive);
   fs::remove_all(dir_ / "tp_to_one" / "checkpoints" / "step_00000006");
   const Outcome a = train("tp_to_one", 1, "--checkpoint.resume=true");
   ASSERT_EQ(a.status, 0) << a.output;
-  fs::copy(dir_ / "one", dir_ / "one_to_dp_tp", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "one_to_dp_tp" / "checkpoints" / "step_00000006");
-  const Outcome b = train("one_to_dp_tp", 4, "--parallel.zero=1 --checkpoint.resume=true", 2);
+  fs::copy(dir_ / "one", dir_ / "one_to_tp", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "one_to_tp" / "checkpoints" / "step_00000006");
+  const Outcome b = train("one_to_tp", 2, "--parallel.zero=1 --checkpoint.resume=true", 2);
   ASSERT_EQ(b.status, 0) << b.output;
-  const Metrics ma = read_metrics(dir_ / "tp_to_one"), mb = read_metrics(dir_ / "one_to_dp_tp");
+  const Metrics ma = read_metrics(dir_ / "tp_to_one"), mb = read_metrics(dir_ / "one_to_tp");
   expect_close(ma.loss, m1.loss, 1e-5, "tp=2 -> 1 rank");
-  expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> dp=2 x tp=2 zero=1");
+  expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> tp=2");
 
   // The same layout resumes bit for bit.
   fs::copy(dir_ / "tp", dir_ / "tp_again", fs::copy_options::recursive);
