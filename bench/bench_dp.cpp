@@ -14,6 +14,9 @@
 //     of (2) still blocked waiting for communication after backward, on the rank that waited
 //     least (the other one also waits for its peer's backward): t_exposed. The share of
 //     all-reduce time hidden behind backward is 1 - t_exposed / t_comm.
+//  4. tensor parallelism: both ranks run the same batch with the model split over them (tp = 2,
+//     Megatron: two all-reduces per layer forward, two backward, vocab-parallel loss); its step
+//     time against (1), the whole model on one rank: speedup = t(1) / t(4) (ideal 2.0).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -158,6 +161,17 @@ int main(int argc, char** argv) {
       }
     }
     const double comm = seconds_since(t0) / steps;
+    // 4. Tensor parallel over the two ranks, the same per-rank batch as (1).
+    StepTimes tensor_parallel;
+    {
+      Transformer tp_model(config, Device::cpu(), &ctx->world());
+      tp_model.init_weights(1);
+      LocalCommunicator local("dp");
+      DataParallel tp_dp(tp_model, local, local, {.bucket_mb = bucket_mb, .zero = 0});
+      auto tp_opt = tp_dp.make_optimizer(adamw);
+      ctx->world().barrier();
+      tensor_parallel = time_steps(tp_model, tp_dp, *tp_opt, steps, B, T, 7);
+    }
     // A rank that finishes backward first also waits for the other one (skew, not
     // communication): the rank that waited least shows the communication left exposed.
     double exposed = together.exposed_per_step;
@@ -189,6 +203,11 @@ int main(int argc, char** argv) {
           "backward %.2f ms/step; hidden behind backward %.0f%%\n",
           1e3 * comm, 1e3 * together.exposed_per_step,
           comm > 0 ? 100.0 * std::max(0.0, 1.0 - together.exposed_per_step / comm) : 0.0);
+      std::printf(
+          "bench_dp: TP=2 (2 ranks x 1 thread, one batch of %d x %d): %8.1f ms/step vs TP=1 "
+          "(1 rank x 1 thread) %8.1f ms/step: %.2fx (ideal 2.00x)\n",
+          B, T, 1e3 * tensor_parallel.seconds_per_step, 1e3 * alone.seconds_per_step,
+          alone.seconds_per_step / tensor_parallel.seconds_per_step);
     }
     return 0;
   } catch (const std::exception& e) {

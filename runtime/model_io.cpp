@@ -1,5 +1,6 @@
 #include "runtime/model_io.h"
 
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <unordered_set>
@@ -14,25 +15,34 @@ namespace fs = std::filesystem;
 
 void save_pretrained(const Transformer& model, const std::string& dir, DType dtype) {
   require(is_floating(dtype), "save_pretrained: dtype must be F32, BF16 or F16");
+  // Under tensor parallelism the slices are gathered (a collective of the tp group) and the
+  // group's rank 0 writes the whole tensors.
+  const Tensor host = model.gather_full(model.params());
+  if (model.tp_rank() != 0) return;
+  save_pretrained_full(model.config(), model.full_layout(), host.data<float>(), dir, dtype);
+}
+
+void save_pretrained_full(const ModelConfig& config, const ParamLayout& full_layout,
+                          const float* p, const std::string& dir, DType dtype) {
+  require(is_floating(dtype), "save_pretrained: dtype must be F32, BF16 or F16");
   std::error_code ec;
   fs::create_directories(dir, ec);
   require(!ec && fs::is_directory(dir), "cannot create model directory ", dir, ": ", ec.message());
-  const Tensor host = model.params().to(Device::cpu());  // no copy for a CPU model
-  const float* p = host.data<float>();
   std::vector<SafetensorsTensor> tensors;
   std::vector<Tensor> converted;  // keeps converted copies alive until written
-  for (const ParamSpec& s : model.layout().specs()) {
+  for (const ParamSpec& s : full_layout.specs()) {
     const void* data = p + s.offset;
     if (dtype != DType::kF32) {
-      converted.push_back(host.flat_view(s.offset, s.shape).to_dtype(dtype));
+      Tensor view = Tensor::empty(s.shape);
+      std::memcpy(view.raw_data(), data, sizeof(float) * s.numel);
+      converted.push_back(view.to_dtype(dtype));
       data = converted.back().raw_data();
     }
     tensors.push_back({s.name, dtype, s.shape, data});
   }
   write_safetensors((fs::path(dir) / "model.safetensors").string(), tensors,
                     {{"format", "pt"}, {"producer", "tandem"}});
-  write_file_atomic((fs::path(dir) / "config.json").string(),
-                    model.config().to_hf_json().dump(2) + "\n");
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.to_hf_json().dump(2) + "\n");
 }
 
 ModelConfig load_config(const std::string& path) {
@@ -71,10 +81,11 @@ void load_weights(Transformer& model, const std::string& path) {
       ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
-  Tensor host = model.params().host_mirror();
+  // The whole tensors; a tensor-parallel rank then keeps its slice.
+  Tensor host = Tensor::empty({model.full_layout().total_numel()});
   float* p = host.data<float>();
   std::unordered_set<std::string> used;
-  for (const ParamSpec& s : model.layout().specs()) {
+  for (const ParamSpec& s : model.full_layout().specs()) {
     auto it = file_name_of.find(s.name);
     require(it != file_name_of.end(), path, ": missing tensor '", s.name, "'");
     file.read_f32(it->second, s.shape, p + s.offset);
@@ -86,7 +97,7 @@ void load_weights(Transformer& model, const std::string& path) {
     throw Error(cat(path, ": unexpected tensor '", e.name, "' (not a parameter of this ",
                     family_name(model.config().family), " config)"));
   }
-  model.params().copy_from(host);
+  model.scatter_full(p, model.params());
 }
 
 }  // namespace tandem

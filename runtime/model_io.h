@@ -11,14 +11,20 @@
 namespace tandem {
 
 // Writes dir/config.json and dir/model.safetensors (dtype F32, BF16 or F16); creates dir.
+// Always the whole (Hugging Face) tensors: a tensor-parallel model gathers its slices, which is
+// a collective of its tp group (every tp rank calls; the group's rank 0 writes).
 void save_pretrained(const Transformer& model, const std::string& dir, DType dtype = DType::kF32);
+// The same from whole tensors already at hand: `full` is a host flat buffer in `full_layout`.
+void save_pretrained_full(const ModelConfig& config, const ParamLayout& full_layout,
+                          const float* full, const std::string& dir, DType dtype = DType::kF32);
 // Reads dir/config.json and dir/model.safetensors into a model on `device`.
 std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device = Device::cpu());
 ModelConfig load_config(const std::string& config_json_path);
 // Copies every parameter of `model` from a safetensors file. Errors name the file and tensor:
 // a missing tensor, a wrong shape or dtype, or an unexpected tensor (other than known buffers
 // such as attn.bias / rotary_emb.inv_freq). GPT-2 names without the "transformer." prefix (as in
-// the original gpt2 upload) are accepted.
+// the original gpt2 upload) are accepted. The file holds whole tensors; a tensor-parallel model
+// keeps its slice (not collective), so a checkpoint of any tp loads at any other.
 void load_weights(Transformer& model, const std::string& safetensors_path);
 
 }  // namespace tandem

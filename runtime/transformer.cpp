@@ -11,17 +11,18 @@
 namespace tandem {
 
 namespace {
-// Row widths of the activations, derived once from the config.
+// Row widths of the activations, derived once from the config; under tensor parallelism the
+// local ones (this rank's heads and MLP columns; C is never split).
 struct Dims {
-  explicit Dims(const ModelConfig& c)
+  explicit Dims(const ModelConfig& c, int tp = 1)
       : C(c.n_embd),
-        H(c.n_head),
-        KV(c.n_kv_head),
+        H(c.n_head / tp),
+        KV(c.n_kv_head / tp),
         D(c.head_dim()),
-        QKV((c.n_head + 2 * c.n_kv_head) * c.head_dim()),
-        HD(c.n_head * c.head_dim()),
-        F(c.ffn_hidden),
-        UP(c.is_llama() ? 2 * c.ffn_hidden : c.ffn_hidden),
+        QKV((c.n_head + 2 * c.n_kv_head) / tp * c.head_dim()),
+        HD(c.n_head / tp * c.head_dim()),
+        F(c.ffn_hidden / tp),
+        UP((c.is_llama() ? 2 * c.ffn_hidden : c.ffn_hidden) / tp),
         llama(c.is_llama()),
         layout(c.is_llama() ? WeightLayout::kOutIn : WeightLayout::kInOut) {}
   int C, H, KV, D, QKV, HD, F, UP;  // UP: the MLP's up-projection (GPT-2 c_fc, Llama gate|up)
@@ -76,9 +77,19 @@ struct Transformer::Activations {
   Tensor d_residual, d_ln, d_qkv, d_att, d_fc_pre, d_fc_act, scratch;
 };
 
-Transformer::Transformer(const ModelConfig& config, Device device)
-    : config_(config), device_(device), ops_(&ops_for(device)) {
+Transformer::Transformer(const ModelConfig& config, Device device, Communicator* tp)
+    : config_(config), tp_(tp), device_(device), ops_(&ops_for(device)) {
   config_.validate();
+  if (tp_ != nullptr) {
+    tp_size_ = tp_->size();
+    tp_rank_ = tp_->rank();
+  }
+  if (tp_size_ > 1) {
+    check_tensor_parallel(config_, tp_size_);
+    require(device_.is_cpu() && tp_->device().is_cpu(),
+            "tensor parallelism runs on CPU models over a host tp group (got the model on ",
+            device_.str(), ")");
+  }
   build_layout();
   params_ = Tensor::zeros({layout_.total_numel()}, DType::kF32, device_);
   if (config_.is_llama()) {
@@ -92,22 +103,34 @@ Transformer::Transformer(const ModelConfig& config, Device device)
   }
 }
 
-Transformer::Transformer(const ModelConfig& config, LayoutOnly)
-    : config_(config), device_(Device::cpu()), ops_(nullptr) {
+void Transformer::check_tensor_parallel(const ModelConfig& c, int tp) {
+  require(tp >= 1, "tensor parallelism: parallel.tp must be >= 1, got ", tp);
+  require(c.n_head % tp == 0, "tensor parallelism: n_head = ", c.n_head,
+          " does not divide by parallel.tp = ", tp);
+  require(c.n_kv_head % tp == 0, "tensor parallelism: n_kv_head = ", c.n_kv_head,
+          " does not divide by parallel.tp = ", tp);
+  require(c.ffn_hidden % tp == 0, "tensor parallelism: ffn_hidden = ", c.ffn_hidden,
+          " does not divide by parallel.tp = ", tp);
+}
+
+Transformer::Transformer(const ModelConfig& config, LayoutOnly, int tp)
+    : config_(config), tp_size_(tp), device_(Device::cpu()), ops_(nullptr) {
   config_.validate();
+  check_tensor_parallel(config_, tp);
   build_layout();
 }
 
-int64_t Transformer::parameter_count(const ModelConfig& config) {
-  return Transformer(config, LayoutOnly{}).num_parameters();
+int64_t Transformer::parameter_count(const ModelConfig& config, int tp) {
+  return Transformer(config, LayoutOnly{}, tp).num_parameters();
 }
 
-int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T) {
+int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T, int tp) {
   // Mirrors ensure_activations below: keep the two together.
-  const Dims d(config);
-  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer, V = config.vocab_size;
+  const Dims d(config, tp);
+  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer;
+  const int64_t V = Transformer(config, LayoutOnly{}, tp).vocab_local();
   const int64_t per_layer =
-      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * config.n_head * T;
+      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * d.H * T;
   const int64_t floats = (L + 1) * N * d.C + L * per_layer + N * (d.C + 2) + N * V + 2 * N +
                          N * (3 * d.C + d.QKV + d.HD + d.UP + d.F);
   const int64_t ints = 3 * N;
@@ -118,51 +141,70 @@ void Transformer::build_layout() {
   const ModelConfig& c = config_;
   const int64_t C = c.n_embd, V = c.vocab_size, F = c.ffn_hidden, D = c.head_dim();
   const int64_t Q = c.n_head * D, KVD = c.n_kv_head * D;
+  const int tp = tp_size_;
+  // The vocabulary is padded only when tp does not divide it (to a multiple of tp * 64, the
+  // Megatron rule, so every slice stays a multiple of 64).
+  const int64_t padded = V % tp == 0 ? V : (V + tp * 64 - 1) / (tp * 64) * (tp * 64);
+  vocab_local_ = static_cast<int>(padded / tp);
+  // Adds a parameter given its global shape to both tables; a split dimension is divided by tp
+  // (the vocabulary's padded extent for embeddings and the LM head).
+  auto add = [&](const std::string& name, const Shape& global, ParamKind kind, int split = -1,
+                 int blocks = 1) {
+    full_layout_.add(name, global, kind, split, global, blocks);
+    Shape local = global;
+    if (split >= 0) local[split] = (global[split] == V && split == 0 &&
+                                    (kind == ParamKind::kEmbedding || name == "lm_head.weight"))
+                                       ? vocab_local_
+                                       : global[split] / tp;
+    layout_.add(name, local, kind, split, global, blocks);
+  };
   auto off = [&](const std::string& name) { return layout_.at(name).offset; };
   layers_.resize(c.n_layer);
   if (!c.is_llama()) {
-    layout_.add("transformer.wte.weight", {V, C}, ParamKind::kEmbedding, 0);
-    layout_.add("transformer.wpe.weight", {c.max_seq_len, C}, ParamKind::kEmbedding);
+    add("transformer.wte.weight", {V, C}, ParamKind::kEmbedding, 0);
+    add("transformer.wpe.weight", {c.max_seq_len, C}, ParamKind::kEmbedding);
     for (int l = 0; l < c.n_layer; ++l) {
       const std::string p = "transformer.h." + std::to_string(l) + ".";
-      layout_.add(p + "ln_1.weight", {C}, ParamKind::kNorm);
-      layout_.add(p + "ln_1.bias", {C}, ParamKind::kBias);
-      layout_.add(p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::kMatrix, 1);
-      layout_.add(p + "attn.c_attn.bias", {3 * C}, ParamKind::kBias, 0);
-      layout_.add(p + "attn.c_proj.weight", {C, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "attn.c_proj.bias", {C}, ParamKind::kBias);
-      layout_.add(p + "ln_2.weight", {C}, ParamKind::kNorm);
-      layout_.add(p + "ln_2.bias", {C}, ParamKind::kBias);
-      layout_.add(p + "mlp.c_fc.weight", {C, F}, ParamKind::kMatrix, 1);
-      layout_.add(p + "mlp.c_fc.bias", {F}, ParamKind::kBias, 0);
-      layout_.add(p + "mlp.c_proj.weight", {F, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "mlp.c_proj.bias", {C}, ParamKind::kBias);
+      add(p + "ln_1.weight", {C}, ParamKind::kNorm);
+      add(p + "ln_1.bias", {C}, ParamKind::kBias);
+      // [in, out]: c_attn's columns are q|k|v, each split by heads.
+      add(p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::kMatrix, 1, 3);
+      add(p + "attn.c_attn.bias", {3 * C}, ParamKind::kBias, 0, 3);
+      add(p + "attn.c_proj.weight", {C, C}, ParamKind::kMatrix, 0);
+      add(p + "attn.c_proj.bias", {C}, ParamKind::kBias);
+      add(p + "ln_2.weight", {C}, ParamKind::kNorm);
+      add(p + "ln_2.bias", {C}, ParamKind::kBias);
+      add(p + "mlp.c_fc.weight", {C, F}, ParamKind::kMatrix, 1);
+      add(p + "mlp.c_fc.bias", {F}, ParamKind::kBias, 0);
+      add(p + "mlp.c_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      add(p + "mlp.c_proj.bias", {C}, ParamKind::kBias);
       layers_[l] = {
           off(p + "ln_1.weight"),      off(p + "ln_1.bias"),          off(p + "attn.c_attn.weight"),
           off(p + "attn.c_attn.bias"), off(p + "attn.c_proj.weight"), off(p + "attn.c_proj.bias"),
           off(p + "ln_2.weight"),      off(p + "ln_2.bias"),          off(p + "mlp.c_fc.weight"),
           off(p + "mlp.c_fc.bias"),    off(p + "mlp.c_proj.weight"),  off(p + "mlp.c_proj.bias")};
     }
-    layout_.add("transformer.ln_f.weight", {C}, ParamKind::kNorm);
-    layout_.add("transformer.ln_f.bias", {C}, ParamKind::kBias);
+    add("transformer.ln_f.weight", {C}, ParamKind::kNorm);
+    add("transformer.ln_f.bias", {C}, ParamKind::kBias);
     wte_ = off("transformer.wte.weight");
     wpe_ = off("transformer.wpe.weight");
     lnf_w_ = off("transformer.ln_f.weight");
     lnf_b_ = off("transformer.ln_f.bias");
   } else {
-    layout_.add("model.embed_tokens.weight", {V, C}, ParamKind::kEmbedding, 0);
+    add("model.embed_tokens.weight", {V, C}, ParamKind::kEmbedding, 0);
     for (int l = 0; l < c.n_layer; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
-      layout_.add(p + "input_layernorm.weight", {C}, ParamKind::kNorm);
-      // q, k, v (and gate, up) are adjacent so the forward runs them as one fused GEMM.
-      layout_.add(p + "self_attn.q_proj.weight", {Q, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "self_attn.k_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "self_attn.v_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "self_attn.o_proj.weight", {C, Q}, ParamKind::kMatrix, 1);
-      layout_.add(p + "post_attention_layernorm.weight", {C}, ParamKind::kNorm);
-      layout_.add(p + "mlp.gate_proj.weight", {F, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "mlp.up_proj.weight", {F, C}, ParamKind::kMatrix, 0);
-      layout_.add(p + "mlp.down_proj.weight", {C, F}, ParamKind::kMatrix, 1);
+      add(p + "input_layernorm.weight", {C}, ParamKind::kNorm);
+      // q, k, v (and gate, up) are adjacent so the forward runs them as one fused GEMM; each is
+      // split by rows ([out, in]), so a rank's slices stay adjacent too.
+      add(p + "self_attn.q_proj.weight", {Q, C}, ParamKind::kMatrix, 0);
+      add(p + "self_attn.k_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
+      add(p + "self_attn.v_proj.weight", {KVD, C}, ParamKind::kMatrix, 0);
+      add(p + "self_attn.o_proj.weight", {C, Q}, ParamKind::kMatrix, 1);
+      add(p + "post_attention_layernorm.weight", {C}, ParamKind::kNorm);
+      add(p + "mlp.gate_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      add(p + "mlp.up_proj.weight", {F, C}, ParamKind::kMatrix, 0);
+      add(p + "mlp.down_proj.weight", {C, F}, ParamKind::kMatrix, 1);
       layers_[l] = {off(p + "input_layernorm.weight"),
                     -1,
                     off(p + "self_attn.q_proj.weight"),
@@ -176,16 +218,114 @@ void Transformer::build_layout() {
                     off(p + "mlp.down_proj.weight"),
                     -1};
     }
-    layout_.add("model.norm.weight", {C}, ParamKind::kNorm);
+    add("model.norm.weight", {C}, ParamKind::kNorm);
     wte_ = off("model.embed_tokens.weight");
     lnf_w_ = off("model.norm.weight");
   }
   if (c.tie_embeddings) {
     lm_head_ = wte_;
   } else {
-    layout_.add("lm_head.weight", {V, C}, ParamKind::kMatrix, 0);
+    add("lm_head.weight", {V, C}, ParamKind::kMatrix, 0);
     lm_head_ = off("lm_head.weight");
   }
+}
+
+namespace {
+// Copies between a rank's slice (`local`, laid out as spec.shape) and the whole tensor (`full`,
+// spec.global_shape) of rank `rank` of `tp`. to_full: local -> full (padding dropped); else
+// full -> local (padding zeroed).
+void copy_slice(const ParamSpec& spec, int rank, int tp, float* full, float* local, bool to_full) {
+  if (spec.tp_split_dim < 0 || tp == 1) {
+    if (to_full) {
+      std::memcpy(full, local, sizeof(float) * spec.numel);
+    } else {
+      std::memcpy(local, full, sizeof(float) * spec.numel);
+    }
+    return;
+  }
+  const int s = spec.tp_split_dim;
+  const Shape& g = spec.global_shape;
+  // View both as [rows, cols]; along s the local extent is `lext` of `blocks` blocks.
+  const int64_t lrows = spec.shape[0], lcols = spec.shape.size() > 1 ? spec.shape[1] : 1;
+  const int64_t gcols = g.size() > 1 ? g[1] : 1;
+  const int64_t lext = spec.shape[s], gext = g[s], lb = lext / spec.tp_blocks;
+  const int64_t gb = lb * tp;  // a block's (padded) global extent
+  auto global_index = [&](int64_t j) {
+    return (j / lb) * gb + static_cast<int64_t>(rank) * lb + j % lb;  // may be >= gext (padding)
+  };
+  if (s == 0) {
+    for (int64_t i = 0; i < lrows; ++i) {
+      const int64_t gi = global_index(i);
+      float* l = local + i * lcols;
+      if (gi >= gext) {
+        if (!to_full) std::fill(l, l + lcols, 0.0f);
+        continue;
+      }
+      float* f = full + gi * gcols;
+      if (to_full) {
+        std::memcpy(f, l, sizeof(float) * lcols);
+      } else {
+        std::memcpy(l, f, sizeof(float) * lcols);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < lrows; ++i) {
+      for (int64_t j = 0; j < lcols; ++j) {
+        const int64_t gj = global_index(j);
+        float& l = local[i * lcols + j];
+        if (gj >= gext) {
+          if (!to_full) l = 0.0f;
+          continue;
+        }
+        float& f = full[i * gcols + gj];
+        if (to_full) {
+          f = l;
+        } else {
+          l = f;
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+Tensor Transformer::gather_full(const Tensor& local) const {
+  require(local.numel() == layout_.total_numel(), "gather_full: a buffer of ", local.numel(),
+          " elements is not a flat buffer of this model (", layout_.total_numel(), ")");
+  const Tensor host = local.to(Device::cpu());
+  Tensor full = Tensor::empty({full_layout_.total_numel()});
+  if (tp_size_ == 1) {
+    std::memcpy(full.raw_data(), host.raw_data(), host.nbytes());
+    return full;
+  }
+  const int64_t n = layout_.total_numel();
+  std::vector<float> all(static_cast<size_t>(n) * tp_size_);
+  tp_->all_gather(host.raw_data(), all.data(), static_cast<size_t>(n), DType::kF32);
+  for (const ParamSpec& s : layout_.specs()) {
+    const ParamSpec& f = full_layout_.at(s.name);
+    const int ranks = replicated(s) ? 1 : tp_size_;  // replicated: rank 0's copy
+    for (int r = 0; r < ranks; ++r) {
+      copy_slice(s, r, tp_size_, full.data<float>() + f.offset, all.data() + r * n + s.offset,
+                 true);
+    }
+  }
+  return full;
+}
+
+void Transformer::scatter_full(const float* full, Tensor& local) const {
+  require(local.numel() == layout_.total_numel(), "scatter_full: a buffer of ", local.numel(),
+          " elements is not a flat buffer of this model (", layout_.total_numel(), ")");
+  Tensor host = local.host_mirror();
+  for (const ParamSpec& s : layout_.specs()) {
+    const ParamSpec& f = full_layout_.at(s.name);
+    copy_slice(s, tp_rank_, tp_size_, const_cast<float*>(full) + f.offset,
+               host.data<float>() + s.offset, false);
+  }
+  local.copy_from(host);
+}
+
+void Transformer::tp_all_reduce(float* buffer, size_t count) const {
+  if (tp_size_ > 1) tp_->all_reduce(buffer, count, DType::kF32, ReduceOp::kSum);
 }
 
 Tensor& Transformer::grads() {
@@ -204,11 +344,13 @@ Tensor Transformer::grad(const std::string& name) {
 }
 
 void Transformer::init_weights(uint64_t seed) {
+  // The whole tensors are drawn in the full layout's order, then each rank keeps its slice, so
+  // every tp starts from the same weights.
   Rng rng(seed);
   const float residual_std = config_.init_std / std::sqrt(2.0f * config_.n_layer);
-  Tensor host = params_.host_mirror();
-  float* p = host.data<float>();
-  for (const ParamSpec& s : layout_.specs()) {
+  Tensor full = Tensor::empty({full_layout_.total_numel()});
+  float* p = full.data<float>();
+  for (const ParamSpec& s : full_layout_.specs()) {
     float* w = p + s.offset;
     switch (s.kind) {
       case ParamKind::kNorm:
@@ -225,14 +367,14 @@ void Transformer::init_weights(uint64_t seed) {
       }
     }
   }
-  params_.copy_from(host);
+  scatter_full(p, params_);
 }
 
 void Transformer::ensure_activations(int B, int T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
   const ModelConfig& c = config_;
-  const Dims d(c);
-  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, V = c.vocab_size;
+  const Dims d(c, tp_size_);
+  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, V = vocab_local_;
   const int64_t C = d.C, QKV = d.QKV, HD = d.HD, UP = d.UP, F = d.F;
   acts_.reset();  // free the old set before allocating the new one
   auto a = std::make_shared<Activations>();
@@ -253,7 +395,7 @@ void Transformer::ensure_activations(int B, int T) {
   a->ln2_rstd = Tensor::empty({L, N}, DType::kF32, device_);
   a->qkv = Tensor::empty({L, N, QKV}, DType::kF32, device_);
   a->att = Tensor::empty({L, N, HD}, DType::kF32, device_);
-  a->att_lse = Tensor::empty({L, B, c.n_head, T}, DType::kF32, device_);
+  a->att_lse = Tensor::empty({L, B, d.H, T}, DType::kF32, device_);
   a->fc_pre = Tensor::empty({L, N, UP}, DType::kF32, device_);
   a->fc_act = Tensor::empty({L, N, F}, DType::kF32, device_);
   a->lnf = Tensor::empty({N, C}, DType::kF32, device_);
@@ -324,16 +466,23 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
   a.has_targets = targets != nullptr;
   if (a.has_targets) upload(a.targets, targets);
 
-  const Dims d(c);
+  const Dims d(c, tp_size_);
   const int C = d.C, H = d.H, KV = d.KV, D = d.D, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP;
   const bool llama = d.llama;
   const WeightLayout wl = d.layout;
   const float* p = params_.data<float>();
   auto bias = [&](int64_t off) { return off >= 0 ? p + off : nullptr; };
+  // A row-parallel GEMM's bias is added by one rank, before the all-reduce.
+  auto row_bias = [&](int64_t off) { return tp_rank_ == 0 ? bias(off) : nullptr; };
   const size_t NC = static_cast<size_t>(N) * C;
 
-  ops_->embedding_forward(a.residual.data<float>(), a.tokens.data<int32_t>(),
-                          a.positions.data<int32_t>(), p + wte_, llama ? nullptr : p + wpe_, N, C);
+  if (tp_size_ > 1) {
+    tp_embedding_forward(a.residual.data<float>(), tokens, a.positions.data<int32_t>(), N);
+  } else {
+    ops_->embedding_forward(a.residual.data<float>(), a.tokens.data<int32_t>(),
+                            a.positions.data<int32_t>(), p + wte_, llama ? nullptr : p + wpe_, N,
+                            C);
+  }
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerOffsets& o = layers_[l];
     const LayerActs la = a.layer(l, d);
@@ -350,7 +499,8 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
                          rope_sin_.data<float>(), N, KV, D, QKV);
     }
     ops_->attention_forward(att, lse, qkv, B, T, H, KV, D);
-    ops_->matmul_forward(scratch, att, p + o.attn_out_w, bias(o.attn_out_b), N, HD, C, wl);
+    ops_->matmul_forward(scratch, att, p + o.attn_out_w, row_bias(o.attn_out_b), N, HD, C, wl);
+    tp_all_reduce(scratch, NC);
     ops_->add(x_mid, x, scratch, NC);
 
     norm_forward(ln2, la.ln2_mean, la.ln2_rstd, x_mid, p, o.ln2_w, o.ln2_b, N);
@@ -360,21 +510,24 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
     } else {
       ops_->gelu_forward(fc_act, fc_pre, static_cast<size_t>(N) * F);
     }
-    ops_->matmul_forward(scratch, fc_act, p + o.down_w, bias(o.down_b), N, F, C, wl);
+    ops_->matmul_forward(scratch, fc_act, p + o.down_w, row_bias(o.down_b), N, F, C, wl);
+    tp_all_reduce(scratch, NC);
     ops_->add(x_out, x_mid, scratch, NC);
   }
   const float* x_final = a.residual.data<float>() + c.n_layer * NC;
   norm_forward(a.lnf.data<float>(), a.lnf_mean.data<float>(), a.lnf_rstd.data<float>(), x_final, p,
                lnf_w_, lnf_b_, N);
   ops_->matmul_forward(a.logits.data<float>(), a.lnf.data<float>(), p + lm_head_, nullptr, N, C,
-                       c.vocab_size, WeightLayout::kOutIn);
+                       vocab_local_, WeightLayout::kOutIn);
   if (!a.has_targets) {
     a.num_targets = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
-  a.num_targets = ops_->cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
-                                              a.logits.data<float>(), a.targets.data<int32_t>(), N,
-                                              c.vocab_size);
+  a.num_targets = tp_size_ > 1 ? tp_cross_entropy_forward(N)
+                               : ops_->cross_entropy_forward(
+                                     a.losses.data<float>(), a.ce_lse.data<float>(),
+                                     a.logits.data<float>(), a.targets.data<int32_t>(), N,
+                                     c.vocab_size);
   if (a.num_targets == 0) return std::numeric_limits<float>::quiet_NaN();
   double total = 0.0;
   const Tensor host_losses = a.losses.to(Device::cpu());
@@ -388,7 +541,7 @@ void Transformer::backward() {
   Activations& a = *acts_;
   const ModelConfig& c = config_;
   const int B = a.B, T = a.T, N = B * T;
-  const Dims d(c);
+  const Dims d(c, tp_size_);
   const int C = d.C, H = d.H, KV = d.KV, D = d.D, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP;
   const bool llama = d.llama;
   const WeightLayout wl = d.layout;
@@ -400,12 +553,19 @@ void Transformer::backward() {
 
   float* dlogits = a.logits.data<float>();  // overwritten in place
   const float dloss = a.num_targets > 0 ? 1.0f / a.num_targets : 0.0f;
-  ops_->cross_entropy_backward(dlogits, a.logits.data<float>(), a.ce_lse.data<float>(),
-                               a.targets.data<int32_t>(), dloss, N, c.vocab_size);
+  if (tp_size_ > 1) {
+    tp_cross_entropy_backward(dloss, N);
+  } else {
+    ops_->cross_entropy_backward(dlogits, a.logits.data<float>(), a.ce_lse.data<float>(),
+                                 a.targets.data<int32_t>(), dloss, N, c.vocab_size);
+  }
   float* d_ln = a.d_ln.data<float>();
   float* d_res = a.d_residual.data<float>();
+  // Column-parallel GEMMs (the LM head, QKV, the MLP's up): each rank's input gradient is a
+  // partial sum over its columns, all-reduced before it flows on.
   ops_->matmul_backward(d_ln, g + lm_head_, nullptr, dlogits, a.lnf.data<float>(), p + lm_head_, N,
-                        C, c.vocab_size, WeightLayout::kOutIn);
+                        C, vocab_local_, WeightLayout::kOutIn);
+  tp_all_reduce(d_ln, NC);
   a.d_residual.zero();
   norm_backward(d_res, d_ln, a.residual.data<float>() + c.n_layer * NC, a.lnf_mean.data<float>(),
                 a.lnf_rstd.data<float>(), lnf_w_, lnf_b_, N);
@@ -431,6 +591,7 @@ void Transformer::backward() {
       ops_->gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
     }
     ops_->matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
+    tp_all_reduce(d_ln, NC);
     norm_backward(d_res, d_ln, x_mid, la.ln2_mean, la.ln2_rstd, o.ln2_w, o.ln2_b, N);
 
     // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
@@ -445,11 +606,16 @@ void Transformer::backward() {
     }
     ops_->matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
                           wl);
+    tp_all_reduce(d_ln, NC);
     norm_backward(d_res, d_ln, x, la.ln1_mean, la.ln1_rstd, o.ln1_w, o.ln1_b, N);
     if (gradients_ready_) gradients_ready_(o.ln1_w);  // a layer's first parameter
   }
-  ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
-                           a.positions.data<int32_t>(), N, C);
+  if (tp_size_ > 1) {
+    tp_embedding_backward(d_res, a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N);
+  } else {
+    ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res,
+                             a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N, C);
+  }
   if (gradients_ready_) gradients_ready_(0);
   a.has_targets = false;  // the logits buffer now holds gradients
 }
@@ -463,6 +629,147 @@ Tensor Transformer::logits() const {
   return acts_->logits;
 }
 
+Tensor Transformer::gather_logits() const {
+  require(acts_ != nullptr, "gather_logits: no forward pass has run");
+  const int64_t N = static_cast<int64_t>(acts_->B) * acts_->T, V = config_.vocab_size;
+  const int64_t VL = vocab_local_;
+  const Tensor local = acts_->logits.to(Device::cpu());
+  if (tp_size_ == 1) return local.clone();
+  std::vector<float> all(static_cast<size_t>(N * VL) * tp_size_);
+  tp_->all_gather(local.raw_data(), all.data(), static_cast<size_t>(N * VL), DType::kF32);
+  Tensor full = Tensor::empty({N, V});
+  for (int r = 0; r < tp_size_; ++r) {
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t j = 0; j < VL && r * VL + j < V; ++j) {
+        full.data<float>()[i * V + r * VL + j] = all[(r * N + i) * VL + j];
+      }
+    }
+  }
+  return full;
+}
+
+// --- Tensor-parallel pieces (host loops: a tp model is on the CPU) ---
+
+void Transformer::tp_embedding_forward(float* out, const int32_t* tokens, const int32_t* positions,
+                                       int N) {
+  // Each rank looks up the tokens of its vocabulary slice (zero rows for the others); the sum
+  // over ranks is then the lookup (x + 0 = x: exact), and the replicated wpe is added after.
+  const int C = config_.n_embd;
+  const int64_t first = static_cast<int64_t>(tp_rank_) * vocab_local_;
+  const float* wte = params_.data<float>() + wte_;
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    float* o = out + static_cast<size_t>(n) * C;
+    const int64_t t = tokens[n] - first;
+    if (t >= 0 && t < vocab_local_) {
+      std::memcpy(o, wte + t * C, sizeof(float) * C);
+    } else {
+      std::fill(o, o + C, 0.0f);
+    }
+  }
+  tp_all_reduce(out, static_cast<size_t>(N) * C);
+  if (wpe_ >= 0) {
+    const float* wpe = params_.data<float>() + wpe_;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      float* o = out + static_cast<size_t>(n) * C;
+      const float* e = wpe + static_cast<size_t>(positions[n]) * C;
+      for (int c = 0; c < C; ++c) o[c] += e[c];
+    }
+  }
+}
+
+void Transformer::tp_embedding_backward(const float* dout, const int32_t* tokens,
+                                        const int32_t* positions, int N) {
+  // Rows in row order (deterministic); a rank accumulates only its vocabulary slice.
+  const int C = config_.n_embd;
+  const int64_t first = static_cast<int64_t>(tp_rank_) * vocab_local_;
+  float* dwte = grads_.data<float>() + wte_;
+  float* dwpe = wpe_ >= 0 ? grads_.data<float>() + wpe_ : nullptr;
+  for (int n = 0; n < N; ++n) {
+    const float* g = dout + static_cast<size_t>(n) * C;
+    const int64_t t = tokens[n] - first;
+    if (t >= 0 && t < vocab_local_) {
+      float* e = dwte + t * C;
+      for (int c = 0; c < C; ++c) e[c] += g[c];
+    }
+    if (dwpe != nullptr) {
+      float* e = dwpe + static_cast<size_t>(positions[n]) * C;
+      for (int c = 0; c < C; ++c) e[c] += g[c];
+    }
+  }
+}
+
+int Transformer::tp_cross_entropy_forward(int N) {
+  // Vocab-parallel cross-entropy: each rank reduces its slice of a row to (max, sum of exp
+  // relative to that max, the target's logit if it holds the target); one all-gather brings
+  // every rank's triple, merged in rank order (the same result on every rank).
+  Activations& a = *acts_;
+  const int V = config_.vocab_size, VL = vocab_local_;
+  const int64_t first = static_cast<int64_t>(tp_rank_) * VL;
+  const int valid = static_cast<int>(std::min<int64_t>(VL, std::max<int64_t>(0, V - first)));
+  const float* logits = a.logits.data<float>();
+  const int32_t* targets = a.targets.data<int32_t>();
+  std::vector<float> mine(static_cast<size_t>(N) * 3);
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    const float* x = logits + static_cast<size_t>(n) * VL;
+    float m = -std::numeric_limits<float>::infinity(), sum = 0.0f, target = 0.0f;
+    for (int v = 0; v < valid; ++v) m = x[v] > m ? x[v] : m;
+    for (int v = 0; v < valid; ++v) sum += std::exp(x[v] - m);
+    const int64_t t = targets[n] - first;
+    if (targets[n] >= 0 && t >= 0 && t < valid) target = x[t];
+    mine[3 * n] = m;
+    mine[3 * n + 1] = sum;
+    mine[3 * n + 2] = target;
+  }
+  std::vector<float> all(mine.size() * tp_size_);
+  tp_->all_gather(mine.data(), all.data(), mine.size(), DType::kF32);
+  float* lse = a.ce_lse.data<float>();
+  float* losses = a.losses.data<float>();
+  int count = 0;
+  for (int n = 0; n < N; ++n) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < tp_size_; ++r) m = std::max(m, all[(r * static_cast<size_t>(N) + n) * 3]);
+    float sum = 0.0f;
+    for (int r = 0; r < tp_size_; ++r) {
+      const float* e = &all[(r * static_cast<size_t>(N) + n) * 3];
+      if (e[1] > 0.0f) sum += e[1] * std::exp(e[0] - m);
+    }
+    lse[n] = m + std::log(sum);
+    if (targets[n] >= 0) {
+      const int owner = static_cast<int>(targets[n] / VL);
+      losses[n] = lse[n] - all[(owner * static_cast<size_t>(N) + n) * 3 + 2];
+      ++count;
+    } else {
+      losses[n] = 0.0f;
+    }
+  }
+  return count;
+}
+
+void Transformer::tp_cross_entropy_backward(float dloss, int N) {
+  Activations& a = *acts_;
+  const int V = config_.vocab_size, VL = vocab_local_;
+  const int64_t first = static_cast<int64_t>(tp_rank_) * VL;
+  const int valid = static_cast<int>(std::min<int64_t>(VL, std::max<int64_t>(0, V - first)));
+  float* x = a.logits.data<float>();  // becomes dlogits in place
+  const float* lse = a.ce_lse.data<float>();
+  const int32_t* targets = a.targets.data<int32_t>();
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    float* row = x + static_cast<size_t>(n) * VL;
+    if (targets[n] < 0) {
+      std::fill(row, row + VL, 0.0f);
+      continue;
+    }
+    for (int v = 0; v < valid; ++v) row[v] = std::exp(row[v] - lse[n]) * dloss;
+    std::fill(row + valid, row + VL, 0.0f);  // padding: never predicted
+    const int64_t t = targets[n] - first;
+    if (t >= 0 && t < valid) row[t] -= dloss;
+  }
+}
+
 double Transformer::flops_per_step(int B, int T) const {
   const ModelConfig& c = config_;
   // Parameters that take part in matmuls: everything but norms, biases and position embeddings;
@@ -471,12 +778,14 @@ double Transformer::flops_per_step(int B, int T) const {
   for (const ParamSpec& s : layout_.specs()) {
     if (s.kind == ParamKind::kMatrix) matmul_params += static_cast<double>(s.numel);
   }
-  if (c.tie_embeddings) matmul_params += static_cast<double>(c.vocab_size) * c.n_embd;
+  // (Under tensor parallelism: this rank's slices, its vocabulary rows and its heads.)
+  if (c.tie_embeddings) matmul_params += static_cast<double>(vocab_local_) * c.n_embd;
   const double tokens = static_cast<double>(B) * T;
   // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
   const double t = T;
   const double attention =
-      3.0 * 2.0 * 2.0 * B * c.n_layer * c.n_head * (t * (t + 1.0) / 2.0) * c.head_dim();
+      3.0 * 2.0 * 2.0 * B * c.n_layer * (c.n_head / tp_size_) * (t * (t + 1.0) / 2.0) *
+      c.head_dim();
   return 6.0 * matmul_params * tokens + attention;
 }
 

@@ -23,6 +23,7 @@
 #include <functional>
 #include <vector>
 
+#include "runtime/communicator.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model_config.h"
 #include "runtime/parameters.h"
@@ -48,7 +49,18 @@ class Transformer {
  public:
   // Parameters, gradients and activations live on `device` (CPU, or CUDA in a CUDA build); the
   // kernels of that device run the model. Token and target arrays are always host memory.
-  explicit Transformer(const ModelConfig& config, Device device = Device::cpu());
+  //
+  // Tensor parallelism (Megatron): with a `tp` group of size > 1 (host buffers, so a CPU model),
+  // this rank holds its slice of every split parameter (see ParamSpec: layout() has local shapes,
+  // full_layout() the Hugging Face ones): q/k/v heads (GQA kv heads too; GPT-2's c_attn per
+  // q|k|v block) and the MLP's up projections are column-parallel, attention-out and MLP-down
+  // row-parallel (their bias added once, after the all-reduce), the embedding and LM head
+  // vocab-parallel (the vocabulary padded to a multiple of tp * 64 when tp does not divide it;
+  // padding is never looked up, predicted or counted), norms replicated. forward/backward are
+  // then collectives over `tp`: every tp rank passes the same tokens. The group must outlive the
+  // model. Throws tandem::Error when n_head, n_kv_head or ffn_hidden does not divide by tp.
+  explicit Transformer(const ModelConfig& config, Device device = Device::cpu(),
+                       Communicator* tp = nullptr);
 
   const ModelConfig& config() const { return config_; }
   Device device() const { return device_; }
@@ -60,6 +72,25 @@ class Transformer {
   Tensor param(const std::string& name) const;
   Tensor grad(const std::string& name);
   int64_t num_parameters() const { return layout_.total_numel(); }
+
+  // Tensor parallelism (1 and 0 without a group).
+  int tp_size() const { return tp_size_; }
+  int tp_rank() const { return tp_rank_; }
+  Communicator* tp_group() const { return tp_; }
+  // The vocabulary rows this rank holds of the embedding and LM head (padding included).
+  int vocab_local() const { return vocab_local_; }
+  // The unsplit table (Hugging Face shapes): checkpoints are written and read in it. The same
+  // as layout() when tp_size() == 1.
+  const ParamLayout& full_layout() const { return full_layout_; }
+  // Collective over the tp group: `local` (a flat buffer in layout(), e.g. params(), grads(),
+  // an AdamW moment) made whole, as a host tensor in full_layout() (padding dropped).
+  Tensor gather_full(const Tensor& local) const;
+  // This rank's slice of `full` (host, full_layout()) into `local` (a flat buffer in layout(),
+  // on any device). Not collective.
+  void scatter_full(const float* full, Tensor& local) const;
+  // True for a parameter every tp rank holds whole (norms, row-parallel biases, GPT-2's wpe):
+  // its gradient is the same on every rank and is counted once in a norm.
+  static bool replicated(const ParamSpec& spec) { return spec.tp_split_dim < 0; }
 
   // GPT-2 / Llama initialisation: N(0, init_std) for matrices and embeddings, residual output
   // projections scaled by 1/sqrt(2 * n_layer), norms to one, biases to zero.
@@ -82,13 +113,19 @@ class Transformer {
   using GradientsReadyHook = std::function<void(int64_t watermark)>;
   void set_gradients_ready_hook(GradientsReadyHook hook) { gradients_ready_ = std::move(hook); }
 
-  // [B*T, vocab] logits of the last forward, on the model's device.
+  // [B*T, vocab] logits of the last forward, on the model's device ([B*T, vocab_local()], this
+  // rank's vocabulary slice, under tensor parallelism).
   Tensor logits() const;
+  // Collective over the tp group: the last forward's [B*T, vocab] logits, whole, on the host.
+  Tensor gather_logits() const;
   // Sizes from the config alone, nothing allocated (for memory estimates before building a
   // model): the parameter count, and the bytes of the activations (saved for backward, plus the
   // backward scratch) of a forward+backward over [B, T].
-  static int64_t parameter_count(const ModelConfig& config);
-  static int64_t activation_bytes(const ModelConfig& config, int B, int T);
+  // Under tensor parallelism (tp > 1), those of one rank.
+  static int64_t parameter_count(const ModelConfig& config, int tp = 1);
+  static int64_t activation_bytes(const ModelConfig& config, int B, int T, int tp = 1);
+  // Throws tandem::Error when n_head, n_kv_head or ffn_hidden does not divide by tp.
+  static void check_tensor_parallel(const ModelConfig& config, int tp);
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
@@ -99,7 +136,8 @@ class Transformer {
   // slots, sequences or rows, or more rows than prepare_inference allowed.
   Tensor forward_paged(const AttentionContext& ctx, KvCache& cache);
 
-  // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention).
+  // Model FLOPs of one forward+backward over B*T tokens (6 * matmul params * tokens + attention);
+  // under tensor parallelism, those of this rank.
   double flops_per_step(int B, int T) const;
 
  private:
@@ -109,10 +147,16 @@ class Transformer {
   };
   struct Activations;
   struct LayoutOnly {};
-  Transformer(const ModelConfig& config, LayoutOnly);  // the parameter table, no memory
+  Transformer(const ModelConfig& config, LayoutOnly, int tp);  // the parameter table, no memory
   struct InferenceState;
 
   void build_layout();
+  void tp_all_reduce(float* buffer, size_t count) const;
+  void tp_embedding_forward(float* out, const int32_t* tokens, const int32_t* positions, int N);
+  void tp_embedding_backward(const float* dout, const int32_t* tokens, const int32_t* positions,
+                             int N);
+  int tp_cross_entropy_forward(int N);
+  void tp_cross_entropy_backward(float dloss, int N);
   void ensure_activations(int B, int T);
   void norm_forward(float* out, float* mean, float* rstd, const float* inp, const float* p,
                     int64_t w, int64_t b, int N) const;
@@ -120,7 +164,9 @@ class Transformer {
                      const float* rstd, int64_t w, int64_t b, int N);
 
   ModelConfig config_;
-  ParamLayout layout_;
+  Communicator* tp_ = nullptr;
+  int tp_size_ = 1, tp_rank_ = 0, vocab_local_ = 0;
+  ParamLayout layout_, full_layout_;
   Tensor params_;
   Tensor grads_;
   std::vector<LayerOffsets> layers_;

@@ -36,6 +36,9 @@ struct Transformer::InferenceState {
 };
 
 void Transformer::prepare_inference(const InferenceOptions& options) {
+  require(tp_size_ == 1, "inference: this model is split over ", tp_size_,
+          " tensor-parallel ranks; the inference path runs whole models (gather_full the "
+          "weights into one)");
   require(options.max_batched_tokens > 0, "inference: max_batched_tokens must be > 0, got ",
           options.max_batched_tokens);
   require(options.max_logit_rows > 0, "inference: max_logit_rows must be > 0, got ",

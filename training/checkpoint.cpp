@@ -74,7 +74,14 @@ std::string save_checkpoint(const std::string& run_dir, long step, const Checkpo
   fs::create_directories(tmp_dir, ec);
   require(!ec, "cannot create ", tmp_dir.string(), ": ", ec.message());
   try {
-    save_pretrained(*save.model, tmp_dir.string());
+    if (save.full_params != nullptr) {
+      save_pretrained_full(save.model->config(), save.model->full_layout(),
+                           save.full_params->data<float>(), tmp_dir.string());
+    } else {
+      require(save.model->tp_size() == 1,
+              "save_checkpoint: a tensor-parallel model needs its gathered full_params");
+      save_pretrained(*save.model, tmp_dir.string());
+    }
     save.optimizer->save((tmp_dir / "optimizer.safetensors").string());
     if (!save.tokenizer_dir.empty()) {
       for (const char* name : {"encoder.json", "vocab.bpe"}) {
@@ -147,8 +154,25 @@ nlohmann::json load_checkpoint(const std::string& dir, Transformer& model, AdamW
                                          static_cast<size_t>(model.num_parameters()))),
           (d / "model.safetensors").string(),
           ": the weights hold non-finite values (NaN or infinity); the checkpoint is damaged");
-  optimizer.load((d / "optimizer.safetensors").string());
+  if (model.tp_size() == 1) {
+    optimizer.load((d / "optimizer.safetensors").string());
+  } else {
+    // The file holds the whole moments: this rank keeps its slice.
+    AdamW full(model.full_layout(), optimizer.config(), Device::cpu());
+    full.load((d / "optimizer.safetensors").string());
+    model.scatter_full(full.exp_avg().data<float>(), optimizer.exp_avg());
+    model.scatter_full(full.exp_avg_sq().data<float>(), optimizer.exp_avg_sq());
+    optimizer.set_step_count(full.step_count());
+  }
   return state;
+}
+
+std::unique_ptr<AdamW> gather_tp_optimizer(const Transformer& model, AdamW& local) {
+  auto full = std::make_unique<AdamW>(model.full_layout(), local.config(), Device::cpu());
+  full->exp_avg().copy_from(model.gather_full(local.exp_avg()));
+  full->exp_avg_sq().copy_from(model.gather_full(local.exp_avg_sq()));
+  full->set_step_count(local.step_count());
+  return full;
 }
 
 }  // namespace tandem

@@ -27,9 +27,20 @@ struct CheckpointSave {
   const AdamW* optimizer = nullptr;
   nlohmann::json trainer_state;  // must contain "step"
   std::string tokenizer_dir;     // copied in when non-empty and it has the two files
+  // Tensor parallelism: the whole parameters (host, model->full_layout()), gathered beforehand
+  // by every tp rank (gather_full is a collective and only one rank writes); `optimizer` is then
+  // a full-layout one (gather_tp_optimizer). Null: the model is written as it is (tp = 1).
+  const Tensor* full_params = nullptr;
 };
 
+// Tensor parallelism: a full-layout AdamW holding the whole moments of `local` (an unsharded
+// AdamW over model.layout()). Collective over the model's tp group.
+std::unique_ptr<AdamW> gather_tp_optimizer(const Transformer& model, AdamW& local);
+
 // Writes <run_dir>/checkpoints/step_<step>; returns its path. Keeps the newest keep_last.
+// Checkpoints always hold whole tensors (model.safetensors in the Hugging Face layout, a flat
+// optimizer.safetensors over the full layout); load_checkpoint slices them for a
+// tensor-parallel model, so a checkpoint of any (dp, tp, zero) resumes at any other.
 std::string save_checkpoint(const std::string& run_dir, long step, const CheckpointSave& save,
                             int keep_last);
 

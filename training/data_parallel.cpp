@@ -1,5 +1,6 @@
 #include "training/data_parallel.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "parallel/rank_ordered_sum.h"
@@ -49,11 +50,24 @@ float DataParallel::clip_gradients(float max_norm) {
   float* g = model_.grads().data<float>();
   const auto ranges = reducer_->owned_ranges();
   double squares = 0.0;
-  for (const auto& [b, e] : ranges) squares += ops.sum_squares(g + b, static_cast<size_t>(e - b));
+  if (model_.tp_size() == 1) {
+    for (const auto& [b, e] : ranges) squares += ops.sum_squares(g + b, static_cast<size_t>(e - b));
+  } else {
+    // Tensor parallelism: a split parameter's gradient is spread over the tp ranks, a
+    // replicated one (norms, row-parallel biases) is whole on each: counted on tp rank 0 only.
+    for (const ParamSpec& s : model_.layout().specs()) {
+      if (Transformer::replicated(s) && model_.tp_rank() != 0) continue;
+      for (const auto& [b, e] : ranges) {
+        const int64_t lo = std::max(b, s.offset), hi = std::min(e, s.offset + s.numel);
+        if (lo < hi) squares += ops.sum_squares(g + lo, static_cast<size_t>(hi - lo));
+      }
+    }
+  }
   // All-reduce mode: every rank holds the whole (identical) gradient, no communication needed.
   if (reducer_->mode() == GradientReducer::Mode::kReduceScatter) {
     squares = sum_in_rank_order(host_, squares);
   }
+  if (model_.tp_size() > 1) squares = sum_in_rank_order(*model_.tp_group(), squares);
   const auto norm = static_cast<float>(std::sqrt(squares));
   if (max_norm > 0.0f && norm > max_norm) {
     const float s = max_norm / (norm + 1e-6f);

@@ -30,7 +30,8 @@ std::string dry_run_report(const TrainConfig& config, int ranks) {
   }
   model.validate();
   const TrainingMemory m = estimate_training_memory(
-      model, config.batch_size, config.seq_len, config.grad_accum, mesh.dp, config.parallel_zero);
+      model, config.batch_size, config.seq_len, config.grad_accum, mesh.dp, config.parallel_zero,
+      mesh.tp);
   std::string out = cat("tandem: dry run: ", family_name(model.family), " model, ",
                         Transformer::parameter_count(model) / 1e6, "M parameters, vocab ",
                         model.vocab_size, "; ", ranks, " rank(s) = dp ", mesh.dp, " x tp ", mesh.tp,

@@ -7,24 +7,32 @@
 
 namespace tandem {
 
-TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
-                                        int grad_accum) {
+namespace {
+TrainingMemory estimate(const ModelConfig& model, int batch_size, int seq_len, int grad_accum,
+                        int tp) {
   TrainingMemory m;
-  const auto params = static_cast<uint64_t>(Transformer::parameter_count(model));
+  const auto params = static_cast<uint64_t>(Transformer::parameter_count(model, tp));
   m.parameters = params * 4;
   m.gradients = params * 4;
   m.optimizer_state = params * 8;
-  m.activations = static_cast<uint64_t>(Transformer::activation_bytes(model, batch_size, seq_len));
+  m.activations =
+      static_cast<uint64_t>(Transformer::activation_bytes(model, batch_size, seq_len, tp));
   if (model.is_llama()) {
     m.other += static_cast<uint64_t>(model.max_seq_len) * model.head_dim() * 4;  // cos + sin
   }
   m.other += static_cast<uint64_t>(batch_size) * seq_len * grad_accum * 2 * 4;  // inputs, targets
   return m;
 }
+}  // namespace
 
 TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
-                                        int grad_accum, int dp, int zero) {
-  TrainingMemory m = estimate_training_memory(model, batch_size, seq_len, grad_accum);
+                                        int grad_accum) {
+  return estimate(model, batch_size, seq_len, grad_accum, 1);
+}
+
+TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
+                                        int grad_accum, int dp, int zero, int tp) {
+  TrainingMemory m = estimate(model, batch_size, seq_len, grad_accum, tp);
   if (zero >= 1 && dp > 1) {
     const uint64_t params = m.parameters / 4;
     m.optimizer_state = (params + dp - 1) / dp * 8;

@@ -24,10 +24,12 @@ struct TrainingMemory {
 TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
                                         int grad_accum);
 
-// Per rank of a data-parallel run over dp ranks: with ZeRO stage >= 1 each rank holds about
-// 1/dp of the optimizer state (the rest is as above: parameters and gradients are replicated).
+// Per rank of a run over dp x tp ranks: a tensor-parallel rank holds its slice of the parameters
+// (and of their gradients, moments and the activations of its heads, MLP columns and
+// vocabulary); with ZeRO stage >= 1 each rank also holds about 1/dp of the optimizer state.
+// Throws tandem::Error when the model does not split over tp.
 TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
-                                        int grad_accum, int dp, int zero);
+                                        int grad_accum, int dp, int zero, int tp = 1);
 
 // "1.23 GiB"-style text.
 std::string format_bytes(uint64_t bytes);

@@ -43,6 +43,7 @@ class AdamW {
   // AdamW reads and writes only its ranges.
   void step(float* params, const float* grads, float lr);
   long step_count() const { return step_; }
+  void set_step_count(long step) { step_ = step; }  // with moments moved in from elsewhere
   // Elements of moment state held (the layout's size, or the owned ranges' total).
   int64_t state_numel() const { return m_.numel(); }
   // Moves the state between this (sharded or not) AdamW and an unsharded one of the same layout:

@@ -141,9 +141,11 @@ Device rank_device(const Device& configured) {
 }
 
 std::unique_ptr<ParallelContext> create_parallel_context(const TrainConfig& config) {
-  require(config.parallel_tp == 1, "parallel.tp = ", config.parallel_tp,
-          ": tensor parallelism is not available yet; use data parallelism (parallel.tp = 1, "
-          "mpirun -np N)");
+  // Tensor parallelism splits a CPU model over host buffers: a CUDA model would need the
+  // device tp group (NCCL) in its layers, which is not there yet.
+  require(config.parallel_tp == 1 || rank_device(config.device).is_cpu(), "parallel.tp = ",
+          config.parallel_tp, ": tensor parallelism runs on the CPU only for now (device ",
+          rank_device(config.device).str(), "); use data parallelism (parallel.tp = 1)");
   return ParallelContext::create({.tp = config.parallel_tp,
                                   .timeout_s = config.parallel_timeout_s,
                                   .device = rank_device(config.device)});
@@ -211,7 +213,8 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   // after minutes of paging.
   require_training_memory_fits(
       estimate_training_memory(config_.model, config_.batch_size, config_.seq_len,
-                               config_.grad_accum, parallel_->mesh().dp, config_.parallel_zero),
+                               config_.grad_accum, parallel_->mesh().dp, config_.parallel_zero,
+                               parallel_->mesh().tp),
       device_);
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
     tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
@@ -271,7 +274,9 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
             "); continue it with --checkpoint.resume=true or choose another --checkpoint.dir");
   }
 
-  model_ = std::make_unique<Transformer>(config_.model, device_);
+  // The tp group (a group of one without tensor parallelism) splits the model's layers.
+  model_ = std::make_unique<Transformer>(config_.model, device_,
+                                         parallel_->mesh().tp > 1 ? &parallel_->tp() : nullptr);
   dp_ = std::make_unique<DataParallel>(
       *model_, parallel_->dp_device(), parallel_->dp(),
       DataParallelOptions{.bucket_mb = config_.parallel_bucket_mb, .zero = config_.parallel_zero});
@@ -445,6 +450,13 @@ std::string Trainer::save(long step, float last_loss) {
   // Checkpoints hold the whole optimizer state: ZeRO gathers it (collective), rank 0 writes.
   std::unique_ptr<AdamW> whole;
   if (dp_->zero() >= 1) whole = dp_->gather_optimizer(*optimizer_, config_.adamw);
+  // Tensor parallelism: the whole tensors are gathered over the tp group (collective).
+  Tensor full_params;
+  std::unique_ptr<AdamW> full_optimizer;
+  if (model_->tp_size() > 1) {
+    full_params = model_->gather_full(model_->params());
+    full_optimizer = gather_tp_optimizer(*model_, whole ? *whole : *optimizer_);
+  }
   if (!is_root()) return "";
   nlohmann::json state = {{"step", step},
                           {"lr", config_.schedule.at(std::max(0L, step - 1))},
@@ -454,16 +466,20 @@ std::string Trainer::save(long step, float last_loss) {
                           {"last_loss", last_loss},
                           {"unigram_val_loss", unigram_val_loss_},
                           {"config", config_.to_json()},
-                          {"dp", parallel_->mesh().dp}};
+                          {"dp", parallel_->mesh().dp},
+                          {"tp", parallel_->mesh().tp}};
   nlohmann::json vals = nlohmann::json::array();
   for (const auto& [s, v] : val_history_) vals.push_back({s, v});
   state["val_losses"] = vals;
-  CheckpointSave save{model_.get(), whole ? whole.get() : optimizer_.get(), state,
-                      tokenizer_ ? config_.data_dir : std::string()};
+  const AdamW* saved_optimizer =
+      full_optimizer ? full_optimizer.get() : whole ? whole.get() : optimizer_.get();
+  CheckpointSave save{model_.get(), saved_optimizer, state,
+                      tokenizer_ ? config_.data_dir : std::string(),
+                      full_params.defined() ? &full_params : nullptr};
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
 
-std::string Trainer::sample_text(const std::atomic<int>* stop) {
+std::string Trainer::sample_text(Transformer& model, const std::atomic<int>* stop) {
   if (config_.sample_tokens <= 0) return "";
   GenerateOptions opt;
   opt.stop = stop;
@@ -471,11 +487,11 @@ std::string Trainer::sample_text(const std::atomic<int>* stop) {
   opt.sampling.temperature = config_.sample_temperature;
   opt.sampling.top_k = config_.sample_top_k;
   opt.seed = rng_.next_u64();
-  if (tokenizer_) return generate_text(*model_, *tokenizer_, config_.sample_prompt, opt);
+  if (tokenizer_) return generate_text(model, *tokenizer_, config_.sample_prompt, opt);
   // Data without tokenizer files: token ids, from the end-of-text token.
   opt.stop_token = eot_token_;
   std::string s;
-  for (int32_t t : generate(*model_, {eot_token_ >= 0 ? eot_token_ : 0}, opt))
+  for (int32_t t : generate(model, {eot_token_ >= 0 ? eot_token_ : 0}, opt))
     s += std::to_string(t) + " ";
   return s;
 }
@@ -502,7 +518,8 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   const double global_tokens_per_step = static_cast<double>(tokens_per_step) * dp;
 
   const TrainingMemory memory =
-      estimate_training_memory(config_.model, B, T, K, dp, config_.parallel_zero);
+      estimate_training_memory(config_.model, B, T, K, dp, config_.parallel_zero,
+                               parallel_->mesh().tp);
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
        << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
@@ -512,6 +529,15 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
        << format_bytes(memory.optimizer_state) << ", activations "
        << format_bytes(memory.activations) << ", total " << format_bytes(memory.total())
        << (distributed ? " per rank" : "") << std::endl;
+  if (model_->tp_size() > 1) {
+    log_ << "tandem: tensor parallel over " << model_->tp_size() << " ranks ("
+         << model_->num_parameters() / 1e6 << "M parameters on each of "
+         << model_->full_layout().total_numel() / 1e6 << "M"
+         << (model_->vocab_local() * model_->tp_size() > config_.model.vocab_size
+                 ? cat("; vocabulary padded to ", model_->vocab_local() * model_->tp_size())
+                 : std::string())
+         << ")" << std::endl;
+  }
   if (distributed) {
     log_ << "tandem: data parallel over " << dp << " ranks (global batch " << dp << " x " << B
          << " x " << K << " sequences), ZeRO stage " << config_.parallel_zero << ", "
@@ -566,6 +592,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
                            {"other", memory.other},
                            {"total", memory.total()},
                            {"dp", dp},
+                           {"tp", parallel_->mesh().tp},
                            {"zero", config_.parallel_zero}}}});
   if (start_step_ == 0 && config_.eval_every > 0) record_eval();
 
@@ -630,7 +657,18 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
   // Only rank 0 samples and no collective follows, so its own stop flag may cut the sample short
   // in a distributed run too.
-  if (!stopping() && is_root()) result.sample = sample_text(stop);
+  if (!stopping() && model_->tp_size() > 1 && config_.sample_tokens > 0) {
+    // Tensor parallelism: the inference path runs whole models; the tp group gathers the
+    // weights (every rank, collective) and rank 0 samples from a whole copy.
+    const Tensor full = model_->gather_full(model_->params());
+    if (is_root()) {
+      Transformer whole(config_.model, device_);
+      whole.scatter_full(full.data<float>(), whole.params());
+      result.sample = sample_text(whole, stop);
+    }
+  } else if (!stopping() && is_root()) {
+    result.sample = sample_text(*model_, stop);
+  }
   result.interrupted = stopping() || (stop != nullptr && stop->load() != 0 && is_root());
   const int own_signal = stop != nullptr ? stop->load() : 0;
   result.stop_signal = distributed && stop_agreed != 0 ? stop_agreed : own_signal;

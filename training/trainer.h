@@ -82,7 +82,7 @@ class Trainer {
   long restore_from(const std::string& dir);
   void write_metrics(const nlohmann::json& line);
   std::string save(long step, float last_loss);
-  std::string sample_text(const std::atomic<int>* stop);
+  std::string sample_text(Transformer& model, const std::atomic<int>* stop);
   // Throws when the weights hold a NaN or an infinity (checked before every save).
   void require_finite_weights(long step) const;
 
