@@ -10,34 +10,14 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
-bash launch/install-deps.sh
-build_dir="${TANDEM_BUILD_DIR:-build}"
-export CCACHE_DIR="${CCACHE_DIR:-${HOME:-/root}/.cache/ccache}"
-cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release ${TANDEM_CMAKE_ARGS:-} >/dev/null
-cmake --build "$build_dir" -j "$(nproc)" --target tandem
-tandem="$build_dir/tandem"
+source launch/common.sh
+tandem_build
 
 # 1. Corpus -> BPE vocabulary (4096 tokens) + token shards.
-if [[ ! -f data/kjv/prepare.json ]]; then
-  rm -rf data/kjv  # an interrupted earlier prepare
-  bash launch/corpus.sh data/kjv.txt
-  "$tandem" prepare --input data/kjv.txt --out data/kjv --train-tokenizer --vocab-size 4096
-fi
+tandem_prepare_kjv
 
 # 2. Train with in-loop validation.
-run_dir=runs/demo
-resume=false
-for arg in "$@"; do
-  case "$arg" in
-    --checkpoint.dir=*) run_dir="${arg#--checkpoint.dir=}" ;;
-    --checkpoint.resume=true) resume=true ;;
-  esac
-done
-if [[ $resume == false && -d "$run_dir" ]]; then
-  rm -rf "$run_dir.previous"
-  mv "$run_dir" "$run_dir.previous"
-  echo "tandem: moved the previous run to $run_dir.previous"
-fi
+tandem_fresh_run_dir runs/demo "$@"
 "$tandem" train --config launch/configs/demo.json "$@"
 
 # 3. A generation request answered from the final checkpoint.

@@ -77,6 +77,12 @@ struct Transformer::Activations {
   Tensor d_residual, d_ln, d_qkv, d_att, d_fc_pre, d_fc_act, scratch;
 };
 
+struct Transformer::ActivationBuffer {
+  Tensor Activations::*member;
+  Shape shape;
+  DType dtype;
+};
+
 Transformer::Transformer(const ModelConfig& config, Device device, Communicator* tp)
     : config_(config), tp_(tp), device_(device), ops_(&ops_for(device)) {
   config_.validate();
@@ -125,16 +131,12 @@ int64_t Transformer::parameter_count(const ModelConfig& config, int tp) {
 }
 
 int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T, int tp) {
-  // Mirrors ensure_activations below: keep the two together.
-  const Dims d(config, tp);
-  const int64_t N = static_cast<int64_t>(B) * T, L = config.n_layer;
   const int64_t V = Transformer(config, LayoutOnly{}, tp).vocab_local();
-  const int64_t per_layer =
-      N * (3 * d.C + 4 + d.QKV + d.HD + d.UP + d.F) + static_cast<int64_t>(B) * d.H * T;
-  const int64_t floats = (L + 1) * N * d.C + L * per_layer + N * (d.C + 2) + N * V + 2 * N +
-                         N * (3 * d.C + d.QKV + d.HD + d.UP + d.F);
-  const int64_t ints = 3 * N;
-  return (floats + ints) * 4;
+  int64_t bytes = 0;
+  for (const ActivationBuffer& b : activation_buffers(config, tp, V, B, T)) {
+    bytes += shape_numel(b.shape) * static_cast<int64_t>(dtype_size(b.dtype));
+  }
+  return bytes;
 }
 
 void Transformer::build_layout() {
@@ -152,10 +154,11 @@ void Transformer::build_layout() {
                  int blocks = 1) {
     full_layout_.add(name, global, kind, split, global, blocks);
     Shape local = global;
-    if (split >= 0) local[split] = (global[split] == V && split == 0 &&
-                                    (kind == ParamKind::kEmbedding || name == "lm_head.weight"))
-                                       ? vocab_local_
-                                       : global[split] / tp;
+    if (split >= 0)
+      local[split] = (global[split] == V && split == 0 &&
+                      (kind == ParamKind::kEmbedding || name == "lm_head.weight"))
+                         ? vocab_local_
+                         : global[split] / tp;
     layout_.add(name, local, kind, split, global, blocks);
   };
   auto off = [&](const std::string& name) { return layout_.at(name).offset; };
@@ -370,47 +373,60 @@ void Transformer::init_weights(uint64_t seed) {
   scatter_full(p, params_);
 }
 
+std::vector<Transformer::ActivationBuffer> Transformer::activation_buffers(const ModelConfig& c,
+                                                                           int tp, int64_t V, int B,
+                                                                           int T) {
+  const Dims d(c, tp);
+  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer;
+  const int64_t C = d.C, QKV = d.QKV, HD = d.HD, UP = d.UP, F = d.F;
+  const DType f32 = DType::kF32, i32 = DType::kI32;
+  using A = Activations;
+  return {
+      {&A::positions, {N}, i32},
+      {&A::tokens, {N}, i32},
+      {&A::targets, {N}, i32},
+      {&A::residual, {L + 1, N, C}, f32},
+      {&A::residual_mid, {L, N, C}, f32},
+      {&A::ln1, {L, N, C}, f32},
+      {&A::ln2, {L, N, C}, f32},
+      {&A::ln1_mean, {L, N}, f32},
+      {&A::ln1_rstd, {L, N}, f32},
+      {&A::ln2_mean, {L, N}, f32},
+      {&A::ln2_rstd, {L, N}, f32},
+      {&A::qkv, {L, N, QKV}, f32},
+      {&A::att, {L, N, HD}, f32},
+      {&A::att_lse, {L, B, d.H, T}, f32},
+      {&A::fc_pre, {L, N, UP}, f32},
+      {&A::fc_act, {L, N, F}, f32},
+      {&A::lnf, {N, C}, f32},
+      {&A::lnf_mean, {N}, f32},
+      {&A::lnf_rstd, {N}, f32},
+      {&A::logits, {N, V}, f32},
+      {&A::ce_lse, {N}, f32},
+      {&A::losses, {N}, f32},
+      {&A::d_residual, {N, C}, f32},
+      {&A::d_ln, {N, C}, f32},
+      {&A::d_qkv, {N, QKV}, f32},
+      {&A::d_att, {N, HD}, f32},
+      {&A::d_fc_pre, {N, UP}, f32},
+      {&A::d_fc_act, {N, F}, f32},
+      {&A::scratch, {N, C}, f32},
+  };
+}
+
 void Transformer::ensure_activations(int B, int T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
-  const ModelConfig& c = config_;
-  const Dims d(c, tp_size_);
-  const int64_t N = static_cast<int64_t>(B) * T, L = c.n_layer, V = vocab_local_;
-  const int64_t C = d.C, QKV = d.QKV, HD = d.HD, UP = d.UP, F = d.F;
   acts_.reset();  // free the old set before allocating the new one
   auto a = std::make_shared<Activations>();
   a->B = B;
   a->T = T;
-  Tensor positions = Tensor::empty({N}, DType::kI32);
+  for (const ActivationBuffer& b : activation_buffers(config_, tp_size_, vocab_local_, B, T)) {
+    (*a).*(b.member) = Tensor::empty(b.shape, b.dtype, device_);
+  }
+  Tensor positions = a->positions.host_mirror();
+  const int64_t N = static_cast<int64_t>(B) * T;
   for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = static_cast<int32_t>(i % T);
-  a->positions = positions.to(device_);
-  a->tokens = Tensor::empty({N}, DType::kI32, device_);
-  a->targets = Tensor::empty({N}, DType::kI32, device_);
-  a->residual = Tensor::empty({L + 1, N, C}, DType::kF32, device_);
-  a->residual_mid = Tensor::empty({L, N, C}, DType::kF32, device_);
-  a->ln1 = Tensor::empty({L, N, C}, DType::kF32, device_);
-  a->ln2 = Tensor::empty({L, N, C}, DType::kF32, device_);
-  a->ln1_mean = Tensor::empty({L, N}, DType::kF32, device_);
-  a->ln1_rstd = Tensor::empty({L, N}, DType::kF32, device_);
-  a->ln2_mean = Tensor::empty({L, N}, DType::kF32, device_);
-  a->ln2_rstd = Tensor::empty({L, N}, DType::kF32, device_);
-  a->qkv = Tensor::empty({L, N, QKV}, DType::kF32, device_);
-  a->att = Tensor::empty({L, N, HD}, DType::kF32, device_);
-  a->att_lse = Tensor::empty({L, B, d.H, T}, DType::kF32, device_);
-  a->fc_pre = Tensor::empty({L, N, UP}, DType::kF32, device_);
-  a->fc_act = Tensor::empty({L, N, F}, DType::kF32, device_);
-  a->lnf = Tensor::empty({N, C}, DType::kF32, device_);
-  a->lnf_mean = Tensor::empty({N}, DType::kF32, device_);
-  a->lnf_rstd = Tensor::empty({N}, DType::kF32, device_);
-  a->logits = Tensor::empty({N, V}, DType::kF32, device_);
-  a->ce_lse = Tensor::empty({N}, DType::kF32, device_);
-  a->losses = Tensor::empty({N}, DType::kF32, device_);
-  a->d_residual = Tensor::empty({N, C}, DType::kF32, device_);
-  a->d_ln = Tensor::empty({N, C}, DType::kF32, device_);
-  a->d_qkv = Tensor::empty({N, QKV}, DType::kF32, device_);
-  a->d_att = Tensor::empty({N, HD}, DType::kF32, device_);
-  a->d_fc_pre = Tensor::empty({N, UP}, DType::kF32, device_);
-  a->d_fc_act = Tensor::empty({N, F}, DType::kF32, device_);
-  a->scratch = Tensor::empty({N, C}, DType::kF32, device_);
+  a->positions.copy_from(positions);
   acts_ = std::move(a);
 }
 
@@ -523,11 +539,11 @@ float Transformer::forward(const int32_t* tokens, const int32_t* targets, int B,
     a.num_targets = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
-  a.num_targets = tp_size_ > 1 ? tp_cross_entropy_forward(N)
-                               : ops_->cross_entropy_forward(
-                                     a.losses.data<float>(), a.ce_lse.data<float>(),
-                                     a.logits.data<float>(), a.targets.data<int32_t>(), N,
-                                     c.vocab_size);
+  a.num_targets = tp_size_ > 1
+                      ? tp_cross_entropy_forward(N)
+                      : ops_->cross_entropy_forward(a.losses.data<float>(), a.ce_lse.data<float>(),
+                                                    a.logits.data<float>(),
+                                                    a.targets.data<int32_t>(), N, c.vocab_size);
   if (a.num_targets == 0) return std::numeric_limits<float>::quiet_NaN();
   double total = 0.0;
   const Tensor host_losses = a.losses.to(Device::cpu());
@@ -613,8 +629,8 @@ void Transformer::backward() {
   if (tp_size_ > 1) {
     tp_embedding_backward(d_res, a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N);
   } else {
-    ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res,
-                             a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N, C);
+    ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
+                             a.positions.data<int32_t>(), N, C);
   }
   if (gradients_ready_) gradients_ready_(0);
   a.has_targets = false;  // the logits buffer now holds gradients
@@ -783,9 +799,8 @@ double Transformer::flops_per_step(int B, int T) const {
   const double tokens = static_cast<double>(B) * T;
   // Causal attention: QK^T and PV, each 2*T*T/2*D per head per sequence forward; x3 with backward.
   const double t = T;
-  const double attention =
-      3.0 * 2.0 * 2.0 * B * c.n_layer * (c.n_head / tp_size_) * (t * (t + 1.0) / 2.0) *
-      c.head_dim();
+  const double attention = 3.0 * 2.0 * 2.0 * B * c.n_layer * (c.n_head / tp_size_) *
+                           (t * (t + 1.0) / 2.0) * c.head_dim();
   return 6.0 * matmul_params * tokens + attention;
 }
 

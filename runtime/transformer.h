@@ -146,6 +146,11 @@ class Transformer {
     int64_t ln2_w, ln2_b, up_w, up_b, down_w, down_b;
   };
   struct Activations;
+  struct ActivationBuffer;  // one buffer of Activations: its member, shape and dtype
+  // Every buffer ensure_activations allocates for [B, T]: the one list behind both the
+  // allocation and activation_bytes.
+  static std::vector<ActivationBuffer> activation_buffers(const ModelConfig& config, int tp,
+                                                          int64_t vocab_local, int B, int T);
   struct LayoutOnly {};
   Transformer(const ModelConfig& config, LayoutOnly, int tp);  // the parameter table, no memory
   struct InferenceState;

@@ -1,0 +1,41 @@
+# Shared steps of the launch scripts (demo.sh, train-mpi.sh); source it from the repository root.
+#   tandem_build           install packages (idempotent), configure and build; sets $tandem
+#   tandem_prepare_kjv     the King James Bible -> data/kjv (4096-token BPE + shards), once
+#   tandem_fresh_run_dir DEFAULT ARGS...
+#                          sets $run_dir (DEFAULT, or --checkpoint.dir=... among ARGS) and, unless
+#                          ARGS hold --checkpoint.resume=true, moves an existing run to
+#                          $run_dir.previous (replacing an older one)
+
+tandem_build() {
+  bash launch/install-deps.sh
+  local build_dir="${TANDEM_BUILD_DIR:-build}"
+  export CCACHE_DIR="${CCACHE_DIR:-${HOME:-/root}/.cache/ccache}"
+  cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release ${TANDEM_CMAKE_ARGS:-} >/dev/null
+  cmake --build "$build_dir" -j "$(nproc)" --target tandem
+  tandem="$build_dir/tandem"
+}
+
+tandem_prepare_kjv() {
+  if [[ ! -f data/kjv/prepare.json ]]; then
+    rm -rf data/kjv  # an interrupted earlier prepare
+    bash launch/corpus.sh data/kjv.txt
+    "$tandem" prepare --input data/kjv.txt --out data/kjv --train-tokenizer --vocab-size 4096
+  fi
+}
+
+tandem_fresh_run_dir() {
+  run_dir="$1"
+  shift
+  local resume=false arg
+  for arg in "$@"; do
+    case "$arg" in
+      --checkpoint.dir=*) run_dir="${arg#--checkpoint.dir=}" ;;
+      --checkpoint.resume=true) resume=true ;;
+    esac
+  done
+  if [[ $resume == false && -d "$run_dir" ]]; then
+    rm -rf "$run_dir.previous"
+    mv "$run_dir" "$run_dir.previous"
+    echo "tandem: moved the previous run to $run_dir.previous"
+  fi
+}
