@@ -94,45 +94,63 @@ struct Engine::Request {
   GenerationDelta pending;  // this step's delta
 };
 
+void Engine::check_config(const EngineConfig& config) {
+  require(config.block_size > 0, "engine: block_size must be > 0, got ", config.block_size);
+  require(config.max_batched_tokens > 0, "engine: max_batched_tokens must be > 0, got ",
+          config.max_batched_tokens);
+  require(config.max_seqs > 0, "engine: max_seqs must be > 0, got ", config.max_seqs);
+  require(std::isfinite(config.kv_cache_fraction) && config.kv_cache_fraction >= 0.0 &&
+              config.kv_cache_fraction < 1.0,
+          "engine: kv_cache_fraction must be in [0, 1), got ", config.kv_cache_fraction);
+}
+
+InferenceOptions Engine::inference_options(const EngineConfig& config) {
+  InferenceOptions inference;
+  inference.max_batched_tokens = config.max_batched_tokens;
+  inference.max_logit_rows = config.max_seqs;
+  inference.bf16_weights = config.bf16_weights;
+  inference.batch_invariant = config.batch_invariant;
+  return inference;
+}
+
+int Engine::kv_pool_blocks(const Transformer& model, const EngineConfig& config) {
+  if (config.num_blocks > 0) return config.num_blocks;
+  const DType kv_dtype = config.bf16_kv_cache ? DType::kBF16 : DType::kF32;
+  const int64_t per_block =
+      KvCache::bytes_per_block(model.config(), config.block_size, kv_dtype, model.tp_size());
+  int64_t pool_bytes;
+  std::string what;
+  if (config.kv_cache_fraction > 0.0) {
+    pool_bytes = static_cast<int64_t>(static_cast<double>(available_memory_bytes(model.device())) *
+                                      config.kv_cache_fraction);
+    what = cat("kv_cache_fraction = ", config.kv_cache_fraction, " of the available memory (",
+               pool_bytes >> 20, " MiB)");
+  } else {
+    require(config.kv_cache_mb > 0, "engine: kv_cache_mb must be > 0, got ", config.kv_cache_mb);
+    pool_bytes = config.kv_cache_mb * (int64_t{1} << 20);
+    what = cat("kv_cache_mb = ", config.kv_cache_mb);
+  }
+  const int64_t blocks = pool_bytes / per_block;
+  require(blocks >= 1, "engine: ", what, " holds no KV block (one ", config.block_size,
+          "-token block takes ", per_block, " bytes)");
+  return static_cast<int>(std::min<int64_t>(blocks, 1 << 30));
+}
+
+std::unique_ptr<KvCache> Engine::make_kv_cache(const Transformer& model, const EngineConfig& config,
+                                               int num_blocks) {
+  return std::make_unique<KvCache>(model.config(), num_blocks, config.block_size, model.device(),
+                                   config.bf16_kv_cache ? DType::kBF16 : DType::kF32,
+                                   model.tp_size());
+}
+
 Engine::Engine(Transformer& model, EngineConfig config)
     : model_(model), config_(std::move(config)) {
-  const ModelConfig& mc = model.config();
-  require(config_.block_size > 0, "engine: block_size must be > 0, got ", config_.block_size);
-  require(config_.max_batched_tokens > 0, "engine: max_batched_tokens must be > 0, got ",
-          config_.max_batched_tokens);
-  require(config_.max_seqs > 0, "engine: max_seqs must be > 0, got ", config_.max_seqs);
-  require(std::isfinite(config_.kv_cache_fraction) && config_.kv_cache_fraction >= 0.0 &&
-              config_.kv_cache_fraction < 1.0,
-          "engine: kv_cache_fraction must be in [0, 1), got ", config_.kv_cache_fraction);
-  InferenceOptions inference;
-  inference.max_batched_tokens = config_.max_batched_tokens;
-  inference.max_logit_rows = config_.max_seqs;
-  inference.bf16_weights = config_.bf16_weights;
-  inference.batch_invariant = config_.batch_invariant;
-  model_.prepare_inference(inference);  // first: its buffers come before the pool's share
-  const DType kv_dtype = config_.bf16_kv_cache ? DType::kBF16 : DType::kF32;
-  int num_blocks = config_.num_blocks;
-  if (num_blocks <= 0) {
-    const int64_t per_block = KvCache::bytes_per_block(mc, config_.block_size, kv_dtype);
-    int64_t pool_bytes;
-    std::string what;
-    if (config_.kv_cache_fraction > 0.0) {
-      pool_bytes = static_cast<int64_t>(
-          static_cast<double>(available_memory_bytes(model.device())) * config_.kv_cache_fraction);
-      what = cat("kv_cache_fraction = ", config_.kv_cache_fraction, " of the available memory (",
-                 pool_bytes >> 20, " MiB)");
-    } else {
-      require(config_.kv_cache_mb > 0, "engine: kv_cache_mb must be > 0, got ",
-              config_.kv_cache_mb);
-      pool_bytes = config_.kv_cache_mb * (int64_t{1} << 20);
-      what = cat("kv_cache_mb = ", config_.kv_cache_mb);
-    }
-    const int64_t blocks = pool_bytes / per_block;
-    require(blocks >= 1, "engine: ", what, " holds no KV block (one ", config_.block_size,
-            "-token block takes ", per_block, " bytes)");
-    num_blocks = static_cast<int>(std::min<int64_t>(blocks, 1 << 30));
-  }
-  cache_ = std::make_unique<KvCache>(mc, num_blocks, config_.block_size, model.device(), kv_dtype);
+  check_config(config_);
+  model_.prepare_inference(inference_options(config_));  // first: its buffers come before the pool
+  int num_blocks = kv_pool_blocks(model_, config_);
+  if (config_.agree_num_blocks) num_blocks = config_.agree_num_blocks(num_blocks);
+  require(num_blocks >= 1, "engine: the KV pool has no block");
+  cache_ = make_kv_cache(model_, config_, num_blocks);
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
@@ -264,9 +282,11 @@ void Engine::refresh_stats() {
 }
 
 void Engine::fail_all(const std::string& message) {
+  // Not the request's fault: each ends aborted, with the reason (a server answers UNAVAILABLE,
+  // and a router may retry it elsewhere).
   std::vector<Request*> live;
   for (auto& [id, r] : requests_) live.push_back(r.get());
-  for (Request* r : live) finish(*r, FinishReason::kError, message);
+  for (Request* r : live) finish(*r, FinishReason::kAbort, message);
 }
 
 bool Engine::step() {
@@ -284,7 +304,9 @@ bool Engine::step() {
     try {
       logits = runner_->run(plan);
     } catch (const std::exception& e) {
-      fail_all(cat("the model step failed: ", e.what()));
+      const std::string message = cat("the model step failed: ", e.what());
+      fail_all(message);
+      if (config_.on_step_failure) config_.on_step_failure(message);
       has_work_ = scheduler_->has_work();
       return has_work_;
     }

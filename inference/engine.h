@@ -5,7 +5,8 @@
 // prompt, a prompt that leaves no room in the context or can never fit the KV pool, tokens
 // outside the vocabulary, max_tokens <= 0, invalid sampling values, stop strings without a
 // detokenizer) gets a stream that ends at once with FinishReason::kError and a message naming
-// the field; the engine keeps serving the others. Each step (Scheduler) mixes decode rows and
+// the field; the engine keeps serving the others. A model step that throws ends every live
+// request with FinishReason::kAbort and the error (not the requests' fault). Each step (Scheduler) mixes decode rows and
 // prefill chunks, runs the model once over the paged KV cache (ModelRunner), samples every row
 // with its own request's generator (so a seeded request is reproducible whatever else runs) and
 // streams the results.
@@ -65,6 +66,14 @@ struct EngineConfig {
   // it: where a tensor-parallel leader sends its step plan to the other ranks
   // (serving/step_plan.h). Must not call back into the engine.
   std::function<void(const AttentionContext&)> before_forward;
+  // Called once at construction with the number of KV blocks this process's memory allows;
+  // returns the number to use (a tensor-parallel leader agrees it with the other ranks: the
+  // minimum). Empty = use it as is.
+  std::function<int(int)> agree_num_blocks;
+  // Called on the stepping thread after a model step threw (every request then running or
+  // waiting has ended with kAbort and the error): a tensor-parallel leader, whose ranks are now
+  // out of step, takes the replica down. Must not call back into the engine.
+  std::function<void(const std::string&)> on_step_failure;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };
@@ -160,6 +169,16 @@ class Engine {
 
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
+
+  // The pieces of construction, for a tensor-parallel worker rank that runs the model without
+  // an engine of its own (serving/tp_worker.h): the config checks (tandem::Error naming the
+  // field), the model's inference options, the KV blocks the memory allows (after
+  // prepare_inference; this rank's heads only under tensor parallelism) and the pool itself.
+  static void check_config(const EngineConfig& config);
+  static InferenceOptions inference_options(const EngineConfig& config);
+  static int kv_pool_blocks(const Transformer& model, const EngineConfig& config);
+  static std::unique_ptr<KvCache> make_kv_cache(const Transformer& model,
+                                                const EngineConfig& config, int num_blocks);
   int num_kv_blocks() const { return blocks_->num_blocks(); }
 
  private:

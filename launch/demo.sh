@@ -2,7 +2,8 @@
 # The main job on a fresh Debian 12 machine: install packages (idempotent), build, then train a
 # small GPT on the bundled corpus (the King James Bible from Debian's bible-kjv) with the
 # validation loss evaluated in the loop, answer a generation request from the checkpoint, then
-# serve it over gRPC behind a router, answer a request through the router and shut down.
+# serve it over gRPC as a 2-rank tensor-parallel replica (mpirun) behind a router, answer a
+# request through the router and shut down.
 #   launch/demo.sh [--section.key=value ...]   (overrides for launch/configs/demo.json)
 # A fresh run moves the previous runs/demo aside to runs/demo.previous (replacing an older one);
 # --checkpoint.resume=true continues it instead.
@@ -25,9 +26,9 @@ ckpt="$(ls -d "$run_dir"/checkpoints/step_* | grep -E "/step_[0-9]+$" | sort -V 
 echo "tandem: generating from $ckpt"
 "$tandem" generate --model "$ckpt" --prompt "In the beginning" --max-new-tokens 60 --seed 7
 
-# 4. Serve the checkpoint over gRPC (one replica; tensor-parallel replicas are not built yet, see
-# docs/ARCHITECTURE.md "Serving"), put a router in front, answer a request through the router,
-# then shut both down cleanly (SIGTERM: drain, exit 0).
+# 4. Serve the checkpoint over gRPC as a tensor-parallel replica on 2 ranks (mpirun: the weights
+# and the KV cache split by heads), put a router in front, answer a request through the router,
+# then shut both down cleanly (SIGTERM to the replica's leader and to the router: drain, exit 0).
 serve_log="$run_dir/serve.log"
 router_log="$run_dir/router.log"
 pids=()
@@ -38,7 +39,7 @@ stop_servers() {
 }
 trap stop_servers EXIT
 wait_for_port() {  # LOG -> the port printed in "listening on 127.0.0.1:PORT"
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 600); do
     port=$(grep -ao "listening on 127\.0\.0\.1:[0-9]*" "$1" 2>/dev/null | head -n 1 | sed 's/.*://')
     if [[ -n "$port" ]]; then echo "$port"; return 0; fi
     sleep 0.1
@@ -46,18 +47,26 @@ wait_for_port() {  # LOG -> the port printed in "listening on 127.0.0.1:PORT"
   echo "tandem: demo: server did not start, see $1" >&2
   return 1
 }
-"$tandem" serve --model "$ckpt" --port 0 --metrics-port 0 >"$serve_log" 2>&1 &
-pids+=($!)
+mpi_flags=(--oversubscribe)
+if [[ $(id -u) -eq 0 ]]; then mpi_flags+=(--allow-run-as-root); fi
+mpirun "${mpi_flags[@]}" -np 2 "$tandem" serve --model "$ckpt" --port 0 --metrics-port 0 \
+  >"$serve_log" 2>&1 &
+mpirun_pid=$!
+pids+=($mpirun_pid)
 replica_port=$(wait_for_port "$serve_log")
+leader_pid=$(grep -ao "leader pid [0-9]*" "$serve_log" | head -n 1 | sed 's/.* //')
 "$tandem" router --replicas "127.0.0.1:$replica_port" --port 0 >"$router_log" 2>&1 &
-pids+=($!)
+router_pid=$!
+pids+=($router_pid)
 router_port=$(wait_for_port "$router_log")
-echo "tandem: replica on 127.0.0.1:$replica_port, router on 127.0.0.1:$router_port"
+echo "tandem: 2-rank tensor-parallel replica on 127.0.0.1:$replica_port, router on 127.0.0.1:$router_port"
 echo "tandem: asking the router (gRPC tandem.v1.Generation/GenerateStream):"
 "$tandem" generate --server "127.0.0.1:$router_port" --prompt "And God said" --max-new-tokens 40 \
   --seed 7 --timeout 120
 status=0
-for pid in "${pids[@]}"; do kill -TERM "$pid"; done
+# The replica stops through its leader (SIGTERM to mpirun would drain it too, but Open MPI's
+# mpirun then exits 1 whatever the ranks return).
+kill -TERM "$leader_pid" "$router_pid"
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 pids=()
 trap - EXIT

@@ -135,6 +135,7 @@ int generate_one(const GenerateCommandOptions& o, const std::string& prompt, Eng
   while (auto d = stream->next()) {
     // A rejected request ends before anything is printed.
     require(d->finish != FinishReason::kError, d->error);
+    require(d->error.empty(), d->error);  // the model step failed
     if (first) write_bytes(stdout, prompt);
     first = false;
     write_bytes(stdout, d->text);
@@ -221,7 +222,7 @@ int generate_file(const GenerateCommandOptions& o, Engine& engine, const BpeToke
                   {"completion_tokens", d.usage.completion_tokens},
                   {"cached_prompt_tokens", d.usage.cached_prompt_tokens}};
     if (!d.logprobs.empty()) j["logprobs"] = d.logprobs;
-    if (d.finish == FinishReason::kError) {
+    if (d.finish == FinishReason::kError || !d.error.empty()) {  // rejected, or the step failed
       j["error"] = d.error;
       ++errors;
     }

@@ -437,7 +437,9 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       "serve",
       "Serve a checkpoint over gRPC (tandem.v1.Generation, grpc.health.v1, reflection)\n"
       "SIGTERM/SIGINT: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish\n"
-      "within --drain-grace seconds, exit 0.");
+      "within --drain-grace seconds, exit 0.\n"
+      "Under `mpirun -np TP`: one tensor-parallel replica (CPU), rank 0 serving, the weights\n"
+      "and the KV cache split by heads over the TP ranks.");
   c->add_option("--model", a.model_dir, "Checkpoint directory (with encoder.json, vocab.bpe)");
   c->add_option("--host", a.host, "Address to listen on")->capture_default_str();
   c->add_option("--port", a.port, "gRPC port (0 = any free port, printed)")
@@ -449,8 +451,16 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--device", a.device, "cpu, cuda or cuda:N")->capture_default_str();
   c->add_option("--threads", a.threads, "CPU threads (0 = OpenMP default)")
       ->check(CLI::Range(0, 4096));
-  c->add_option("--kv-cache-mb", a.kv_cache_mb, "KV cache pool size")
+  c->add_option("--kv-cache-mb", a.kv_cache_mb, "KV cache pool size (per rank under mpirun)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
+      ->capture_default_str();
+  c->add_option("--kv-cache-fraction", a.kv_cache_fraction,
+                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
+      ->check(finite_in(0.0, 0.99));
+  c->add_flag("--bf16-kv-cache", a.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
+  c->add_option("--collective-timeout", a.collective_timeout_s,
+                "Under mpirun: seconds a step's collective may take before the job is aborted")
+      ->check(finite_in(1.0, 86400.0))
       ->capture_default_str();
   c->add_option("--block-size", a.block_size, "Tokens per KV block")
       ->check(CLI::Range(1, 4096))

@@ -5,6 +5,8 @@
 #include <filesystem>
 
 #include "kernels/cpu/kernels.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/parallel_context.h"
 #include "runtime/error.h"
 #include "runtime/file_io.h"
 #include "runtime/model_io.h"
@@ -12,6 +14,7 @@
 #include "serving/load_generator.h"
 #include "serving/replica.h"
 #include "serving/router.h"
+#include "serving/tensor_parallel.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -20,6 +23,8 @@
 #include <fstream>
 #include <mutex>
 #include <thread>
+
+#include <unistd.h>
 
 namespace tandem {
 
@@ -44,25 +49,61 @@ std::string read_auth_token(const std::string& path) {
   return path.empty() ? std::string() : read_token_file(path);
 }
 
+namespace {
+// The engine settings of a replica: the same on every rank of a tensor-parallel one.
+EngineConfig serve_engine_config(const ServeCommandOptions& o) {
+  EngineConfig e;
+  e.kv_cache_mb = o.kv_cache_mb;
+  e.kv_cache_fraction = o.kv_cache_fraction;
+  e.bf16_kv_cache = o.bf16_kv_cache;
+  e.block_size = o.block_size;
+  e.max_batched_tokens = o.max_batched_tokens;
+  e.max_seqs = o.max_running;
+  e.prefix_caching = o.prefix_caching;
+  e.bf16_weights = o.bf16_weights;
+  e.batch_invariant = o.batch_invariant;
+  e.loop_threads = o.threads;
+  return e;
+}
+}  // namespace
+
 int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop_signal) {
-  // mpirun -np N serve (N > 1) would be a tensor-parallel replica, which needs the model's
-  // tensor-parallel forward (not built yet); N independent servers sharing one port (gRPC sets
-  // SO_REUSEPORT) would be a silent surprise, so refuse.
-  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
-    const char* size = std::getenv(name);
-    require(size == nullptr || std::atoi(size) <= 1, "serve: started as ", size,
-            " ranks under mpirun, but tensor-parallel replicas are not built yet (the model has "
-            "no tensor-parallel forward); run one `tandem serve` per replica and `tandem router` "
-            "in front of them");
+  // Under mpirun -np TP (TP > 1) this process is one rank of a tensor-parallel replica.
+  std::unique_ptr<ParallelContext> parallel;
+  if (launched_under_mpi()) {
+    mpi_initialize();
+    ParallelOptions p;
+    p.tp = mpi_world_size();  // one replica per job: every rank is in its tp group
+    p.timeout_s = o.collective_timeout_s;
+    parallel = ParallelContext::create(p);
+    if (parallel->world_size() == 1) parallel.reset();  // mpirun -np 1: a plain replica
   }
-  if (o.threads > 0) cpu::set_num_threads(o.threads);
-  const Device device = Device::parse(o.device);
+  const int rank = parallel ? parallel->rank() : 0;
+  ServeCommandOptions opts = o;
+  if (parallel && opts.threads == 0) opts.threads = default_threads_per_rank();
+  if (opts.threads > 0) cpu::set_num_threads(opts.threads);
+  const Device device = Device::parse(opts.device);
+  require(!parallel || device.is_cpu(), "serve: a tensor-parallel replica (", parallel ? parallel->world_size() : 1,
+          " ranks under mpirun) runs on the CPU for now; --device ", device.str(),
+          " is for one-process replicas");
   require(device.is_cpu() || device.index < cuda_device_count(), "serve: --device ", device.str(),
           " is not available (", cuda_device_count(), " CUDA device(s))");
   require(fs::exists(fs::path(o.model_dir) / "encoder.json"), o.model_dir,
           " has no tokenizer files (encoder.json, vocab.bpe)");
+  if (parallel) parallel->watchdog().set_activity("loading the model");
+  std::unique_ptr<Transformer> model =
+      load_pretrained(o.model_dir, device, parallel ? &parallel->tp() : nullptr);
+  const EngineConfig engine = serve_engine_config(opts);
+  if (rank > 0) {
+    // A worker: no server, no tokenizer; it runs the leader's steps until the leader stops it.
+    // SIGTERM from mpirun reaches every rank; only the leader acts on it.
+    const int64_t steps =
+        serving::run_tensor_parallel_worker(*model, parallel->tp(), engine, &parallel->watchdog());
+    std::fprintf(stderr, "tandem: serve: tensor-parallel rank %d stopped after %lld steps\n", rank,
+                 static_cast<long long>(steps));
+    return 0;
+  }
   const BpeTokenizer tokenizer = BpeTokenizer::load_dir(o.model_dir);
-  std::unique_ptr<Transformer> model = load_pretrained(o.model_dir, device);
 
   serving::ReplicaOptions r;
   r.server.host = o.host;
@@ -79,24 +120,28 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
     r.server.model_name = fs::path(o.model_dir).lexically_normal().parent_path().filename();
   }
   r.server.request_log = o.request_log ? stdout : nullptr;
-  r.engine.kv_cache_mb = o.kv_cache_mb;
-  r.engine.block_size = o.block_size;
-  r.engine.max_batched_tokens = o.max_batched_tokens;
-  r.engine.prefix_caching = o.prefix_caching;
-  r.engine.bf16_weights = o.bf16_weights;
-  r.engine.batch_invariant = o.batch_invariant;
-  r.engine.loop_threads = o.threads;
+  r.engine = engine;
   r.metrics_port = o.metrics_port;
+  r.tp = parallel ? &parallel->tp() : nullptr;
+  if (parallel) parallel->watchdog().set_activity("serving");
 
   serving::Replica replica(*model, tokenizer, r);
-  std::fprintf(stderr, "tandem: serve: %s listening on %s:%d%s%s (metrics %s)\n",
+  std::fprintf(stderr, "tandem: serve: %s listening on %s:%d%s%s (metrics %s)%s\n",
                r.server.model_name.c_str(), o.host.c_str(), replica.port(),
                o.tls_cert.empty() ? "" : " with TLS",
                r.server.auth_token.empty() ? "" : ", bearer token required",
                replica.metrics_port() > 0
                    ? cat("http://", o.host, ":", replica.metrics_port(), "/metrics").c_str()
-                   : "off");
+                   : "off",
+               parallel ? cat(", tensor-parallel over ", parallel->world_size(),
+                              " ranks, leader pid ", ::getpid())
+                              .c_str()
+                        : "");
   replica.serve_until(stop_signal, 0.0 + o.drain_grace_s);
+  if (replica.failed()) {
+    // The ranks are out of step: end the whole job (the caller's handler aborts every rank).
+    throw Error(cat("serve: the tensor-parallel replica failed: ", replica.failure()));
+  }
   std::fprintf(stderr, "tandem: serve: drained, exiting\n");
   return 0;
 }

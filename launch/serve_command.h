@@ -1,6 +1,7 @@
 // The serving commands of the tandem CLI, as functions of plain option structs (main.cpp parses
 // the flags with CLI11):
-//   serve         a replica: the engine behind tandem.v1.Generation over gRPC, /metrics;
+//   serve         a replica: the engine behind tandem.v1.Generation over gRPC, /metrics; under
+//                 mpirun -np TP a tensor-parallel replica (serving/tensor_parallel.h);
 //   router        the same service in front of replicas (load + prefix affinity, failover);
 //   bench serve   a load generator against a server or router (Poisson arrivals);
 //   generate --server   one prompt streamed from a server.
@@ -23,6 +24,9 @@ struct ServeCommandOptions {
   std::string device = "cpu";
   int threads = 0;
   int64_t kv_cache_mb = 256;
+  double kv_cache_fraction = 0.0;  // > 0: instead of kv_cache_mb
+  bool bf16_kv_cache = false;
+  double collective_timeout_s = 120.0;  // under mpirun (a tensor-parallel replica)
   int block_size = 16;
   int max_batched_tokens = 512;
   int max_running = 64;

@@ -1,11 +1,21 @@
 #include "parallel/parallel_context.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <thread>
+
 #include "parallel/local_communicator.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/nccl_communicator.h"
 #include "runtime/error.h"
 
 namespace tandem {
+
+int default_threads_per_rank() {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks_here);
+}
 
 ParallelContext::~ParallelContext() = default;
 

@@ -23,6 +23,10 @@ struct ParallelOptions {
   Device device;  // where the gradients live
 };
 
+// Threads for one rank when none are asked for under mpirun: the node's cores shared by the
+// ranks on it (OMPI_COMM_WORLD_LOCAL_SIZE); all the cores without mpirun.
+int default_threads_per_rank();
+
 class ParallelContext {
  public:
   // Throws tandem::Error when tp does not divide the world size, or MPI/NCCL fail to start.

@@ -23,12 +23,13 @@ namespace tandem {
 class KvCache {
  public:
   KvCache() = default;
-  // dtype: DType::kF32 or DType::kBF16.
+  // dtype: DType::kF32 or DType::kBF16. tp > 1: the cache of one tensor-parallel rank, which
+  // holds the K/V of its n_kv_head / tp heads only (the KV cache sharded by heads).
   KvCache(const ModelConfig& config, int num_blocks, int block_size, Device device = Device::cpu(),
-          DType dtype = DType::kF32);
-  // Bytes one block takes over all layers (K and V).
+          DType dtype = DType::kF32, int tp = 1);
+  // Bytes one block takes over all layers (K and V), on one of `tp` ranks.
   static int64_t bytes_per_block(const ModelConfig& config, int block_size,
-                                 DType dtype = DType::kF32);
+                                 DType dtype = DType::kF32, int tp = 1);
 
   int num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
@@ -36,6 +37,8 @@ class KvCache {
   int64_t bytes() const { return static_cast<int64_t>(storage_.nbytes()); }
   Device device() const { return storage_.device(); }
   DType dtype() const { return storage_.dtype(); }
+  // Values of one token slot: (the rank's) n_kv_head * head_dim.
+  int64_t slot_width() const { return num_slots() > 0 ? layer_stride_ / num_slots() : 0; }
   // [num_slots, n_kv_head * head_dim] of one layer (k/v for an F32 cache, k_bf16/v_bf16 for BF16).
   float* k(int layer) const;
   float* v(int layer) const;

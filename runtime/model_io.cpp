@@ -55,10 +55,11 @@ ModelConfig load_config(const std::string& path) {
   return ModelConfig::from_hf_json(j, path);
 }
 
-std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device) {
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device,
+                                             Communicator* tp) {
   const std::string config_path = (fs::path(dir) / "config.json").string();
   require(fs::exists(config_path), "model directory ", dir, " has no config.json");
-  auto model = std::make_unique<Transformer>(load_config(config_path), device);
+  auto model = std::make_unique<Transformer>(load_config(config_path), device, tp);
   load_weights(*model, (fs::path(dir) / "model.safetensors").string());
   return model;
 }

@@ -17,8 +17,10 @@ void save_pretrained(const Transformer& model, const std::string& dir, DType dty
 // The same from whole tensors already at hand: `full` is a host flat buffer in `full_layout`.
 void save_pretrained_full(const ModelConfig& config, const ParamLayout& full_layout,
                           const float* full, const std::string& dir, DType dtype = DType::kF32);
-// Reads dir/config.json and dir/model.safetensors into a model on `device`.
-std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device = Device::cpu());
+// Reads dir/config.json and dir/model.safetensors into a model on `device`; with a `tp` group of
+// size > 1, this rank's slice of a tensor-parallel model (the file holds the whole tensors).
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device = Device::cpu(),
+                                             Communicator* tp = nullptr);
 ModelConfig load_config(const std::string& config_json_path);
 // Copies every parameter of `model` from a safetensors file. Errors name the file and tensor:
 // a missing tensor, a wrong shape or dtype, or an unexpected tensor (other than known buffers

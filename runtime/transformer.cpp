@@ -7,29 +7,13 @@
 #include "kernels/cpu/kernels.h"
 #include "runtime/ops.h"
 #include "runtime/random.h"
+#include "runtime/transformer_dims.h"
 
 namespace tandem {
 
-namespace {
-// Row widths of the activations, derived once from the config; under tensor parallelism the
-// local ones (this rank's heads and MLP columns; C is never split).
-struct Dims {
-  explicit Dims(const ModelConfig& c, int tp = 1)
-      : C(c.n_embd),
-        H(c.n_head / tp),
-        KV(c.n_kv_head / tp),
-        D(c.head_dim()),
-        QKV((c.n_head + 2 * c.n_kv_head) / tp * c.head_dim()),
-        HD(c.n_head / tp * c.head_dim()),
-        F(c.ffn_hidden / tp),
-        UP((c.is_llama() ? 2 * c.ffn_hidden : c.ffn_hidden) / tp),
-        llama(c.is_llama()),
-        layout(c.is_llama() ? WeightLayout::kOutIn : WeightLayout::kInOut) {}
-  int C, H, KV, D, QKV, HD, F, UP;  // UP: the MLP's up-projection (GPT-2 c_fc, Llama gate|up)
-  bool llama;
-  WeightLayout layout;  // of every matrix but the LM head (always [out, in])
-};
+using detail::Dims;
 
+namespace {
 // The slices of one layer's saved activations.
 struct LayerActs {
   float *x, *x_mid, *x_out, *ln1, *ln2, *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;

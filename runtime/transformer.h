@@ -16,7 +16,10 @@
 // default) on the CPU, every row's result is independent of the rest of the batch, bit for bit.
 // The training forward above is the
 // dense special case and is untouched by it. Call prepare_inference again after the weights
-// change.
+// change. Under tensor parallelism forward_paged is a collective of the tp group, like forward:
+// every tp rank passes the same context and a KV cache of its own heads (KvCache with tp), the
+// row-parallel outputs are all-reduced, and every rank gets the whole logits (the vocab-parallel
+// head's slices all-gathered), which is how a tensor-parallel serving replica runs.
 #pragma once
 
 #include <cstdint>

@@ -1,10 +1,12 @@
 // Transformer::forward_paged: the inference forward over a flat batch of token rows through the
 // paged KV cache (see runtime/kv_cache.h and the top of runtime/transformer.h).
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/ops.h"
 #include "runtime/transformer.h"
+#include "runtime/transformer_dims.h"
 
 namespace tandem {
 
@@ -29,24 +31,24 @@ struct Transformer::InferenceState {
   InferenceMatrix lm_head;
   // Buffers for max_batched_tokens rows (R = max_logit_rows).
   Tensor x, ln, mean, rstd, qkv, att, tmp, fc_pre, fc_act;  // [cap, ...]
-  Tensor last, lnf, lnf_mean, lnf_rstd, logits;             // [R, ...]
+  Tensor last, lnf, lnf_mean, lnf_rstd, logits;             // [R, ...] (logits: this rank's vocab)
+  // Tensor parallelism: every rank's logit slices (all-gathered), and the whole [R, vocab].
+  std::vector<float> gathered;
+  Tensor full_logits;
   // I32 step arrays on the device: tokens, positions, row_seq, slots [cap]; logit_rows [R].
   Tensor tokens, positions, row_seq, slots, logit_rows;
   Tensor block_tables;  // grown on demand
 };
 
 void Transformer::prepare_inference(const InferenceOptions& options) {
-  require(tp_size_ == 1, "inference: this model is split over ", tp_size_,
-          " tensor-parallel ranks; the inference path runs whole models (gather_full the "
-          "weights into one)");
   require(options.max_batched_tokens > 0, "inference: max_batched_tokens must be > 0, got ",
           options.max_batched_tokens);
   require(options.max_logit_rows > 0, "inference: max_logit_rows must be > 0, got ",
           options.max_logit_rows);
   const ModelConfig& c = config_;
-  const int64_t C = c.n_embd, D = c.head_dim(), H = c.n_head, KV = c.n_kv_head;
-  const int64_t QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
-  const int64_t UP = c.is_llama() ? 2 * F : F, V = c.vocab_size;
+  // This rank's share under tensor parallelism (the same layout as the training forward's).
+  const detail::Dims d(c, tp_size_);
+  const int64_t C = d.C, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP, V = vocab_local_;
   const int64_t cap = options.max_batched_tokens, R = options.max_logit_rows;
   infer_.reset();
   auto s = std::make_shared<InferenceState>();
@@ -120,6 +122,10 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
   s->lnf_mean = f32({R});
   s->lnf_rstd = f32({R});
   s->logits = f32({R, V});
+  if (tp_size_ > 1) {
+    s->gathered.resize(static_cast<size_t>(R * V) * tp_size_);
+    s->full_logits = Tensor::empty({R, static_cast<int64_t>(c.vocab_size)});
+  }
   for (Tensor* t : {&s->tokens, &s->positions, &s->row_seq, &s->slots})
     *t = Tensor::empty({cap}, DType::kI32, device_);
   s->logit_rows = Tensor::empty({R}, DType::kI32, device_);
@@ -157,6 +163,10 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
   require(ctx.num_seqs > 0 && ctx.max_blocks_per_seq > 0, "forward_paged: no block tables");
   require(cache.device() == device_, "forward_paged: the KV cache is on ", cache.device().str(),
           ", the model on ", device_.str());
+  const detail::Dims d(c, tp_size_);
+  require(cache.slot_width() == static_cast<int64_t>(d.KV) * d.D, "forward_paged: the KV cache holds ",
+          cache.slot_width(), " values per token, this ", tp_size_ > 1 ? "tensor-parallel rank" : "model",
+          " needs ", d.KV * d.D, " (", d.KV, " kv heads x ", d.D, ")");
   const int bs = cache.block_size();
   for (int i = 0; i < N; ++i) {
     require(ctx.tokens[i] >= 0 && ctx.tokens[i] < c.vocab_size, "forward_paged: token id ",
@@ -193,12 +203,12 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
     s.block_tables = Tensor::empty({table_size * 2}, DType::kI32, device_);
   upload_ints(s.block_tables, ctx.block_tables, table_size);
 
-  const int C = c.n_embd, H = c.n_head, KV = c.n_kv_head, D = c.head_dim();
-  const int QKV = (H + 2 * KV) * D, HD = H * D, F = c.ffn_hidden;
-  const bool llama = c.is_llama();
-  const int UP = llama ? 2 * F : F;
+  const int C = d.C, H = d.H, KV = d.KV, D = d.D, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP;
+  const bool llama = d.llama;
   const float* p = params_.data<float>();
   auto bias = [&](int64_t off) { return off >= 0 ? p + off : nullptr; };
+  // A row-parallel layer's bias is added by one rank, before the all-reduce.
+  auto row_bias = [&](int64_t off) { return tp_rank_ == 0 ? bias(off) : nullptr; };
   auto linear = [&](float* out, const float* in, const InferenceMatrix& w, const float* b, int M,
                     int K, int Nout) {
     if (w.bf16 != nullptr) {
@@ -228,7 +238,11 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
   float *mean = s.mean.data<float>(), *rstd = s.rstd.data<float>();
   const size_t NC = static_cast<size_t>(N) * C;
 
-  ops_->embedding_forward(x, tokens, positions, p + wte_, llama ? nullptr : p + wpe_, N, C);
+  if (tp_size_ > 1) {
+    tp_embedding_forward(x, ctx.tokens, ctx.positions, N);  // host arrays: a tp model is on the CPU
+  } else {
+    ops_->embedding_forward(x, tokens, positions, p + wte_, llama ? nullptr : p + wpe_, N, C);
+  }
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerOffsets& o = layers_[l];
     const InferenceState::Layer& w = s.layers[l];
@@ -253,7 +267,8 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
                                     ctx.max_blocks_per_seq, row_seq, positions, N, H, KV, D,
                                     cache.block_size());
     }
-    linear(tmp, att, w.attn_out, bias(o.attn_out_b), N, HD, C);
+    linear(tmp, att, w.attn_out, row_bias(o.attn_out_b), N, HD, C);
+    tp_all_reduce(tmp, NC);
     ops_->add(x, x, tmp, NC);
     norm(ln, mean, rstd, x, o.ln2_w, o.ln2_b, N);
     linear(fc_pre, ln, w.up, bias(o.up_b), N, C, UP);
@@ -262,7 +277,8 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
     } else {
       ops_->gelu_forward_rows(fc_act, fc_pre, N, F);
     }
-    linear(tmp, fc_act, w.down, bias(o.down_b), N, F, C);
+    linear(tmp, fc_act, w.down, row_bias(o.down_b), N, F, C);
+    tp_all_reduce(tmp, NC);
     ops_->add(x, x, tmp, NC);
   }
   if (R == 0) return s.logits.slice(0, 0, 0);
@@ -271,8 +287,23 @@ Tensor Transformer::forward_paged(const AttentionContext& ctx, KvCache& cache) {
   ops_->embedding_forward(last, s.logit_rows.data<int32_t>(), nullptr, x, nullptr, R, C);
   norm(s.lnf.data<float>(), s.lnf_mean.data<float>(), s.lnf_rstd.data<float>(), last, lnf_w_,
        lnf_b_, R);
-  linear(s.logits.data<float>(), s.lnf.data<float>(), s.lm_head, nullptr, R, C, c.vocab_size);
-  return s.logits.slice(0, 0, R);
+  const int VL = vocab_local_;
+  linear(s.logits.data<float>(), s.lnf.data<float>(), s.lm_head, nullptr, R, C, VL);
+  if (tp_size_ == 1) return s.logits.slice(0, 0, R);
+  // Vocab-parallel head: every rank's [R, VL] slice, joined into [R, vocab] (padding dropped).
+  const size_t slice = static_cast<size_t>(R) * VL;
+  tp_->all_gather(s.logits.data<float>(), s.gathered.data(), slice, DType::kF32);
+  const int V = c.vocab_size;
+  float* full = s.full_logits.data<float>();
+  for (int r = 0; r < tp_size_; ++r) {
+    const int first = r * VL, n = std::min(VL, V - first);
+    if (n <= 0) continue;
+    for (int i = 0; i < R; ++i) {
+      std::memcpy(full + static_cast<size_t>(i) * V + first,
+                  s.gathered.data() + r * slice + static_cast<size_t>(i) * VL, sizeof(float) * n);
+    }
+  }
+  return s.full_logits.slice(0, 0, R);
 }
 
 }  // namespace tandem

@@ -391,10 +391,13 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
       finish = delta.finish;
       return done(grpc::Status(grpc::StatusCode::INTERNAL, delta.error));
     }
-    if (delta.finish == FinishReason::kAbort && aborted_all_) {
+    if (delta.finish == FinishReason::kAbort && (aborted_all_ || !delta.error.empty())) {
+      // Drained by a shutdown, or the model step failed (the engine's error says why).
       finish = delta.finish;
       return done(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                               "the server shut down before the request finished"));
+                               delta.error.empty()
+                                   ? "the server shut down before the request finished"
+                                   : delta.error));
     }
     pb::GenerateResponse message;
     pb::GenerateResponse& out = merged != nullptr ? *merged : message;

@@ -1,6 +1,7 @@
 #include "serving/replica.h"
 
 #include <chrono>
+#include <cstdio>
 #include <thread>
 
 namespace tandem::serving {
@@ -11,6 +12,17 @@ Replica::Replica(Transformer& model, const BpeTokenizer& tokenizer, ReplicaOptio
   if (options_.engine.eos_token < 0) options_.engine.eos_token = tokenizer.eot_id();
   if (!options_.engine.token_text) {
     options_.engine.token_text = [&tokenizer](int32_t t) { return tokenizer.decode_token(t); };
+  }
+  if (options_.tp != nullptr && options_.tp->size() > 1) {
+    tp_leader_ = std::make_unique<TensorParallelLeader>(*options_.tp);
+    tp_leader_->attach(options_.engine);
+    options_.engine.on_step_failure = [this](const std::string& message) {
+      {
+        std::lock_guard<std::mutex> lock(failure_mu_);
+        failure_ = message;
+      }
+      failed_ = true;  // serve_until drains (health turns NOT_SERVING)
+    };
   }
   engine_ = std::make_unique<Engine>(model, options_.engine);
   engine_->start();
@@ -27,11 +39,28 @@ Replica::~Replica() {
   if (!drained_) drain(0.0);
   metrics_http_.reset();
   engine_->stop();
+  // The workers leave their loop; after a failed step the group is out of step and the job is
+  // ended by the caller instead.
+  if (tp_leader_ && !failed_) {
+    try {
+      tp_leader_->shutdown();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tandem: serve: telling the tensor-parallel workers to stop: %s\n",
+                   e.what());
+    }
+  }
+}
+
+std::string Replica::failure() const {
+  std::lock_guard<std::mutex> lock(failure_mu_);
+  return failure_;
 }
 
 void Replica::serve_until(const std::atomic<int>& stop, double grace_s) {
-  while (stop.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  drain(grace_s);
+  while (stop.load() == 0 && !failed_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  drain(failed_ ? 0.0 : grace_s);
 }
 
 int Replica::drain(double grace_s) {

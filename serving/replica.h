@@ -6,12 +6,14 @@
 // them elsewhere), requests in flight get up to `grace_s` to finish, what is left is aborted
 // (UNAVAILABLE), then the gRPC server and the engine stop.
 //
-// The tensor-parallel replica (mpirun -np TP) keeps this shape on rank 0; see
-// docs/ARCHITECTURE.md ("Serving") for the step-plan broadcast that is still to come.
+// A tensor-parallel replica (mpirun -np TP) is this on rank 0 with ReplicaOptions::tp set: the
+// engine then broadcasts each step's plan to the other ranks (serving/tensor_parallel.h), which
+// run run_tensor_parallel_worker; a failed step takes the replica down (failed()).
 #pragma once
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "inference/engine.h"
@@ -19,6 +21,7 @@
 #include "runtime/transformer.h"
 #include "serving/generation_service.h"
 #include "serving/metrics.h"
+#include "serving/tensor_parallel.h"
 
 namespace tandem::serving {
 
@@ -26,6 +29,8 @@ struct ReplicaOptions {
   ServerOptions server;
   EngineConfig engine;    // max_seqs is set from server.max_running
   int metrics_port = -1;  // -1: no /metrics; 0: any free port
+  // The tp group of a tensor-parallel replica (this process is its rank 0), or null.
+  Communicator* tp = nullptr;
 };
 
 class Replica {
@@ -40,8 +45,12 @@ class Replica {
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
   const MetricsRegistry& metrics() const { return registry_; }
 
-  // Blocks until *stop becomes non-zero, then drains with `grace_s`.
+  // Blocks until *stop becomes non-zero (or the replica failed), then drains with `grace_s`.
   void serve_until(const std::atomic<int>& stop, double grace_s);
+  // A tensor-parallel replica whose model step failed (a rank died): its requests have ended
+  // with UNAVAILABLE; it serves nothing more. The message says why ("" when it has not failed).
+  bool failed() const { return failed_.load(); }
+  std::string failure() const;
   // Returns the number of requests that had to be aborted after the grace period.
   int drain(double grace_s);
 
@@ -53,6 +62,10 @@ class Replica {
   std::unique_ptr<GrpcServer> grpc_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   bool drained_ = false;
+  std::unique_ptr<TensorParallelLeader> tp_leader_;
+  std::atomic<bool> failed_{false};
+  mutable std::mutex failure_mu_;
+  std::string failure_;
 };
 
 }  // namespace tandem::serving

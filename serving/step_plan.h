@@ -9,10 +9,7 @@
 // max_blocks_per_seq, num_logit_rows, tokens..., positions..., row_seq..., slots...,
 // block_tables..., logit_rows...]; broadcast_step_plan sends its length, then the buffer.
 //
-// Status: the codec, the broadcast and the leader's hook (EngineConfig::before_forward) are here
-// and tested (a replay of the plans on a model copy reproduces the leader's tokens); the worker
-// loop that consumes them needs the Transformer's tensor-parallel forward, which does not exist
-// yet (see docs/ARCHITECTURE.md, "Serving over gRPC").
+// serving/tensor_parallel.h sends a plan each step from the leader and runs it on the workers.
 #pragma once
 
 #include <cstdint>

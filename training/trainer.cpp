@@ -151,12 +151,6 @@ std::unique_ptr<ParallelContext> create_parallel_context(const TrainConfig& conf
                                   .device = rank_device(config.device)});
 }
 
-// Threads per rank when train.threads is 0 under mpirun: the node's cores shared by its ranks.
-int default_threads_per_rank() {
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks_here);
-}
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& config, std::ostream& log)

@@ -6,6 +6,7 @@
 // Llama with grouped-query attention. Also: sliced checkpoints, the start-up error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "parallel/local_communicator.h"
+#include "runtime/kv_cache.h"
 #include "runtime/model_io.h"
 #include "tests/parallel/mpi_test_main.h"
 #include "tests/runtime/test_models.h"
@@ -164,6 +166,106 @@ TEST(TensorParallel, UntiedGpt2VocabularyThatDividesMatchesOneRank) {
   c.vocab_size = 40;  // divides by tp: no padding
   c.tie_embeddings = false;
   expect_tp_matches_one_rank(c);
+}
+
+// The inference forward (paged KV cache) under tensor parallelism: each rank a KV pool of its
+// own heads; two sequences, a prefill chunk each then decode rows of both in one batch; every
+// rank gets the whole logits, equal to one rank's (1e-4 of the largest logit).
+void expect_paged_tp_matches_one_rank(const ModelConfig& config, bool invariant, bool bf16_kv) {
+  ParallelContext& ctx = mpi_context(kTp);
+  Transformer single(config), dist(config, Device::cpu(), &ctx.tp());
+  single.init_weights(17);
+  dist.init_weights(17);
+  InferenceOptions opt;
+  opt.max_batched_tokens = 32;
+  opt.max_logit_rows = 8;
+  opt.batch_invariant = invariant;
+  single.prepare_inference(opt);
+  dist.prepare_inference(opt);
+  const int bs = 4, blocks = 8;
+  const DType kv = bf16_kv ? DType::kBF16 : DType::kF32;
+  KvCache one_cache(config, blocks, bs, Device::cpu(), kv);
+  KvCache tp_cache(config, blocks, bs, Device::cpu(), kv, kTp);
+  EXPECT_EQ(tp_cache.slot_width() * kTp, one_cache.slot_width());  // sharded by heads
+  EXPECT_THROW(dist.forward_paged(AttentionContext{}, one_cache), Error);
+  // A whole-model cache is refused by a tp rank (its width names the heads).
+  {
+    const std::vector<int32_t> t = {1}, z = {0};
+    AttentionContext c{1, t.data(), z.data(), z.data(), z.data(), 1, 1, z.data(), 1, z.data()};
+    try {
+      dist.forward_paged(c, one_cache);
+      ADD_FAILURE() << "a whole-model KV cache was accepted by a tensor-parallel rank";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("tensor-parallel rank"), std::string::npos) << e.what();
+    }
+  }
+  // Sequence 0 in blocks {5, 2}, sequence 1 in {0, 7}.
+  const std::vector<int32_t> tables = {5, 2, 0, 7};
+  const auto prompt0 = testing::random_tokens(6, config.vocab_size, 1);
+  const auto prompt1 = testing::random_tokens(3, config.vocab_size, 2);
+  auto slot = [&](int seq, int pos) { return tables[seq * 2 + pos / bs] * bs + pos % bs; };
+  struct Step {
+    std::vector<int32_t> tokens, positions, row_seq, slots, logit_rows;
+  };
+  std::vector<Step> steps;
+  Step prefill;  // both prompts in one step, logits of each one's last row
+  for (int i = 0; i < 6; ++i) {
+    prefill.tokens.push_back(prompt0[i]);
+    prefill.positions.push_back(i);
+    prefill.row_seq.push_back(0);
+    prefill.slots.push_back(slot(0, i));
+  }
+  for (int i = 0; i < 3; ++i) {
+    prefill.tokens.push_back(prompt1[i]);
+    prefill.positions.push_back(i);
+    prefill.row_seq.push_back(1);
+    prefill.slots.push_back(slot(1, i));
+  }
+  prefill.logit_rows = {5, 8};
+  steps.push_back(prefill);
+  for (int d = 0; d < 2; ++d) {  // two decode steps of both sequences
+    Step s;
+    s.tokens = {static_cast<int32_t>((7 + d) % config.vocab_size),
+                static_cast<int32_t>((11 + d) % config.vocab_size)};
+    s.positions = {6 + d, 3 + d};
+    s.row_seq = {0, 1};
+    s.slots = {slot(0, 6 + d), slot(1, 3 + d)};
+    s.logit_rows = {0, 1};
+    steps.push_back(s);
+  }
+  for (size_t k = 0; k < steps.size(); ++k) {
+    const Step& s = steps[k];
+    AttentionContext c;
+    c.num_rows = static_cast<int>(s.tokens.size());
+    c.tokens = s.tokens.data();
+    c.positions = s.positions.data();
+    c.row_seq = s.row_seq.data();
+    c.slot_mapping = s.slots.data();
+    c.num_seqs = 2;
+    c.max_blocks_per_seq = 2;
+    c.block_tables = tables.data();
+    c.num_logit_rows = static_cast<int>(s.logit_rows.size());
+    c.logit_rows = s.logit_rows.data();
+    const Tensor a = dist.forward_paged(c, tp_cache).clone();
+    const Tensor b = single.forward_paged(c, one_cache);
+    ASSERT_EQ(a.size(0), c.num_logit_rows);
+    ASSERT_EQ(a.size(1), config.vocab_size);  // whole, padding dropped
+    double diff = 0, ref = 0;
+    for (int64_t i = 0; i < b.numel(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::fabs(a.data<float>()[i] - b.data<float>()[i])));
+      ref = std::max(ref, static_cast<double>(std::fabs(b.data<float>()[i])));
+    }
+    EXPECT_LT(diff / ref, bf16_kv ? 2e-2 : 1e-4)
+        << family_name(config.family) << " step " << k << (invariant ? " invariant" : " blas");
+  }
+}
+
+TEST(TensorParallel, PagedInferenceForwardMatchesOneRank) {
+  for (bool invariant : {true, false}) {
+    expect_paged_tp_matches_one_rank(testing::tiny_gpt2(), invariant, false);
+    expect_paged_tp_matches_one_rank(testing::tiny_llama(), invariant, false);
+  }
+  expect_paged_tp_matches_one_rank(testing::tiny_llama(), true, true);
 }
 
 TEST(TensorParallel, CheckpointIsWholeAndLoadsAtAnyTp) {

@@ -51,6 +51,29 @@ class ServingE2E : public ::testing::Test {
     return std::make_unique<ServerProcess>(args, log(name));
   }
 
+  // A tensor-parallel replica: `mpirun -np ranks tandem serve ...` (one thread per rank).
+  std::unique_ptr<ServerProcess> serve_tp(int ranks, std::vector<std::string> extra,
+                                          const std::string& name, bool slow = false) {
+    for (const char* v : {"OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"}) {
+      ::setenv(v, "1", 1);
+    }
+    ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+    std::vector<std::string> args = {
+        "serve",     "--model", slow ? slow_model_dir_ : model_dir_, "--metrics-port", "0",
+        "--threads", "1",       "--drain-grace",                     "10"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return std::make_unique<ServerProcess>(
+        args, log(name),
+        std::vector<std::string>{TANDEM_MPIRUN, "--oversubscribe", "-np", std::to_string(ranks)});
+  }
+  // The pid of mpirun's child of the given rank (-1 when not found).
+  static pid_t rank_pid(ServerProcess& server, int rank) {
+    for (pid_t pid : child_processes(server.process().pid())) {
+      if (mpi_rank_of(pid) == rank) return pid;
+    }
+    return -1;
+  }
+
   std::unique_ptr<ScratchDir> dir_;
   std::string model_dir_, slow_model_dir_;
 };
@@ -372,6 +395,93 @@ TEST_F(ServingE2E, SigtermDrainsInFlightRequestsAndExitsZero) {
   EXPECT_TRUE(in_flight.status.ok()) << in_flight.status.error_message();
   EXPECT_EQ(in_flight.tokens.size(), 300u);
   EXPECT_EQ(server->process().stop(0, 20.0), 0) << server->process().log();
+}
+
+// ---- a tensor-parallel replica (mpirun -np 2 tandem serve) ------------------------------------
+
+TEST_F(ServingE2E, TensorParallelReplicaAnswersLikeOneProcess) {
+  auto one = serve({"--no-request-log"}, "tp1.log");
+  auto two = serve_tp(2, {"--no-request-log"}, "tp2.log");
+  ASSERT_GT(two->port(), 0) << two->process().log();
+  EXPECT_NE(two->process().log().find("tensor-parallel over 2 ranks"), std::string::npos);
+  auto a = connect(one->address());
+  auto b = connect(two->address());
+  const std::vector<std::string> prompts = {"The quick brown fox", "In the beginning God",
+                                            "Serving a model means", "And the earth was"};
+  std::vector<std::vector<int32_t>> expected;
+  for (const std::string& prompt : prompts) {
+    pb::GenerateResponse x, y;
+    ASSERT_TRUE(unary(*a, greedy(prompt, 32), &x).ok());
+    const grpc::Status st = unary(*b, greedy(prompt, 32), &y);
+    ASSERT_TRUE(st.ok()) << st.error_message() << "\n" << two->process().log();
+    expected.emplace_back(x.token_ids().begin(), x.token_ids().end());
+    EXPECT_EQ(std::vector<int32_t>(y.token_ids().begin(), y.token_ids().end()), expected.back())
+        << prompt;
+    EXPECT_EQ(y.text(), x.text()) << prompt;
+    // GenerateStream yields the same tokens as Generate.
+    const StreamResult s = stream(*b, greedy(prompt, 32));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, expected.back()) << prompt;
+    EXPECT_EQ(s.text, y.text());
+  }
+  // Many at once: batched steps (prefill and decode rows mixed) give the same answers.
+  std::vector<StreamResult> results(16);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 16; ++i) {
+    clients.emplace_back([&, i] { results[i] = stream(*b, greedy(prompts[i % 4], 32)); });
+  }
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, expected[i % 4]) << i;
+  }
+  // The pool is the same size on every rank: KV blocks are reported and freed.
+  EXPECT_GT(scrape(two->metrics_port(), "tandem_kv_blocks_free"), 0.0);
+  // SIGTERM to the leader: it drains, tells the other rank to stop, and the job exits 0.
+  const pid_t leader = rank_pid(*two, 0), worker = rank_pid(*two, 1);
+  ASSERT_GT(leader, 0);
+  ASSERT_GT(worker, 0);
+  ::kill(leader, SIGTERM);
+  EXPECT_EQ(two->process().stop(0, 30.0), 0) << two->process().log();
+  EXPECT_NE(two->process().log().find("tensor-parallel rank 1 stopped"), std::string::npos)
+      << two->process().log();
+}
+
+TEST_F(ServingE2E, TensorParallelReplicaWhoseWorkerDiesEndsEveryRequestAndExits) {
+  auto two = serve_tp(2, {"--no-request-log"}, "tp_kill.log", /*slow=*/true);
+  ASSERT_GT(two->port(), 0) << two->process().log();
+  auto stub = connect(two->address());
+  std::vector<StreamResult> results(3);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 3; ++i) {
+    clients.emplace_back([&, i] {
+      pb::GenerateRequest r = long_request(1000);
+      r.set_prompt("request " + std::to_string(i));
+      results[i] = stream(*stub, r, 60.0);
+    });
+  }
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(two->metrics_port(), "tandem_num_requests_running") == 3.0; }, 20.0));
+  const pid_t worker = rank_pid(*two, 1);
+  ASSERT_GT(worker, 0);
+  const auto killed = std::chrono::steady_clock::now();
+  ::kill(worker, SIGKILL);
+  for (auto& t : clients) t.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(results[i].status.error_code(), grpc::StatusCode::UNAVAILABLE)
+        << i << ": " << results[i].status.error_message();
+    EXPECT_LT(results[i].tokens.size(), 1000u);
+  }
+  EXPECT_LT(seconds, 30.0) << "the requests hung after the worker died";
+  // The job ends, non-zero, without anyone stopping it.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (two->process().running() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_FALSE(two->process().running()) << "the replica outlived its worker by 60 s";
+  EXPECT_NE(two->process().stop(SIGKILL, 5.0), 0);
 }
 
 // ---- through the router ---------------------------------------------------------------------

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -114,8 +115,11 @@ class ChildProcess {
 // `tandem serve` or `tandem router` on 127.0.0.1, port 0 unless given; ports read from its log.
 class ServerProcess {
  public:
-  ServerProcess(std::vector<std::string> args, const std::string& log_path) {
+  // launcher: what runs the binary (e.g. {mpirun, -np, 2}), empty = the binary itself.
+  ServerProcess(std::vector<std::string> args, const std::string& log_path,
+                const std::vector<std::string>& launcher = {}) {
     args.insert(args.begin(), tandem_binary());
+    args.insert(args.begin(), launcher.begin(), launcher.end());
     bool has_port = false;
     for (const auto& a : args) has_port = has_port || a == "--port";
     if (!has_port) {
@@ -144,6 +148,39 @@ class ServerProcess {
   std::unique_ptr<ChildProcess> process_;
   int port_ = -1, metrics_port_ = -1;
 };
+
+// The processes whose parent is `parent` (from /proc), e.g. the ranks mpirun started.
+inline std::vector<pid_t> child_processes(pid_t parent) {
+  std::vector<pid_t> out;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = read_text(entry.path().string() + "/stat");
+    const size_t close = stat.rfind(')');  // "pid (comm) state ppid ..."
+    if (close == std::string::npos) continue;
+    std::istringstream in(stat.substr(close + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    in >> state >> ppid;
+    if (ppid == parent) out.push_back(static_cast<pid_t>(std::stoi(name)));
+  }
+  return out;
+}
+
+// The rank (OMPI_COMM_WORLD_RANK in its environment) of a process started by mpirun; -1 if none.
+inline int mpi_rank_of(pid_t pid) {
+  const std::string env = read_text("/proc/" + std::to_string(pid) + "/environ");
+  const std::string key = std::string("OMPI_COMM_WORLD_RANK=");
+  size_t at = 0;
+  while (at < env.size()) {
+    const size_t end = env.find('\0', at);
+    const std::string var = env.substr(at, end == std::string::npos ? std::string::npos : end - at);
+    if (var.rfind(key, 0) == 0) return std::stoi(var.substr(key.size()));
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return -1;
+}
 
 inline std::unique_ptr<tandem::v1::Generation::Stub> connect(const std::string& address,
                                                              int max_send_bytes = 4 << 20) {

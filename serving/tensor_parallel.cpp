@@ -1,0 +1,64 @@
+#include "serving/tensor_parallel.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "runtime/error.h"
+#include "serving/step_plan.h"
+
+namespace tandem::serving {
+
+int all_reduce_min(Communicator& group, int value) {
+  std::vector<int32_t> all(static_cast<size_t>(group.size()));
+  const int32_t mine = value;
+  group.all_gather(&mine, all.data(), 1, DType::kI32);
+  return *std::min_element(all.begin(), all.end());
+}
+
+void TensorParallelLeader::attach(EngineConfig& config) {
+  require(tp_.rank() == 0, "tensor-parallel replica: the leader must be tp rank 0, this is rank ",
+          tp_.rank());
+  config.before_forward = [this](const AttentionContext& ctx) {
+    StepPlan plan = StepPlan::from_context(ctx, step_++);
+    broadcast_step_plan(tp_, plan, 0);
+  };
+  config.agree_num_blocks = [this](int blocks) { return all_reduce_min(tp_, blocks); };
+}
+
+void TensorParallelLeader::shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  StepPlan plan = StepPlan::shutdown(step_);
+  broadcast_step_plan(tp_, plan, 0);
+}
+
+int64_t run_tensor_parallel_worker(Transformer& model, Communicator& tp, const EngineConfig& config,
+                                   Watchdog* watchdog) {
+  require(tp.rank() != 0, "tensor-parallel worker: tp rank 0 is the leader");
+  require(model.tp_size() == tp.size(), "tensor-parallel worker: the model is split over ",
+          model.tp_size(), " ranks, the group has ", tp.size());
+  Engine::check_config(config);
+  model.prepare_inference(Engine::inference_options(config));
+  const int blocks = all_reduce_min(tp, Engine::kv_pool_blocks(model, config));
+  require(blocks >= 1, "tensor-parallel worker: the KV pool has no block");
+  std::unique_ptr<KvCache> cache = Engine::make_kv_cache(model, config, blocks);
+  const double timeout = watchdog != nullptr ? watchdog->timeout_s() : 0.0;
+  int64_t steps = 0;
+  for (;;) {
+    StepPlan plan;
+    if (watchdog != nullptr) {
+      watchdog->set_activity("waiting for the leader's next step");
+      watchdog->set_timeout(0);  // idle is not hung
+    }
+    broadcast_step_plan(tp, plan, 0);
+    if (watchdog != nullptr) {
+      watchdog->set_timeout(timeout);
+      watchdog->set_activity(cat("serving step ", plan.step));
+    }
+    if (plan.kind == StepPlan::Kind::kShutdown) return steps;
+    model.forward_paged(plan.context(), *cache);
+    ++steps;
+  }
+}
+
+}  // namespace tandem::serving
