@@ -250,7 +250,8 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
       "One trainer per checkpoint.dir (a lock); Ctrl-C / SIGTERM / SIGHUP stop after the current\n"
       "step with a checkpoint and exit 128+signal.\n"
       "Under mpirun -np N: data parallel over N ranks (data.batch_size per rank;\n"
-      "--parallel.zero=1 shards the AdamW moments; a failing rank aborts every rank).");
+      "--parallel.zero=1 shards the AdamW moments, =2 the gradients too; a failing rank aborts\n"
+      "every rank).");
   return c;
 }
 

@@ -114,6 +114,11 @@ int64_t Transformer::parameter_count(const ModelConfig& config, int tp) {
   return Transformer(config, LayoutOnly{}, tp).num_parameters();
 }
 
+std::vector<std::pair<int64_t, int64_t>> Transformer::gradient_segments(const ModelConfig& config,
+                                                                        int tp) {
+  return Transformer(config, LayoutOnly{}, tp).gradient_segments();
+}
+
 int64_t Transformer::activation_bytes(const ModelConfig& config, int B, int T, int tp) {
   const int64_t V = Transformer(config, LayoutOnly{}, tp).vocab_local();
   int64_t bytes = 0;
@@ -425,13 +430,12 @@ void Transformer::norm_forward(float* out, float* mean, float* rstd, const float
 }
 
 void Transformer::norm_backward(float* dinp, const float* dout, const float* inp, const float* mean,
-                                const float* rstd, int64_t w, int64_t b, int N) {
+                                const float* rstd, int64_t w, float* dw, float* db, int N) {
   const float* p = params_.data<float>();
-  float* g = grads_.data<float>();
   if (config_.is_llama()) {
-    ops_->rmsnorm_backward(dinp, g + w, dout, inp, p + w, rstd, N, config_.n_embd);
+    ops_->rmsnorm_backward(dinp, dw, dout, inp, p + w, rstd, N, config_.n_embd);
   } else {
-    ops_->layernorm_backward(dinp, g + w, g + b, dout, inp, p + w, mean, rstd, N, config_.n_embd);
+    ops_->layernorm_backward(dinp, dw, db, dout, inp, p + w, mean, rstd, N, config_.n_embd);
   }
 }
 
@@ -546,10 +550,23 @@ void Transformer::backward() {
   const bool llama = d.llama;
   const WeightLayout wl = d.layout;
   const size_t NC = static_cast<size_t>(N) * C;
-  grads();
   const float* p = params_.data<float>();
-  float* g = grads_.data<float>();
-  auto gbias = [&](int64_t off) { return off >= 0 ? g + off : nullptr; };
+  // The gradient memory of one segment (see set_gradient_sink): grads() or the sink's.
+  struct Segment {
+    int64_t begin = 0;
+    float* data = nullptr;
+    float* at(int64_t off) const { return off >= 0 ? data + (off - begin) : nullptr; }
+  };
+  float* const whole = gradient_sink_ ? nullptr : grads().data<float>();
+  auto segment = [&](int64_t begin, int64_t end) {
+    return Segment{begin, whole != nullptr ? whole + begin : gradient_sink_(begin, end)};
+  };
+  const int64_t total = layout_.total_numel();
+  const int64_t embeddings_end = layers_.empty() ? lnf_w_ : layers_[0].ln1_w;
+  const Segment head = segment(lnf_w_, total);
+  // A tied LM head writes into wte's gradient now; the embeddings finish it at the end.
+  const Segment embeddings = c.tie_embeddings ? segment(0, embeddings_end) : Segment{};
+  const Segment& lm_head_grad = lm_head_ >= lnf_w_ ? head : embeddings;
 
   float* dlogits = a.logits.data<float>();  // overwritten in place
   const float dloss = a.num_targets > 0 ? 1.0f / a.num_targets : 0.0f;
@@ -563,12 +580,12 @@ void Transformer::backward() {
   float* d_res = a.d_residual.data<float>();
   // Column-parallel GEMMs (the LM head, QKV, the MLP's up): each rank's input gradient is a
   // partial sum over its columns, all-reduced before it flows on.
-  ops_->matmul_backward(d_ln, g + lm_head_, nullptr, dlogits, a.lnf.data<float>(), p + lm_head_, N,
-                        C, vocab_local_, WeightLayout::kOutIn);
+  ops_->matmul_backward(d_ln, lm_head_grad.at(lm_head_), nullptr, dlogits, a.lnf.data<float>(),
+                        p + lm_head_, N, C, vocab_local_, WeightLayout::kOutIn);
   tp_all_reduce(d_ln, NC);
   a.d_residual.zero();
   norm_backward(d_res, d_ln, a.residual.data<float>() + c.n_layer * NC, a.lnf_mean.data<float>(),
-                a.lnf_rstd.data<float>(), lnf_w_, lnf_b_, N);
+                a.lnf_rstd.data<float>(), lnf_w_, head.at(lnf_w_), head.at(lnf_b_), N);
   // The final norm (and an untied LM head) sit after the last layer in the flat buffer.
   if (gradients_ready_) gradients_ready_(lnf_w_);
 
@@ -578,24 +595,27 @@ void Transformer::backward() {
   float* d_fc_act = a.d_fc_act.data<float>();
   for (int l = c.n_layer - 1; l >= 0; --l) {
     const LayerOffsets& o = layers_[l];
+    const Segment g = segment(o.ln1_w, l + 1 < c.n_layer ? layers_[l + 1].ln1_w : lnf_w_);
     const LayerActs la = a.layer(l, d);
     const float *x = la.x, *x_mid = la.x_mid, *ln1 = la.ln1, *ln2 = la.ln2, *qkv = la.qkv;
     const float *att = la.att, *lse = la.lse, *fc_pre = la.fc_pre, *fc_act = la.fc_act;
 
     // MLP block: x_out = x_mid + down(act(up(norm2(x_mid)))); d_res holds d x_out.
-    ops_->matmul_backward(d_fc_act, g + o.down_w, gbias(o.down_b), d_res, fc_act, p + o.down_w, N,
-                          F, C, wl);
+    ops_->matmul_backward(d_fc_act, g.at(o.down_w), g.at(o.down_b), d_res, fc_act, p + o.down_w,
+                          N, F, C, wl);
     if (llama) {
       ops_->swiglu_backward(d_fc_pre, d_fc_act, fc_pre, N, F);
     } else {
       ops_->gelu_backward(d_fc_pre, fc_pre, d_fc_act, static_cast<size_t>(N) * F);
     }
-    ops_->matmul_backward(d_ln, g + o.up_w, gbias(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP, wl);
+    ops_->matmul_backward(d_ln, g.at(o.up_w), g.at(o.up_b), d_fc_pre, ln2, p + o.up_w, N, C, UP,
+                          wl);
     tp_all_reduce(d_ln, NC);
-    norm_backward(d_res, d_ln, x_mid, la.ln2_mean, la.ln2_rstd, o.ln2_w, o.ln2_b, N);
+    norm_backward(d_res, d_ln, x_mid, la.ln2_mean, la.ln2_rstd, o.ln2_w, g.at(o.ln2_w),
+                  g.at(o.ln2_b), N);
 
     // Attention block: x_mid = x + out_proj(attention(rope(qkv(norm1(x))))).
-    ops_->matmul_backward(d_att, g + o.attn_out_w, gbias(o.attn_out_b), d_res, att,
+    ops_->matmul_backward(d_att, g.at(o.attn_out_w), g.at(o.attn_out_b), d_res, att,
                           p + o.attn_out_w, N, HD, C, wl);
     ops_->attention_backward(d_qkv, d_att, qkv, att, lse, B, T, H, KV, D);
     if (llama) {
@@ -604,20 +624,34 @@ void Transformer::backward() {
       ops_->rope_backward(d_qkv + HD, a.positions.data<int32_t>(), rope_cos_.data<float>(),
                           rope_sin_.data<float>(), N, KV, D, QKV);
     }
-    ops_->matmul_backward(d_ln, g + o.qkv_w, gbias(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
+    ops_->matmul_backward(d_ln, g.at(o.qkv_w), g.at(o.qkv_b), d_qkv, ln1, p + o.qkv_w, N, C, QKV,
                           wl);
     tp_all_reduce(d_ln, NC);
-    norm_backward(d_res, d_ln, x, la.ln1_mean, la.ln1_rstd, o.ln1_w, o.ln1_b, N);
+    norm_backward(d_res, d_ln, x, la.ln1_mean, la.ln1_rstd, o.ln1_w, g.at(o.ln1_w), g.at(o.ln1_b),
+                  N);
     if (gradients_ready_) gradients_ready_(o.ln1_w);  // a layer's first parameter
   }
+  const Segment e = c.tie_embeddings ? embeddings : segment(0, embeddings_end);
   if (tp_size_ > 1) {
-    tp_embedding_backward(d_res, a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N);
+    tp_embedding_backward(e.at(wte_), e.at(wpe_), d_res, a.tokens.data<int32_t>(),
+                          a.positions.data<int32_t>(), N);
   } else {
-    ops_->embedding_backward(g + wte_, llama ? nullptr : g + wpe_, d_res, a.tokens.data<int32_t>(),
-                             a.positions.data<int32_t>(), N, C);
+    ops_->embedding_backward(e.at(wte_), llama ? nullptr : e.at(wpe_), d_res,
+                             a.tokens.data<int32_t>(), a.positions.data<int32_t>(), N, C);
   }
   if (gradients_ready_) gradients_ready_(0);
   a.has_targets = false;  // the logits buffer now holds gradients
+}
+
+std::vector<std::pair<int64_t, int64_t>> Transformer::gradient_segments() const {
+  std::vector<std::pair<int64_t, int64_t>> segments;
+  segments.emplace_back(lnf_w_, layout_.total_numel());
+  for (int l = config_.n_layer - 1; l >= 0; --l) {
+    segments.emplace_back(layers_[l].ln1_w,
+                          l + 1 < config_.n_layer ? layers_[l + 1].ln1_w : lnf_w_);
+  }
+  segments.emplace_back(0, layers_.empty() ? lnf_w_ : layers_[0].ln1_w);
+  return segments;
 }
 
 void Transformer::zero_grad() {
@@ -679,13 +713,11 @@ void Transformer::tp_embedding_forward(float* out, const int32_t* tokens, const 
   }
 }
 
-void Transformer::tp_embedding_backward(const float* dout, const int32_t* tokens,
-                                        const int32_t* positions, int N) {
+void Transformer::tp_embedding_backward(float* dwte, float* dwpe, const float* dout,
+                                        const int32_t* tokens, const int32_t* positions, int N) {
   // Rows in row order (deterministic); a rank accumulates only its vocabulary slice.
   const int C = config_.n_embd;
   const int64_t first = static_cast<int64_t>(tp_rank_) * vocab_local_;
-  float* dwte = grads_.data<float>() + wte_;
-  float* dwpe = wpe_ >= 0 ? grads_.data<float>() + wpe_ : nullptr;
   for (int n = 0; n < N; ++n) {
     const float* g = dout + static_cast<size_t>(n) * C;
     const int64_t t = tokens[n] - first;

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "runtime/communicator.h"
@@ -71,6 +72,7 @@ class Transformer {
   Tensor& params() { return params_; }
   const Tensor& params() const { return params_; }
   Tensor& grads();  // allocated on first use
+  bool grads_allocated() const { return grads_.defined(); }  // false under a gradient sink
   // A named parameter (or its gradient) as a view of the flat buffer.
   Tensor param(const std::string& name) const;
   Tensor grad(const std::string& name);
@@ -115,6 +117,22 @@ class Transformer {
   // bucket's all-reduce once the watermark passes it. Empty = no hook.
   using GradientsReadyHook = std::function<void(int64_t watermark)>;
   void set_gradients_ready_hook(GradientsReadyHook hook) { gradients_ready_ = std::move(hook); }
+
+  // Where backward writes gradients. By default into grads(). With a sink (ZeRO-2), backward
+  // asks it for each gradient segment just before writing it, and grads() is never allocated:
+  // the segments are [lnf, end) (the final norm and an untied LM head), each layer's parameters
+  // (last layer first) and the embeddings [0, first layer) (asked for first when the LM head is
+  // tied to wte, and again at the end: the sink must return the same memory within one
+  // backward). The sink returns device memory of end - begin floats holding what backward should
+  // accumulate into (zeros for a fresh gradient); the hook above reports when each is final.
+  // The sink must outlive its use; null restores grads().
+  using GradientSink = std::function<float*(int64_t begin, int64_t end)>;
+  void set_gradient_sink(GradientSink sink) { gradient_sink_ = std::move(sink); }
+  // The segments above as [begin, end) flat ranges, in the order backward finishes them.
+  std::vector<std::pair<int64_t, int64_t>> gradient_segments() const;
+  // The same from the config alone (for memory estimates), on one of `tp` ranks.
+  static std::vector<std::pair<int64_t, int64_t>> gradient_segments(const ModelConfig& config,
+                                                                    int tp = 1);
 
   // [B*T, vocab] logits of the last forward, on the model's device ([B*T, vocab_local()], this
   // rank's vocabulary slice, under tensor parallelism).
@@ -161,15 +179,15 @@ class Transformer {
   void build_layout();
   void tp_all_reduce(float* buffer, size_t count) const;
   void tp_embedding_forward(float* out, const int32_t* tokens, const int32_t* positions, int N);
-  void tp_embedding_backward(const float* dout, const int32_t* tokens, const int32_t* positions,
-                             int N);
+  void tp_embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                             const int32_t* positions, int N);
   int tp_cross_entropy_forward(int N);
   void tp_cross_entropy_backward(float dloss, int N);
   void ensure_activations(int B, int T);
   void norm_forward(float* out, float* mean, float* rstd, const float* inp, const float* p,
                     int64_t w, int64_t b, int N) const;
   void norm_backward(float* dinp, const float* dout, const float* inp, const float* mean,
-                     const float* rstd, int64_t w, int64_t b, int N);
+                     const float* rstd, int64_t w, float* dw, float* db, int N);
 
   ModelConfig config_;
   Communicator* tp_ = nullptr;
@@ -185,6 +203,7 @@ class Transformer {
   std::shared_ptr<Activations> acts_;
   std::shared_ptr<InferenceState> infer_;
   GradientsReadyHook gradients_ready_;
+  GradientSink gradient_sink_;
 };
 
 }  // namespace tandem

@@ -11,8 +11,10 @@
 // of every bucket, its AdamW holds moments for those pieces only (about 1/dp of the state) and
 // updates them, and the parameters are all-gathered afterwards. Same results as plain AdamW
 // (element-wise update; only the gradient norm's partial sums are grouped differently).
-// zero = 2 would also drop the non-owned gradient pieces; backward here accumulates into one flat
-// buffer, so it is not offered (an error says so).
+// zero = 2 also keeps only the owned gradient pieces (parallel/sharded_gradients.h): backward
+// writes each segment into a transient buffer that is reduce-scattered as soon as it is final
+// and then released, and the shard is the only persistent gradient buffer; every micro-batch
+// communicates.
 //
 // Determinism: scalars (loss, gradient norm) are combined with sum_in_rank_order; the reductions
 // of gradients are the communicator's. Every rank ends a step with identical parameters.
@@ -20,8 +22,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "parallel/gradient_reducer.h"
+#include "parallel/sharded_gradients.h"
 #include "runtime/communicator.h"
 #include "runtime/transformer.h"
 #include "training/optimizer.h"
@@ -30,7 +34,7 @@ namespace tandem {
 
 struct DataParallelOptions {
   double bucket_mb = 25.0;  // MiB of F32 gradients per bucket
-  int zero = 0;             // 0 or 1
+  int zero = 0;             // 0, 1 or 2
 };
 
 class DataParallel {
@@ -46,7 +50,13 @@ class DataParallel {
   int dp() const { return host_.size(); }
   int dp_rank() const { return host_.rank(); }
   int zero() const { return options_.zero; }
-  GradientReducer& reducer() { return *reducer_; }
+  // Stages 0 and 1 (tandem::Error under stage 2, which has no whole gradient buffer).
+  GradientReducer& reducer();
+  size_t num_buckets() const;
+  // Seconds blocked waiting for gradient collectives (not hidden behind backward).
+  double exposed_seconds() const;
+  // ZeRO-2's gradient shard (null below stage 2).
+  ShardedGradients* sharded() { return sharded_.get(); }
 
   // Zeroes the gradients, runs K micro-batches [B, T] (inputs/targets hold K*B*T tokens, this
   // rank's share), reduces. Returns the mean loss over the micro-batches of every dp rank (the
@@ -73,7 +83,15 @@ class DataParallel {
   Communicator& grads_group_;
   Communicator& host_;
   DataParallelOptions options_;
-  std::unique_ptr<GradientReducer> reducer_;
+  // This rank's part of the gradient: [begin, end) flat ranges and where each one's values are.
+  struct GradientPiece {
+    int64_t begin, end;
+    float* data;
+  };
+  std::vector<GradientPiece> gradient_pieces();
+
+  std::unique_ptr<GradientReducer> reducer_;   // stages 0 and 1
+  std::unique_ptr<ShardedGradients> sharded_;  // stage 2
 };
 
 }  // namespace tandem

@@ -1,5 +1,6 @@
 #include "training/memory_estimate.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "runtime/error.h"
@@ -36,6 +37,21 @@ TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size
   if (zero >= 1 && dp > 1) {
     const uint64_t params = m.parameters / 4;
     m.optimizer_state = (params + dp - 1) / dp * 8;
+  }
+  if (zero >= 2) {
+    // The gradient shard, plus what backward holds at once (parallel/sharded_gradients.h): the
+    // embeddings' segment (a tied wte lives through the whole backward) and about two more
+    // segments (the one being written, one still being reduced).
+    const uint64_t params = m.parameters / 4;
+    uint64_t embeddings = 0, largest = 0;
+    for (const auto& [b, e] : Transformer::gradient_segments(model, tp)) {
+      if (b == 0) {
+        embeddings = static_cast<uint64_t>(e - b);
+      } else {
+        largest = std::max(largest, static_cast<uint64_t>(e - b));
+      }
+    }
+    m.gradients = ((params + dp - 1) / dp + embeddings + 2 * largest) * 4;
   }
   return m;
 }

@@ -92,6 +92,18 @@ void AdamW::step(float* params, const float* grads, float lr) {
   }
 }
 
+void AdamW::step_compact(float* params, const float* owned_grads, float lr) {
+  require(sharded_, "AdamW: step_compact is for a sharded optimizer");
+  ++step_;
+  float* m = m_.data<float>();
+  float* v = v_.data<float>();
+  for (const Segment& s : segments_) {
+    ops_->adamw_step(params + s.offset, owned_grads + s.state_offset, m + s.state_offset,
+                     v + s.state_offset, static_cast<size_t>(s.numel), lr, config_.beta1,
+                     config_.beta2, config_.eps, s.weight_decay, step_);
+  }
+}
+
 void AdamW::save(const std::string& path) const {
   require(!sharded_,
           "AdamW: a sharded optimizer is saved through an unsharded one (export_moments)");

@@ -42,6 +42,9 @@ class AdamW {
   // params and grads are flat buffers (the whole layout) on the optimizer's device; a sharded
   // AdamW reads and writes only its ranges.
   void step(float* params, const float* grads, float lr);
+  // Sharded: the same with the gradients of the owned ranges only, back to back (ZeRO-2's
+  // gradient shard, laid out like the moments).
+  void step_compact(float* params, const float* owned_grads, float lr);
   long step_count() const { return step_; }
   void set_step_count(long step) { step_ = step; }  // with moments moved in from elsewhere
   // Elements of moment state held (the layout's size, or the owned ranges' total).

@@ -313,7 +313,7 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
     SectionReader r(section(j, "parallel"), "parallel", sources);
     r.field<int>("tp", c.parallel_tp, positive<int>(), "> 0")
         .field<int>(
-            "zero", c.parallel_zero, [](int z) { return z == 0 || z == 1; }, "0 or 1")
+            "zero", c.parallel_zero, [](int z) { return z >= 0 && z <= 2; }, "0, 1 or 2")
         .field<double>("bucket_mb", c.parallel_bucket_mb, positive<double>(), "> 0")
         .field<double>("timeout_s", c.parallel_timeout_s, positive<double>(), "> 0");
     r.finish();

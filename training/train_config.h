@@ -60,7 +60,7 @@ struct TrainConfig {
   // Under mpirun: dp = world size / tp. batch_size is per dp rank (the global batch is
   // dp * grad_accum * batch_size sequences).
   int parallel_tp = 1;                // tensor-parallel ranks (Megatron; CPU models)
-  int parallel_zero = 0;              // 0, or 1 = AdamW moments sharded over dp
+  int parallel_zero = 0;  // 0; 1 = AdamW moments sharded over dp; 2 = gradients sharded too
   double parallel_bucket_mb = 25.0;   // gradient all-reduce bucket, MiB
   double parallel_timeout_s = 600.0;  // a collective running longer aborts the job
 

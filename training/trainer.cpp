@@ -535,7 +535,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   if (distributed) {
     log_ << "tandem: data parallel over " << dp << " ranks (global batch " << dp << " x " << B
          << " x " << K << " sequences), ZeRO stage " << config_.parallel_zero << ", "
-         << dp_->reducer().buckets().size()
+         << dp_->num_buckets()
          << " gradient buckets of <= " << config_.parallel_bucket_mb << " MiB, collective timeout "
          << config_.parallel_timeout_s << " s" << std::endl;
   }

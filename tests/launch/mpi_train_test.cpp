@@ -137,6 +137,15 @@ TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
   EXPECT_NEAR(mz.memory.at("optimizer_state").get<double>() * 2,
               m2.memory.at("optimizer_state").get<double>(), 16);
   EXPECT_EQ(mz.memory.at("zero").get<int>(), 1);
+  // ZeRO-2 (the gradients sharded too) trains the same, with the same optimizer state per rank.
+  const Outcome zero2 = train("zero2", 2, "--parallel.zero=2");
+  ASSERT_EQ(zero2.status, 0) << zero2.output;
+  const Metrics mz2 = read_metrics(dir_ / "zero2");
+  expect_close(mz2.loss, m1.loss, 1e-5, "dp=2 zero=2 loss");
+  expect_close(mz2.val_loss, m1.val_loss, 1e-5, "dp=2 zero=2 val loss");
+  EXPECT_EQ(mz2.memory.at("zero").get<int>(), 2);
+  EXPECT_NEAR(mz2.memory.at("optimizer_state").get<double>(),
+              mz.memory.at("optimizer_state").get<double>(), 16);
 
   // Resharding: the dp=2 zero=1 run's step-3 checkpoint resumed on one rank, and the one-rank
   // run's step-3 checkpoint resumed on dp=2 zero=1, continue like the uninterrupted runs.
@@ -151,6 +160,12 @@ TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
   const Metrics ma = read_metrics(dir_ / "zero_to_one"), mb = read_metrics(dir_ / "one_to_zero");
   expect_close(ma.loss, m1.loss, 1e-5, "zero=1 dp=2 -> 1 rank");
   expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> zero=1 dp=2");
+  // Across stages: the zero=1 checkpoint resumed at zero=2.
+  fs::copy(dir_ / "zero", dir_ / "zero1_to_zero2", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "zero1_to_zero2" / "checkpoints" / "step_00000006");
+  const Outcome e = train("zero1_to_zero2", 2, "--parallel.zero=2 --checkpoint.resume=true");
+  ASSERT_EQ(e.status, 0) << e.output;
+  expect_close(read_metrics(dir_ / "zero1_to_zero2").loss, m1.loss, 1e-5, "zero=1 -> zero=2");
 
   // The same layout resumes bit for bit.
   fs::copy(dir_ / "two", dir_ / "two_again", fs::copy_options::recursive);

@@ -81,7 +81,7 @@ void expect_dp_matches_one_rank(const ModelConfig& config, int zero) {
   DataParallel single_dp(single, local, local, {.bucket_mb = 25, .zero = 0});
   // Buckets of 300 floats: several per layer, so overlap and bucket edges are exercised.
   DataParallel dist_dp(dist, ctx.dp(), ctx.dp(), {.bucket_mb = 300 * 4 / 1048576.0, .zero = zero});
-  ASSERT_GT(dist_dp.reducer().buckets().size(), 4u);
+  ASSERT_GT(dist_dp.num_buckets(), 4u);
   auto single_opt = single_dp.make_optimizer(adamw);
   auto dist_opt = dist_dp.make_optimizer(adamw);
 
@@ -102,10 +102,18 @@ void expect_dp_matches_one_rank(const ModelConfig& config, int zero) {
   if (zero >= 1) {
     // About 1/dp of the optimizer state per rank, and gathered it is the unsharded state.
     const int64_t n = dist.num_parameters();
-    EXPECT_LE(dist_opt->state_numel(),
-              n / dp + static_cast<int64_t>(dist_dp.reducer().buckets().size()));
-    EXPECT_GE(dist_opt->state_numel(),
-              n / dp - static_cast<int64_t>(dist_dp.reducer().buckets().size()));
+    const auto buckets = static_cast<int64_t>(dist_dp.num_buckets());
+    EXPECT_LE(dist_opt->state_numel(), n / dp + buckets);
+    EXPECT_GE(dist_opt->state_numel(), n / dp - buckets);
+    if (zero == 2) {
+      // No whole gradient buffer was ever allocated: the shard (about 1/dp) is the gradient.
+      EXPECT_FALSE(dist.grads_allocated());
+      ASSERT_NE(dist_dp.sharded(), nullptr);
+      EXPECT_EQ(dist_dp.sharded()->owned_numel(), dist_opt->state_numel());
+      EXPECT_GT(dist_dp.sharded()->peak_transient_numel(), 0);
+    } else {
+      EXPECT_TRUE(dist.grads_allocated());
+    }
     auto gathered = dist_dp.gather_optimizer(*dist_opt, adamw);
     EXPECT_EQ(gathered->step_count(), steps);
     EXPECT_LE(relative_difference(gathered->exp_avg(), single_opt->exp_avg()), 1e-4);
@@ -129,6 +137,13 @@ TEST(DataParallel, Zero1Gpt2MatchesPlainAdamW) {
 }
 TEST(DataParallel, Zero1LlamaMatchesPlainAdamW) {
   expect_dp_matches_one_rank(testing::tiny_llama(), 1);
+}
+
+TEST(DataParallel, Zero2Gpt2MatchesPlainAdamW) {
+  expect_dp_matches_one_rank(testing::tiny_gpt2(), 2);
+}
+TEST(DataParallel, Zero2LlamaMatchesPlainAdamW) {
+  expect_dp_matches_one_rank(testing::tiny_llama(), 2);
 }
 
 TEST(DataParallel, OneRankEqualsPlainAccumulationBitForBit) {
