@@ -17,6 +17,8 @@
 //  4. tensor parallelism: both ranks run the same batch with the model split over them (tp = 2,
 //     Megatron: two all-reduces per layer forward, two backward, vocab-parallel loss); its step
 //     time against (1), the whole model on one rank: speedup = t(1) / t(4) (ideal 2.0).
+//  5. ZeRO-2 over both ranks: step time against (2), and the gradient memory per rank (the
+//     shard plus the most backward held at once) against the whole gradient buffer of (2).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -64,14 +66,14 @@ StepTimes time_steps(Transformer& model, DataParallel& dp, AdamW& opt, int steps
   dp.compute_gradients(in.data(), tg.data(), 1, B, T);
   dp.clip_gradients(1.0f);
   dp.optimizer_step(opt, 1e-4f);
-  const double exposed0 = dp.reducer().exposed_seconds();
+  const double exposed0 = dp.exposed_seconds();
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) {
     dp.compute_gradients(in.data(), tg.data(), 1, B, T);
     dp.clip_gradients(1.0f);
     dp.optimizer_step(opt, 1e-4f);
   }
-  return {seconds_since(t0) / steps, (dp.reducer().exposed_seconds() - exposed0) / steps};
+  return {seconds_since(t0) / steps, (dp.exposed_seconds() - exposed0) / steps};
 }
 
 }  // namespace
@@ -172,6 +174,19 @@ int main(int argc, char** argv) {
       ctx->world().barrier();
       tensor_parallel = time_steps(tp_model, tp_dp, *tp_opt, steps, B, T, 7);
     }
+    // 5. ZeRO-2 over the two ranks: the gradients as a shard plus what backward holds at once.
+    StepTimes zero2;
+    int64_t zero2_gradient_floats = 0;
+    {
+      Transformer z_model(config);
+      z_model.init_weights(1);
+      DataParallel z_dp(z_model, ctx->dp(), ctx->dp(), {.bucket_mb = bucket_mb, .zero = 2});
+      auto z_opt = z_dp.make_optimizer(adamw);
+      ctx->world().barrier();
+      zero2 = time_steps(z_model, z_dp, *z_opt, steps, B, T, 7 + ctx->rank());
+      zero2_gradient_floats =
+          z_dp.sharded()->owned_numel() + z_dp.sharded()->transient_numel();
+    }
     // A rank that finishes backward first also waits for the other one (skew, not
     // communication): the rank that waited least shows the communication left exposed.
     double exposed = together.exposed_per_step;
@@ -208,6 +223,14 @@ int main(int argc, char** argv) {
           "(1 rank x 1 thread) %8.1f ms/step: %.2fx (ideal 2.00x)\n",
           B, T, 1e3 * tensor_parallel.seconds_per_step, 1e3 * alone.seconds_per_step,
           alone.seconds_per_step / tensor_parallel.seconds_per_step);
+      const double plain_mib = model.num_parameters() * 4.0 / (1 << 20);
+      std::printf(
+          "bench_dp: ZeRO-2 (2 ranks x 1 thread): %8.1f ms/step (%.2fx plain DP's); gradient "
+          "memory per rank %.2f MiB (shard + most held during backward) vs %.2f MiB whole: "
+          "%.0f%%\n",
+          1e3 * zero2.seconds_per_step, together.seconds_per_step / zero2.seconds_per_step,
+          zero2_gradient_floats * 4.0 / (1 << 20), plain_mib,
+          100.0 * zero2_gradient_floats * 4.0 / (1 << 20) / plain_mib);
     }
     return 0;
   } catch (const std::exception& e) {

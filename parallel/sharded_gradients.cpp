@@ -76,6 +76,7 @@ std::vector<std::pair<int64_t, int64_t>> ShardedGradients::owned_ranges() const 
 
 void ShardedGradients::zero() {
   if (owned_.numel() > 0) ops_for(device_).zero(owned_.data<float>(), owned_.numel());
+  accumulated_ = false;
 }
 
 Tensor ShardedGradients::take(int64_t numel) {
@@ -86,15 +87,13 @@ Tensor ShardedGradients::take(int64_t numel) {
     pool_.erase(it);
   } else {
     t = Tensor::empty({numel}, DType::kF32, device_);
+    allocated_ += numel;  // kept by the pool from here on
   }
   ops_for(device_).zero(t.data<float>(), static_cast<size_t>(numel));
-  transient_ += numel;
-  peak_transient_ = std::max(peak_transient_, transient_);
   return t;
 }
 
 void ShardedGradients::give_back(Tensor t) {
-  transient_ -= t.numel();
   const int64_t n = t.numel();
   pool_.emplace(n, std::move(t));
 }
@@ -129,8 +128,14 @@ void ShardedGradients::start_segment(size_t s) {
     const Bucket& k = buckets_[index];
     InFlight f;
     f.bucket = index;
-    f.received = take(k.piece);
-    f.collective = group_.reduce_scatter_async(data + (k.begin - seg.begin), f.received.data<float>(),
+    float* recv;
+    if (!accumulated_ && k.owned_end - k.owned_begin == k.piece) {
+      recv = owned_.data<float>() + k.owned_offset;  // the first micro-batch: straight in
+    } else {
+      f.received = take(k.piece);  // added into the shard when it arrives
+      recv = f.received.data<float>();
+    }
+    f.collective = group_.reduce_scatter_async(data + (k.begin - seg.begin), recv,
                                                static_cast<size_t>(k.piece), DType::kF32,
                                                ReduceOp::kSum);
     in_flight_.push_back(std::move(f));
@@ -140,11 +145,13 @@ void ShardedGradients::start_segment(size_t s) {
 void ShardedGradients::complete(InFlight& f) {
   const Bucket& k = buckets_[f.bucket];
   const int64_t n = k.owned_end - k.owned_begin;
-  if (n > 0) {
-    float* dst = owned_.data<float>() + k.owned_offset;
-    ops_for(device_).add(dst, dst, f.received.data<float>(), static_cast<size_t>(n));
+  if (f.received.defined()) {
+    if (n > 0) {
+      float* dst = owned_.data<float>() + k.owned_offset;
+      ops_for(device_).add(dst, dst, f.received.data<float>(), static_cast<size_t>(n));
+    }
+    give_back(std::move(f.received));
   }
-  give_back(std::move(f.received));
   if (--pending_[k.segment] == 0) {  // the segment's buffer is no longer read by any collective
     give_back(std::move(live_[k.segment]));
     live_[k.segment] = Tensor();
@@ -172,9 +179,24 @@ void ShardedGradients::on_gradients_ready(int64_t watermark) {
   if (!armed_) return;
   // Segments whose start the watermark has reached, highest first (the same order on every rank).
   for (auto it = segment_at_.rbegin(); it != segment_at_.rend(); ++it) {
-    if (it->first >= watermark && pending_[it->second] < 0) start_segment(it->second);
+    if (it->first >= watermark && pending_[it->second] < 0) {
+      start_segment(it->second);
+      // Bound the memory: beyond kMaxSegmentsInFlight reductions in flight, wait for the oldest
+      // (where MPI makes no progress of its own, e.g. no spare core, nothing would complete
+      // before finish() and every segment would be held at once).
+      while (segments_in_flight() > kMaxSegmentsInFlight) {
+        in_flight_.front().collective.wait();
+        poll(false);
+      }
+    }
   }
   poll(false);
+}
+
+int ShardedGradients::segments_in_flight() const {
+  int n = 0;
+  for (int p : pending_) n += p > 0 ? 1 : 0;
+  return n;
 }
 
 void ShardedGradients::finish() {
@@ -183,6 +205,7 @@ void ShardedGradients::finish() {
   on_gradients_ready(0);  // anything not reported yet
   poll(true);
   armed_ = false;
+  accumulated_ = true;  // later micro-batches add into the shard
   exposed_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

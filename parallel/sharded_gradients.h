@@ -5,11 +5,13 @@
 // the Transformer's gradient sink; once the gradients-ready hook says a segment is final, its
 // buckets (the segment cut from its start into pieces of about bucket_numel, a multiple of the
 // group size) are scaled and reduce-scattered at once, overlapping the rest of backward, and
-// this rank's piece of each bucket is ADDED into owned(): the reduced gradient of its shard,
+// this rank's piece of each bucket is ADDED into owned() (received straight into it on the
+// first micro-batch when the piece is whole): the reduced gradient of its shard,
 // compact (owned_ranges() back to back, ascending), the one persistent gradient buffer (about
-// 1/dp of the parameters). A segment's buffer goes back to a pool when its buckets are done, so
-// backward holds only the embeddings (a tied wte is written first and last) and the segments
-// in flight, never the whole flat gradient.
+// 1/dp of the parameters). A segment's buffer goes back to a pool when its buckets are done, and
+// at most kMaxSegmentsInFlight segments are being reduced at once (backward waits for the
+// oldest beyond that), so backward holds the embeddings (a tied wte is written first and last),
+// the segment being written and those in flight, never the whole flat gradient.
 //
 // Per optimizer step: zero(); then for each micro-batch arm(scale) before its backward and
 // finish() after it (every micro-batch communicates: the price of not keeping a whole gradient
@@ -67,8 +69,9 @@ class ShardedGradients {
   // ranges; afterwards every rank holds every range.
   void all_gather_owned(Tensor& buffer);
 
-  // Most transient floats held at once (segment buffers + receive pieces), since construction.
-  int64_t peak_transient_numel() const { return peak_transient_; }
+  // Floats of transient buffers (segments, receive pieces) allocated so far: the pool keeps
+  // them for reuse, so this is what the transient side costs in memory.
+  int64_t transient_numel() const { return allocated_; }
   double exposed_seconds() const { return exposed_seconds_; }
 
  private:
@@ -82,6 +85,8 @@ class ShardedGradients {
   void start_segment(size_t index);
   void complete(InFlight& f);
   void poll(bool wait);
+  int segments_in_flight() const;
+  static constexpr int kMaxSegmentsInFlight = 2;
 
   Communicator& group_;
   Device device_;
@@ -95,12 +100,13 @@ class ShardedGradients {
 
   // Per backward.
   bool armed_ = false;
+  bool accumulated_ = false;  // owned() holds an earlier micro-batch's sum
   float scale_ = 1.0f;
   std::vector<Tensor> live_;        // per segment: its buffer while in use
   std::vector<int> pending_;        // per segment: buckets not yet completed (-1: not started)
   std::vector<InFlight> in_flight_;
   std::multimap<int64_t, Tensor> pool_;
-  int64_t transient_ = 0, peak_transient_ = 0;
+  int64_t allocated_ = 0;
   double exposed_seconds_ = 0.0;
 };
 

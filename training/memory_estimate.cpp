@@ -40,8 +40,8 @@ TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size
   }
   if (zero >= 2) {
     // The gradient shard, plus what backward holds at once (parallel/sharded_gradients.h): the
-    // embeddings' segment (a tied wte lives through the whole backward) and about two more
-    // segments (the one being written, one still being reduced).
+    // embeddings' segment (a tied wte lives through the whole backward), the segment being
+    // written and the two at most still being reduced.
     const uint64_t params = m.parameters / 4;
     uint64_t embeddings = 0, largest = 0;
     for (const auto& [b, e] : Transformer::gradient_segments(model, tp)) {
@@ -51,7 +51,7 @@ TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size
         largest = std::max(largest, static_cast<uint64_t>(e - b));
       }
     }
-    m.gradients = ((params + dp - 1) / dp + embeddings + 2 * largest) * 4;
+    m.gradients = ((params + dp - 1) / dp + embeddings + 3 * largest) * 4;
   }
   return m;
 }
