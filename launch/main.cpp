@@ -541,6 +541,10 @@ CLI::App* add_router(CLI::App& app, RouterArgs& a) {
       ->check(CLI::Range(0, 65535));
   c->add_option("--auth-token-file", a.options.auth_token_file,
                 "Bearer token clients must send (also sent to the replicas)");
+  c->add_option("--tls-cert", a.options.tls_cert, "PEM certificate chain (TLS on the router's port)");
+  c->add_option("--tls-key", a.options.tls_key, "PEM private key");
+  c->add_option("--replica-tls-ca", a.options.replica_tls_ca,
+                "PEM file of the CA of the replicas' certificates: connect to them with TLS");
   c->add_option("--health-interval-ms", a.options.health_interval_ms, "Replica poll interval")
       ->check(CLI::Range(10, 60000))
       ->capture_default_str();
@@ -557,6 +561,9 @@ CLI::App* add_router(CLI::App& app, RouterArgs& a) {
 int run_router(const CLI::App& command, RouterArgs& a) {
   require_no_extras(command);
   require_flags(command, {"--replicas"});
+  if (a.options.tls_cert.empty() != a.options.tls_key.empty()) {
+    throw UsageError("router: give both --tls-cert and --tls-key, or neither");
+  }
   a.options.replicas = split_list(a.replicas);
   if (a.options.replicas.empty()) throw UsageError("router: --replicas lists no replica");
   for (const std::string& r : a.options.replicas) {

@@ -153,6 +153,13 @@ int run_router_command(const RouterCommandOptions& o, const std::atomic<int>& st
   r.server.port = o.port;
   r.server.auth_token = read_auth_token(o.auth_token_file);
   r.replica_auth_token = r.server.auth_token;
+  r.server.tls_cert_file = o.tls_cert;
+  r.server.tls_key_file = o.tls_key;
+  if (!o.replica_tls_ca.empty()) {
+    r.replica_tls_ca_pem = read_file(o.replica_tls_ca, 1 << 20);
+    require(r.replica_tls_ca_pem.find("-----BEGIN CERTIFICATE-----") != std::string::npos,
+            o.replica_tls_ca, ": not a PEM certificate (--replica-tls-ca)");
+  }
   r.server.request_log = o.request_log ? stdout : nullptr;
   r.health_interval_ms = o.health_interval_ms;
   serving::MetricsRegistry registry;

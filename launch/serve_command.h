@@ -47,6 +47,8 @@ struct RouterCommandOptions {
   int port = 50050;
   int metrics_port = -1;
   std::string auth_token_file;  // checked on clients and sent to replicas
+  std::string tls_cert, tls_key;  // TLS on the router's own port
+  std::string replica_tls_ca;     // PEM file: TLS towards the replicas, verified by this CA
   int health_interval_ms = 250;
   double drain_grace_s = 30.0;
   bool request_log = true;

@@ -63,12 +63,18 @@ Router::Router(RouterOptions options, MetricsRegistry& registry)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options_.replica_tls_ca_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options_.replica_tls_ca_pem;
+    credentials = grpc::SslCredentials(ssl);
+  }
   for (const std::string& address : options_.replicas) {
     require(address.find(':') != std::string::npos, "router: replica '", address,
             "' is not host:port");
     auto r = std::make_unique<Replica>();
     r->address = address;
-    r->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    r->channel = grpc::CreateCustomChannel(address, credentials, args);
     r->stub = pb::Generation::NewStub(r->channel);
     replicas_.push_back(std::move(r));
   }

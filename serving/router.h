@@ -35,6 +35,9 @@ struct RouterOptions {
   std::vector<std::string> replicas;  // host:port
   ServerOptions server;               // the router's own port, token, limits, TLS
   std::string replica_auth_token;     // sent to the replicas ("" = none)
+  // PEM (the text) of the CA the replicas' certificates are signed by: connect to them with TLS,
+  // verifying them. "" = plaintext.
+  std::string replica_tls_ca_pem;
   int health_interval_ms = 250;
   int affinity_prefix = 64;  // bytes of text (or tokens) that decide affinity
   int overload_margin = 4;   // requests above the least loaded replica

@@ -676,8 +676,8 @@ TEST_F(ServingE2E, TlsServesAndRefusesPlaintext) {
   const std::string key = log("key.pem"), cert = log("cert.pem");
   const std::string openssl = "openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key +
                               " -out " + cert +
-                              " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost "
-                              ">/dev/null 2>&1";
+                              " -days 1 -subj /CN=localhost"
+                              " -addext subjectAltName=DNS:localhost,IP:127.0.0.1 >/dev/null 2>&1";
   if (std::system(openssl.c_str()) != 0) GTEST_SKIP() << "no openssl to make a certificate";
   auto server = serve({"--tls-cert", cert, "--tls-key", key}, "serve.log");
   grpc::SslCredentialsOptions ssl;
@@ -697,6 +697,32 @@ TEST_F(ServingE2E, TlsServesAndRefusesPlaintext) {
   grpc::ClientContext pc;
   pc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   EXPECT_FALSE(plain->Generate(&pc, greedy("The quick", 4), &out).ok());
+
+  // A router reaches the TLS replica over TLS (verifying it with the CA) and serves TLS itself.
+  auto router = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", server->address(), "--replica-tls-ca", cert,
+                               "--tls-cert", cert, "--tls-key", key, "--metrics-port", "0",
+                               "--health-interval-ms", "100"},
+      log("router.log"));
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_router_replicas_healthy") == 1.0; },
+      10.0))
+      << router->process().log();
+  auto via_router = pb::Generation::NewStub(
+      grpc::CreateCustomChannel(router->address(), grpc::SslCredentials(ssl), args));
+  pb::GenerateResponse routed;
+  grpc::ClientContext rc;
+  rc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  const grpc::Status rs = via_router->Generate(&rc, greedy("The quick", 4), &routed);
+  EXPECT_TRUE(rs.ok()) << rs.error_message() << "\n" << router->process().log();
+  EXPECT_EQ(routed.token_ids_size(), 4);
+  // Without the CA the router cannot reach the replica: it never enters the rotation.
+  auto blind = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", server->address(), "--metrics-port", "0",
+                               "--health-interval-ms", "100"},
+      log("blind_router.log"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  EXPECT_EQ(scrape(blind->metrics_port(), "tandem_router_replicas_healthy"), 0.0);
 }
 
 }  // namespace
