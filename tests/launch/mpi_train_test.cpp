@@ -202,9 +202,7 @@ TEST_F(MpiTrainTest, TensorParallelMatchesOneRankAndReshardsBothWays) {
   expect_close(mt.val_loss, m1.val_loss, 1e-5, "tp=2 val loss");
 
   // tp=2's step-3 checkpoint resumed on one rank, and one rank's resumed at tp=2, continue like
-  // the uninterrupted run. (dp x tp on 4 ranks is tested in tensor_parallel_tests_np4: 4-rank
-  // `tandem train` runs on this 2-core machine, data parallel alone included, stall now and
-  // then after a checkpoint, see the README.)
+  // the uninterrupted run. (dp x tp on 4 ranks: DataTimesTensorParallelOnFourRanks... below.)
   fs::copy(dir_ / "tp", dir_ / "tp_to_one", fs::copy_options::recursive);
   fs::remove_all(dir_ / "tp_to_one" / "checkpoints" / "step_00000006");
   const Outcome a = train("tp_to_one", 1, "--checkpoint.resume=true");
@@ -224,6 +222,32 @@ TEST_F(MpiTrainTest, TensorParallelMatchesOneRankAndReshardsBothWays) {
   ASSERT_EQ(c.status, 0) << c.output;
   const Metrics mc = read_metrics(dir_ / "tp_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), mt.loss.at(step)) << step;
+}
+
+TEST_F(MpiTrainTest, DataTimesTensorParallelOnFourRanksMatchesOneRankAndReshards) {
+  // dp = 2 x tp = 2 with ZeRO-1 on 4 ranks: the same losses as one rank; its step-3 checkpoint
+  // resumed on one rank (1, 1, zero 0), and one rank's resumed at (2, 2, zero 1), continue like
+  // the uninterrupted run.
+  const Outcome one = train("one", 1);
+  ASSERT_EQ(one.status, 0) << one.output;
+  const Outcome four = train("four", 4, "--parallel.zero=1", 2);
+  ASSERT_EQ(four.status, 0) << four.output;
+  EXPECT_NE(four.output.find("data parallel over 2 ranks"), std::string::npos) << four.output;
+  const Metrics m1 = read_metrics(dir_ / "one"), m4 = read_metrics(dir_ / "four");
+  ASSERT_EQ(m1.loss.size(), 6u);
+  expect_close(m4.loss, m1.loss, 1e-5, "dp=2 x tp=2 loss");
+  expect_close(m4.val_loss, m1.val_loss, 1e-5, "dp=2 x tp=2 val loss");
+
+  fs::copy(dir_ / "four", dir_ / "four_to_one", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "four_to_one" / "checkpoints" / "step_00000006");
+  const Outcome a = train("four_to_one", 1, "--checkpoint.resume=true");
+  ASSERT_EQ(a.status, 0) << a.output;
+  fs::copy(dir_ / "one", dir_ / "one_to_four", fs::copy_options::recursive);
+  fs::remove_all(dir_ / "one_to_four" / "checkpoints" / "step_00000006");
+  const Outcome b = train("one_to_four", 4, "--parallel.zero=1 --checkpoint.resume=true", 2);
+  ASSERT_EQ(b.status, 0) << b.output;
+  expect_close(read_metrics(dir_ / "four_to_one").loss, m1.loss, 1e-5, "(2, 2, 1) -> (1, 1, 0)");
+  expect_close(read_metrics(dir_ / "one_to_four").loss, m1.loss, 1e-5, "(1, 1, 0) -> (2, 2, 1)");
 }
 
 TEST_F(MpiTrainTest, ARankFailingOnACorruptShardEndsEveryRankNamingIt) {
