@@ -90,7 +90,19 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
           " is not available (", cuda_device_count(), " CUDA device(s))");
   require(fs::exists(fs::path(o.model_dir) / "encoder.json"), o.model_dir,
           " has no tokenizer files (encoder.json, vocab.bpe)");
-  if (parallel) parallel->watchdog().set_activity("loading the model");
+  if (parallel) {
+    parallel->watchdog().set_activity("loading the model");
+    const std::string config_path = (fs::path(o.model_dir) / "config.json").string();
+    require(fs::exists(config_path), "model directory ", o.model_dir, " has no config.json");
+    try {
+      Transformer::check_tensor_parallel(load_config(config_path), parallel->world_size());
+    } catch (const Error& e) {
+      throw Error(cat("serve: ", parallel->world_size(),
+                      " ranks under mpirun make a tensor-parallel replica of that many ranks, "
+                      "which must divide the model's heads, kv heads and MLP width (",
+                      e.what(), "); start it with mpirun -np N for such an N"));
+    }
+  }
   std::unique_ptr<Transformer> model =
       load_pretrained(o.model_dir, device, parallel ? &parallel->tp() : nullptr);
   const EngineConfig engine = serve_engine_config(opts);

@@ -52,12 +52,16 @@ class ServingE2E : public ::testing::Test {
   }
 
   // A tensor-parallel replica: `mpirun -np ranks tandem serve ...` (one thread per rank).
-  std::unique_ptr<ServerProcess> serve_tp(int ranks, std::vector<std::string> extra,
-                                          const std::string& name, bool slow = false) {
+  // mpirun as root (CI), without the single-copy mechanism containers often forbid.
+  static void allow_mpirun() {
     for (const char* v : {"OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"}) {
       ::setenv(v, "1", 1);
     }
     ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+  }
+  std::unique_ptr<ServerProcess> serve_tp(int ranks, std::vector<std::string> extra,
+                                          const std::string& name, bool slow = false) {
+    allow_mpirun();
     std::vector<std::string> args = {
         "serve",     "--model", slow ? slow_model_dir_ : model_dir_, "--metrics-port", "0",
         "--threads", "1",       "--drain-grace",                     "10"};
@@ -445,6 +449,20 @@ TEST_F(ServingE2E, TensorParallelReplicaAnswersLikeOneProcess) {
   EXPECT_EQ(two->process().stop(0, 30.0), 0) << two->process().log();
   EXPECT_NE(two->process().log().find("tensor-parallel rank 1 stopped"), std::string::npos)
       << two->process().log();
+}
+
+TEST_F(ServingE2E, TensorParallelReplicaOfRanksThatDoNotDivideTheHeadsIsRefused) {
+  // The tiny model has 4 heads: 3 ranks cannot split them; every rank says so and the job ends.
+  allow_mpirun();
+  ChildProcess job({TANDEM_MPIRUN, "--oversubscribe", "-np", "3", tandem_binary(), "serve",
+                    "--model", model_dir_, "--port", "0", "--threads", "1"},
+                   log("tp3.log"));
+  EXPECT_NE(job.stop(0, 60.0), 0);
+  const std::string text = job.log();
+  EXPECT_NE(text.find("3 ranks under mpirun make a tensor-parallel replica"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("n_head = 4 does not divide"), std::string::npos) << text;
+  EXPECT_EQ(text.find("listening on"), std::string::npos) << text;
 }
 
 TEST_F(ServingE2E, TensorParallelReplicaWhoseWorkerDiesEndsEveryRequestAndExits) {
