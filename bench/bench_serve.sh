@@ -23,21 +23,10 @@ cleanup() {
 }
 trap cleanup EXIT
 export OMP_WAIT_POLICY=PASSIVE
-mpi_flags=(--oversubscribe)
-if [[ $(id -u) -eq 0 ]]; then mpi_flags+=(--allow-run-as-root); fi
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/common.sh"  # functions only
+tandem_mpi_flags
 
 "$build/tests/make_tiny_checkpoint" "$work/model" --slow >/dev/null
-
-wait_for_port() {  # LOG -> port
-  for _ in $(seq 1 600); do
-    port=$(grep -ao "listening on 127\.0\.0\.1:[0-9]*" "$1" 2>/dev/null | head -n 1 | sed 's/.*://')
-    if [[ -n "$port" ]]; then echo "$port"; return 0; fi
-    sleep 0.1
-  done
-  echo "bench_serve: a server did not start, see $1" >&2
-  cat "$1" >&2
-  return 1
-}
 
 # The reference: the in-process engine, 64 concurrent requests (batch-invariant, the default).
 # Three runs, the median kept.
@@ -86,7 +75,7 @@ stop_all() {
 "$tandem" serve --model "$work/model" --port 0 --threads "$threads" --no-request-log \
   >"$work/tp1.log" 2>&1 &
 pids+=($!)
-load "one replica (TP=1, $threads threads)" "$(wait_for_port "$work/tp1.log")"
+load "one replica (TP=1, $threads threads)" "$(tandem_wait_for_port "$work/tp1.log")"
 stop_all "${pids[@]}"
 
 # 2. A 2-rank tensor-parallel replica (stopped through its leader).
@@ -94,7 +83,7 @@ mpirun "${mpi_flags[@]}" -np 2 "$tandem" serve --model "$work/model" --port 0 --
   --no-request-log >"$work/tp2.log" 2>&1 &
 mpirun_pid=$!
 pids+=($mpirun_pid)
-port=$(wait_for_port "$work/tp2.log")
+port=$(tandem_wait_for_port "$work/tp2.log")
 load "TP=2 replica (2 ranks x $half threads)" "$port"
 kill -TERM "$(grep -ao "leader pid [0-9]*" "$work/tp2.log" | head -n 1 | sed 's/.* //')"
 wait "$mpirun_pid" || true
@@ -107,12 +96,12 @@ pids+=($!)
 "$tandem" serve --model "$work/model" --port 0 --threads "$half" --no-request-log \
   >"$work/b.log" 2>&1 &
 pids+=($!)
-a=$(wait_for_port "$work/a.log")
-b=$(wait_for_port "$work/b.log")
+a=$(tandem_wait_for_port "$work/a.log")
+b=$(tandem_wait_for_port "$work/b.log")
 "$tandem" router --replicas "127.0.0.1:$a,127.0.0.1:$b" --port 0 --no-request-log \
   >"$work/router.log" 2>&1 &
 pids+=($!)
-load "router over two replicas ($half threads each)" "$(wait_for_port "$work/router.log")"
+load "router over two replicas ($half threads each)" "$(tandem_wait_for_port "$work/router.log")"
 stop_all "${pids[@]}"
 
 echo

@@ -5,6 +5,11 @@
 #                          sets $run_dir (DEFAULT, or --checkpoint.dir=... among ARGS) and, unless
 #                          ARGS hold --checkpoint.resume=true, moves an existing run to
 #                          $run_dir.previous (replacing an older one)
+#   tandem_mpi_flags       sets the array $mpi_flags for mpirun on this machine (oversubscribed;
+#                          allowed as root)
+#   tandem_wait_for_port LOG
+#                          prints the port of a server's "listening on 127.0.0.1:PORT" line
+#                          once it appears in LOG (60 s at most; then the log and status 1)
 
 tandem_build() {
   bash launch/install-deps.sh
@@ -38,4 +43,21 @@ tandem_fresh_run_dir() {
     mv "$run_dir" "$run_dir.previous"
     echo "tandem: moved the previous run to $run_dir.previous"
   fi
+}
+
+tandem_mpi_flags() {
+  mpi_flags=(--oversubscribe)
+  if [[ $(id -u) -eq 0 ]]; then mpi_flags+=(--allow-run-as-root); fi
+}
+
+tandem_wait_for_port() {
+  local port
+  for _ in $(seq 1 600); do
+    port=$(grep -ao "listening on 127\.0\.0\.1:[0-9]*" "$1" 2>/dev/null | head -n 1 | sed 's/.*://')
+    if [[ -n "$port" ]]; then echo "$port"; return 0; fi
+    sleep 0.1
+  done
+  echo "tandem: a server did not start, see $1:" >&2
+  cat "$1" >&2
+  return 1
 }

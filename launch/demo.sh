@@ -38,27 +38,17 @@ stop_servers() {
   pids=()
 }
 trap stop_servers EXIT
-wait_for_port() {  # LOG -> the port printed in "listening on 127.0.0.1:PORT"
-  for _ in $(seq 1 600); do
-    port=$(grep -ao "listening on 127\.0\.0\.1:[0-9]*" "$1" 2>/dev/null | head -n 1 | sed 's/.*://')
-    if [[ -n "$port" ]]; then echo "$port"; return 0; fi
-    sleep 0.1
-  done
-  echo "tandem: demo: server did not start, see $1" >&2
-  return 1
-}
-mpi_flags=(--oversubscribe)
-if [[ $(id -u) -eq 0 ]]; then mpi_flags+=(--allow-run-as-root); fi
+tandem_mpi_flags
 mpirun "${mpi_flags[@]}" -np 2 "$tandem" serve --model "$ckpt" --port 0 --metrics-port 0 \
   >"$serve_log" 2>&1 &
 mpirun_pid=$!
 pids+=($mpirun_pid)
-replica_port=$(wait_for_port "$serve_log")
+replica_port=$(tandem_wait_for_port "$serve_log")
 leader_pid=$(grep -ao "leader pid [0-9]*" "$serve_log" | head -n 1 | sed 's/.* //')
 "$tandem" router --replicas "127.0.0.1:$replica_port" --port 0 >"$router_log" 2>&1 &
 router_pid=$!
 pids+=($router_pid)
-router_port=$(wait_for_port "$router_log")
+router_port=$(tandem_wait_for_port "$router_log")
 echo "tandem: 2-rank tensor-parallel replica on 127.0.0.1:$replica_port, router on 127.0.0.1:$router_port"
 echo "tandem: asking the router (gRPC tandem.v1.Generation/GenerateStream):"
 "$tandem" generate --server "127.0.0.1:$router_port" --prompt "And God said" --max-new-tokens 40 \

@@ -17,7 +17,6 @@ tandem_prepare_kjv
 ranks="${TANDEM_RANKS:-2}"
 (( 16 % ranks == 0 )) || { echo "train-mpi.sh: TANDEM_RANKS must divide 16" >&2; exit 2; }
 tandem_fresh_run_dir runs/demo-mpi "$@"
-mpi_flags=(--oversubscribe)
-if [[ $(id -u) == 0 ]]; then mpi_flags+=(--allow-run-as-root); fi
+tandem_mpi_flags
 mpirun "${mpi_flags[@]}" -np "$ranks" "$tandem" train --config launch/configs/demo.json \
   --data.batch_size=$((16 / ranks)) --train.threads=1 --checkpoint.dir="$run_dir" "$@"

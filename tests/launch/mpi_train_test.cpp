@@ -102,6 +102,13 @@ class MpiTrainTest : public ::testing::Test {
                                              args(run_name, ranks, more, tp);
     return run(cmd, log);
   }
+  // Copies run `from` without its step-6 checkpoint to `to` and resumes it there from step 3.
+  Outcome resume(const std::string& from, const std::string& to, int ranks,
+                 const std::string& extra = "", int tp = 1) {
+    fs::copy(dir_ / from, dir_ / to, fs::copy_options::recursive);
+    fs::remove_all(dir_ / to / "checkpoints" / "step_00000006");
+    return train(to, ranks, extra + " --checkpoint.resume=true", tp);
+  }
   static void expect_close(const std::map<long, double>& a, const std::map<long, double>& b,
                            double rel, const char* what) {
     ASSERT_EQ(a.size(), b.size()) << what;
@@ -149,34 +156,24 @@ TEST_F(MpiTrainTest, DataParallelAndZeroMatchOneRankAndReshardBothWays) {
 
   // Resharding: the dp=2 zero=1 run's step-3 checkpoint resumed on one rank, and the one-rank
   // run's step-3 checkpoint resumed on dp=2 zero=1, continue like the uninterrupted runs.
-  fs::copy(dir_ / "zero", dir_ / "zero_to_one", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "zero_to_one" / "checkpoints" / "step_00000006");
-  const Outcome a = train("zero_to_one", 1, "--checkpoint.resume=true");
+  const Outcome a = resume("zero", "zero_to_one", 1);
   ASSERT_EQ(a.status, 0) << a.output;
-  fs::copy(dir_ / "one", dir_ / "one_to_zero", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "one_to_zero" / "checkpoints" / "step_00000006");
-  const Outcome b = train("one_to_zero", 2, "--parallel.zero=1 --checkpoint.resume=true");
+  const Outcome b = resume("one", "one_to_zero", 2, "--parallel.zero=1");
   ASSERT_EQ(b.status, 0) << b.output;
   const Metrics ma = read_metrics(dir_ / "zero_to_one"), mb = read_metrics(dir_ / "one_to_zero");
   expect_close(ma.loss, m1.loss, 1e-5, "zero=1 dp=2 -> 1 rank");
   expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> zero=1 dp=2");
   // Across stages: the zero=1 checkpoint resumed at zero=2.
-  fs::copy(dir_ / "zero", dir_ / "zero1_to_zero2", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "zero1_to_zero2" / "checkpoints" / "step_00000006");
-  const Outcome e = train("zero1_to_zero2", 2, "--parallel.zero=2 --checkpoint.resume=true");
+  const Outcome e = resume("zero", "zero1_to_zero2", 2, "--parallel.zero=2");
   ASSERT_EQ(e.status, 0) << e.output;
   expect_close(read_metrics(dir_ / "zero1_to_zero2").loss, m1.loss, 1e-5, "zero=1 -> zero=2");
 
   // The same layout resumes bit for bit.
-  fs::copy(dir_ / "two", dir_ / "two_again", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "two_again" / "checkpoints" / "step_00000006");
-  const Outcome c = train("two_again", 2, "--checkpoint.resume=true");
+  const Outcome c = resume("two", "two_again", 2);
   ASSERT_EQ(c.status, 0) << c.output;
   const Metrics mc = read_metrics(dir_ / "two_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), m2.loss.at(step)) << step;
-  fs::copy(dir_ / "zero", dir_ / "zero_again", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "zero_again" / "checkpoints" / "step_00000006");
-  const Outcome d = train("zero_again", 2, "--parallel.zero=1 --checkpoint.resume=true");
+  const Outcome d = resume("zero", "zero_again", 2, "--parallel.zero=1");
   ASSERT_EQ(d.status, 0) << d.output;
   const Metrics md = read_metrics(dir_ / "zero_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(md.loss.at(step), mz.loss.at(step)) << step;
@@ -203,22 +200,16 @@ TEST_F(MpiTrainTest, TensorParallelMatchesOneRankAndReshardsBothWays) {
 
   // tp=2's step-3 checkpoint resumed on one rank, and one rank's resumed at tp=2, continue like
   // the uninterrupted run. (dp x tp on 4 ranks: DataTimesTensorParallelOnFourRanks... below.)
-  fs::copy(dir_ / "tp", dir_ / "tp_to_one", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "tp_to_one" / "checkpoints" / "step_00000006");
-  const Outcome a = train("tp_to_one", 1, "--checkpoint.resume=true");
+  const Outcome a = resume("tp", "tp_to_one", 1);
   ASSERT_EQ(a.status, 0) << a.output;
-  fs::copy(dir_ / "one", dir_ / "one_to_tp", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "one_to_tp" / "checkpoints" / "step_00000006");
-  const Outcome b = train("one_to_tp", 2, "--parallel.zero=1 --checkpoint.resume=true", 2);
+  const Outcome b = resume("one", "one_to_tp", 2, "--parallel.zero=1", 2);
   ASSERT_EQ(b.status, 0) << b.output;
   const Metrics ma = read_metrics(dir_ / "tp_to_one"), mb = read_metrics(dir_ / "one_to_tp");
   expect_close(ma.loss, m1.loss, 1e-5, "tp=2 -> 1 rank");
   expect_close(mb.loss, m1.loss, 1e-5, "1 rank -> tp=2");
 
   // The same layout resumes bit for bit.
-  fs::copy(dir_ / "tp", dir_ / "tp_again", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "tp_again" / "checkpoints" / "step_00000006");
-  const Outcome c = train("tp_again", 2, "--checkpoint.resume=true", 2);
+  const Outcome c = resume("tp", "tp_again", 2, "", 2);
   ASSERT_EQ(c.status, 0) << c.output;
   const Metrics mc = read_metrics(dir_ / "tp_again");
   for (long step = 4; step <= 6; ++step) EXPECT_EQ(mc.loss.at(step), mt.loss.at(step)) << step;
@@ -238,13 +229,9 @@ TEST_F(MpiTrainTest, DataTimesTensorParallelOnFourRanksMatchesOneRankAndReshards
   expect_close(m4.loss, m1.loss, 1e-5, "dp=2 x tp=2 loss");
   expect_close(m4.val_loss, m1.val_loss, 1e-5, "dp=2 x tp=2 val loss");
 
-  fs::copy(dir_ / "four", dir_ / "four_to_one", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "four_to_one" / "checkpoints" / "step_00000006");
-  const Outcome a = train("four_to_one", 1, "--checkpoint.resume=true");
+  const Outcome a = resume("four", "four_to_one", 1);
   ASSERT_EQ(a.status, 0) << a.output;
-  fs::copy(dir_ / "one", dir_ / "one_to_four", fs::copy_options::recursive);
-  fs::remove_all(dir_ / "one_to_four" / "checkpoints" / "step_00000006");
-  const Outcome b = train("one_to_four", 4, "--parallel.zero=1 --checkpoint.resume=true", 2);
+  const Outcome b = resume("one", "one_to_four", 4, "--parallel.zero=1", 2);
   ASSERT_EQ(b.status, 0) << b.output;
   expect_close(read_metrics(dir_ / "four_to_one").loss, m1.loss, 1e-5, "(2, 2, 1) -> (1, 1, 0)");
   expect_close(read_metrics(dir_ / "one_to_four").loss, m1.loss, 1e-5, "(1, 1, 0) -> (2, 2, 1)");
