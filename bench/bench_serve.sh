@@ -78,14 +78,14 @@ pids+=($!)
 load "one replica (TP=1, $threads threads)" "$(tandem_wait_for_port "$work/tp1.log")"
 stop_all "${pids[@]}"
 
-# 2. A 2-rank tensor-parallel replica (stopped through its leader).
+# 2. A 2-rank tensor-parallel replica.
 mpirun "${mpi_flags[@]}" -np 2 "$tandem" serve --model "$work/model" --port 0 --threads "$half" \
   --no-request-log >"$work/tp2.log" 2>&1 &
 mpirun_pid=$!
 pids+=($mpirun_pid)
 port=$(tandem_wait_for_port "$work/tp2.log")
 load "TP=2 replica (2 ranks x $half threads)" "$port"
-kill -TERM "$(grep -ao "leader pid [0-9]*" "$work/tp2.log" | head -n 1 | sed 's/.* //')"
+kill -USR1 "$mpirun_pid"  # every rank: the leader drains (SIGTERM to mpirun ends in SIGKILL)
 wait "$mpirun_pid" || true
 pids=()
 

@@ -28,7 +28,7 @@ echo "tandem: generating from $ckpt"
 
 # 4. Serve the checkpoint over gRPC as a tensor-parallel replica on 2 ranks (mpirun: the weights
 # and the KV cache split by heads), put a router in front, answer a request through the router,
-# then shut both down cleanly (SIGTERM to the replica's leader and to the router: drain, exit 0).
+# then shut both down cleanly (SIGUSR1 to mpirun, SIGTERM to the router: drain, exit 0).
 serve_log="$run_dir/serve.log"
 router_log="$run_dir/router.log"
 pids=()
@@ -44,7 +44,6 @@ mpirun "${mpi_flags[@]}" -np 2 "$tandem" serve --model "$ckpt" --port 0 --metric
 mpirun_pid=$!
 pids+=($mpirun_pid)
 replica_port=$(tandem_wait_for_port "$serve_log")
-leader_pid=$(grep -ao "leader pid [0-9]*" "$serve_log" | head -n 1 | sed 's/.* //')
 "$tandem" router --replicas "127.0.0.1:$replica_port" --port 0 >"$router_log" 2>&1 &
 router_pid=$!
 pids+=($router_pid)
@@ -54,9 +53,10 @@ echo "tandem: asking the router (gRPC tandem.v1.Generation/GenerateStream):"
 "$tandem" generate --server "127.0.0.1:$router_port" --prompt "And God said" --max-new-tokens 40 \
   --seed 7 --timeout 120
 status=0
-# The replica stops through its leader (SIGTERM to mpirun would drain it too, but Open MPI's
-# mpirun then exits 1 whatever the ranks return).
-kill -TERM "$leader_pid" "$router_pid"
+# SIGUSR1 to mpirun reaches every rank (the leader drains, then stops the other rank) and lets
+# the job end by itself; a SIGTERM to mpirun would be followed by its SIGKILL a second later.
+kill -USR1 "$mpirun_pid"
+kill -TERM "$router_pid"
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 pids=()
 trap - EXIT

@@ -19,8 +19,10 @@
 //   argument) print one line "tandem: usage error: ..." and exit 2.
 // - Errors from bad input (files, configs, checkpoints) print one line "tandem: error: ..." and
 //   exit 1.
-// - SIGINT, SIGTERM and SIGHUP ask a long job to stop cleanly (train writes a checkpoint,
-//   prepare removes its staging files) and it exits 128 + signal; a second signal exits at once.
+// - SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 ask a long job to stop cleanly (train writes a
+//   checkpoint, prepare removes its staging files, a server drains) and it exits 128 + signal
+//   (a drained server 0); a second signal exits at once. Under mpirun, SIGUSR1 to mpirun reaches
+//   every rank and, unlike SIGTERM, is not followed by mpirun's SIGKILL.
 // - Output is line-buffered, so a redirected log holds every line printed before a kill.
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -68,8 +70,11 @@ std::atomic<int> g_stop_signal{0};  // process-wide: set by a stop signal, polle
 extern "C" void on_stop_signal(int sig) {
   if (g_stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);  // second signal: leave now
 }
+// SIGUSR1 and SIGUSR2 too: Open MPI's mpirun passes them on to every rank and lets the job end
+// by itself, where a SIGTERM to mpirun is followed by SIGKILL a second later (so `kill -USR1
+// <mpirun>` stops a distributed job cleanly: a checkpoint, a drained server).
 void install_stop_signals() {
-  for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, on_stop_signal);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2}) std::signal(sig, on_stop_signal);
 }
 
 std::string version_text() {
@@ -440,7 +445,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       "SIGTERM/SIGINT: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish\n"
       "within --drain-grace seconds, exit 0.\n"
       "Under `mpirun -np TP`: one tensor-parallel replica (CPU), rank 0 serving, the weights\n"
-      "and the KV cache split by heads over the TP ranks.");
+      "and the KV cache split by heads over the TP ranks; stop it with SIGUSR1 to mpirun (or\n"
+      "SIGTERM to rank 0): mpirun follows a SIGTERM of its own with SIGKILL a second later.");
   c->add_option("--model", a.model_dir, "Checkpoint directory (with encoder.json, vocab.bpe)");
   c->add_option("--host", a.host, "Address to listen on")->capture_default_str();
   c->add_option("--port", a.port, "gRPC port (0 = any free port, printed)")

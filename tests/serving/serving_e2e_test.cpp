@@ -441,11 +441,21 @@ TEST_F(ServingE2E, TensorParallelReplicaAnswersLikeOneProcess) {
   }
   // The pool is the same size on every rank: KV blocks are reported and freed.
   EXPECT_GT(scrape(two->metrics_port(), "tandem_kv_blocks_free"), 0.0);
-  // SIGTERM to the leader: it drains, tells the other rank to stop, and the job exits 0.
-  const pid_t leader = rank_pid(*two, 0), worker = rank_pid(*two, 1);
-  ASSERT_GT(leader, 0);
-  ASSERT_GT(worker, 0);
-  ::kill(leader, SIGTERM);
+  // SIGUSR1 to mpirun reaches every rank: the leader drains (the request in flight finishes),
+  // tells the other rank to stop, and the job exits 0 (a SIGTERM to mpirun would be followed by
+  // its SIGKILL a second later).
+  ASSERT_GT(rank_pid(*two, 0), 0);
+  ASSERT_GT(rank_pid(*two, 1), 0);
+  StreamResult in_flight;
+  pb::GenerateRequest long_one = greedy("And the earth was", 900);
+  long_one.set_ignore_eos(true);
+  std::thread t([&] { in_flight = stream(*b, long_one); });
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(two->metrics_port(), "tandem_num_requests_running") == 1.0; }, 10.0));
+  ::kill(two->process().pid(), SIGUSR1);
+  t.join();
+  EXPECT_TRUE(in_flight.status.ok()) << in_flight.status.error_message();
+  EXPECT_EQ(in_flight.tokens.size(), 900u);
   EXPECT_EQ(two->process().stop(0, 30.0), 0) << two->process().log();
   EXPECT_NE(two->process().log().find("tensor-parallel rank 1 stopped"), std::string::npos)
       << two->process().log();
