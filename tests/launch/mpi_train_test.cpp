@@ -3,6 +3,8 @@
 // resume bit for bit at a fixed layout, and faults (a failing rank, a killed rank, a stalled
 // collective) end every rank quickly with a line naming the rank. Runs mpirun itself (label mpi).
 #include <gtest/gtest.h>
+
+#include <csignal>
 #include <sys/wait.h>
 
 #include <chrono>
@@ -349,6 +351,41 @@ TEST_F(MpiTrainTest, AStopSignalToOneRankStopsEveryRankAfterTheSameStepWithAChec
   EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
   EXPECT_NE(o.output.find("interrupted at step " + std::to_string(last)), std::string::npos)
       << o.output;
+}
+
+TEST_F(MpiTrainTest, SigusrToMpirunStopsEveryRankWithACheckpoint) {
+  // The way to stop a job from outside: SIGUSR1 to mpirun, which passes it on to every rank
+  // (a SIGTERM to mpirun is followed by its SIGKILL a second later).
+  const std::string pid_file = (dir_ / "mpirun.pid").string();
+  const std::string cmd = "sh -c 'echo $$ > " + pid_file + "; exec " + kMpirun + " -np 2 " +
+                          kTandem + args("run", 2, "--train.steps=100000 --checkpoint.every=1000") +
+                          "'";
+  Outcome o;
+  std::thread job([&] { o = run(cmd, (dir_ / "usr1.log").string()); });
+  bool signalled = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (fs::exists(pid_file) && read_metrics(dir_ / "run").loss.size() >= 3) {
+      std::ifstream in(pid_file);
+      long pid = 0;
+      in >> pid;
+      ASSERT_GT(pid, 0);
+      std::system(("kill -USR1 " + std::to_string(pid)).c_str());
+      signalled = true;
+      break;
+    }
+  }
+  job.join();
+  ASSERT_TRUE(signalled) << o.output;
+  EXPECT_EQ(o.status, 128 + SIGUSR1) << o.output;
+  EXPECT_LT(o.seconds, 60) << o.output;
+  const Metrics m = read_metrics(dir_ / "run");
+  ASSERT_FALSE(m.loss.empty());
+  const long last = m.loss.rbegin()->first;
+  char name[32];
+  std::snprintf(name, sizeof(name), "step_%08ld", last);
+  EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
 }
 
 }  // namespace
