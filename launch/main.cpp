@@ -347,7 +347,8 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
       ->capture_default_str();
   c->add_option("--kv-cache-fraction", o.kv_cache_fraction,
                 "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
-      ->check(finite_in(0.0, 0.99));
+      ->check(finite_in(0.0, 0.99))
+      ->excludes("--kv-cache-mb");
   c->add_flag("--bf16-kv-cache", o.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
   c->add_option("--block-size", o.block_size, "Tokens per KV block")
       ->check(CLI::Range(1, 4096))
@@ -463,7 +464,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       ->capture_default_str();
   c->add_option("--kv-cache-fraction", a.kv_cache_fraction,
                 "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
-      ->check(finite_in(0.0, 0.99));
+      ->check(finite_in(0.0, 0.99))
+      ->excludes("--kv-cache-mb");
   c->add_flag("--bf16-kv-cache", a.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
   c->add_option("--collective-timeout", a.collective_timeout_s,
                 "Under mpirun: seconds a step's collective may take before the job is aborted")

@@ -666,7 +666,9 @@ TEST_F(ServingE2E, BenchServeReportsEveryRequestAsTableAndJson) {
 TEST(ServingCli, UsageErrorsAreOneLineAndExitTwo) {
   for (const std::string args :
        {"serve", "serve --model x --port 70000", "router", "router --replicas nocolon",
-        "bench serve", "serve --model x --tls-cert a.pem", "generate --server a:1 --model m"}) {
+        "bench serve", "serve --model x --tls-cert a.pem", "generate --server a:1 --model m",
+        "serve --model x --kv-cache-mb 64 --kv-cache-fraction 0.5",
+        "router --replicas a:1 --tls-cert c.pem"}) {
     const std::string out = ::testing::TempDir() + "/serving_cli.txt";
     const int raw = std::system((tandem_binary() + " " + args + " >/dev/null 2>" + out).c_str());
     EXPECT_EQ(WEXITSTATUS(raw), 2) << args;
