@@ -30,22 +30,50 @@ const char* finish_reason_name(FinishReason reason) {
 // ---- RequestStream ----------------------------------------------------------------------------
 
 void RequestStream::push(GenerationDelta delta) {
+  bool wake;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (final_pushed_) return;
     final_pushed_ = delta.finished();
+    if (!delta.tokens.empty() && !first_token_) first_token_ = std::chrono::steady_clock::now();
+    queued_tokens_ += static_cast<int>(delta.tokens.size());
     queue_.push_back(std::move(delta));
+    wake = should_wake();
   }
-  cv_.notify_all();
+  if (wake) cv_.notify_all();
+}
+
+bool RequestStream::should_wake() const {
+  if (queue_.empty()) return false;
+  // The end, the first delta, or every delta (the default).
+  if (final_pushed_ || !woke_for_first_ || wake_every_ == 1) return true;
+  return wake_every_ > 1 && queued_tokens_ >= wake_every_;
+}
+
+void RequestStream::set_wake_every(int tokens) {
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_every_ = std::max(0, tokens);
+    wake = should_wake();
+  }
+  if (wake) cv_.notify_all();
+}
+
+std::optional<std::chrono::steady_clock::time_point> RequestStream::first_token_time() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return first_token_;
 }
 
 std::optional<GenerationDelta> RequestStream::next() {
   std::unique_lock<std::mutex> lock(mu_);
   if (final_taken_) return std::nullopt;
-  cv_.wait(lock, [&] { return !queue_.empty(); });
+  cv_.wait(lock, [&] { return should_wake(); });
   GenerationDelta d = std::move(queue_.front());
   queue_.pop_front();
   if (d.finished()) final_taken_ = true;
+  woke_for_first_ = true;
+  queued_tokens_ -= static_cast<int>(d.tokens.size());
   return d;
 }
 
@@ -53,10 +81,14 @@ RequestStream::Wait RequestStream::next_for(std::chrono::milliseconds timeout,
                                             GenerationDelta& out) {
   std::unique_lock<std::mutex> lock(mu_);
   if (final_taken_) return Wait::kEnded;
-  if (!cv_.wait_for(lock, timeout, [&] { return !queue_.empty(); })) return Wait::kTimeout;
+  // A zero timeout takes whatever is queued (a waiter draining what piled up).
+  const auto ready = [&] { return timeout.count() == 0 ? !queue_.empty() : should_wake(); };
+  if (!cv_.wait_for(lock, timeout, ready)) return Wait::kTimeout;
   out = std::move(queue_.front());
   queue_.pop_front();
   if (out.finished()) final_taken_ = true;
+  woke_for_first_ = true;
+  queued_tokens_ -= static_cast<int>(out.tokens.size());
   return Wait::kDelta;
 }
 

@@ -126,12 +126,25 @@ class RequestStream {
   bool finished() const;
   void push(GenerationDelta delta);  // the engine's side
 
+  // A waiter in next()/next_for() is woken for the first token, for the final delta, and
+  // otherwise once `tokens` new tokens have queued up (1, the default: every delta; 0: only the
+  // first token and the end, for a caller that answers once). Fewer wake-ups when a server's
+  // threads share the cores with the engine (vLLM's --stream-interval).
+  void set_wake_every(int tokens);
+  // When the engine pushed the first token (nullopt before).
+  std::optional<std::chrono::steady_clock::time_point> first_token_time() const;
+
  private:
+  bool should_wake() const;  // mu_ held
   uint64_t id_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<GenerationDelta> queue_;
   bool final_pushed_ = false, final_taken_ = false;
+  int wake_every_ = 1;
+  int queued_tokens_ = 0;  // tokens in queue_
+  bool woke_for_first_ = false;
+  std::optional<std::chrono::steady_clock::time_point> first_token_;
 };
 
 struct EngineStats {

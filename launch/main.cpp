@@ -487,6 +487,10 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--max-tokens-limit", a.max_tokens_limit,
                 "Largest max_tokens accepted (0 = the model's context)")
       ->check(CLI::Range(0, 1 << 24));
+  c->add_option("--stream-interval", a.stream_interval,
+                "New tokens per streamed message (the first token and the end go at once)")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
   c->add_option("--max-message-mb", a.max_message_mb, "Largest request message")
       ->check(CLI::Range(int64_t{1}, int64_t{1024}))
       ->capture_default_str();

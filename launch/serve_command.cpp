@@ -124,6 +124,7 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   r.server.max_queue = o.max_queue;
   r.server.max_tokens_limit = o.max_tokens_limit;
   r.server.max_message_bytes = o.max_message_mb << 20;
+  r.server.stream_interval = o.stream_interval;
   r.server.tls_cert_file = o.tls_cert;
   r.server.tls_key_file = o.tls_key;
   r.server.auth_token = read_auth_token(o.auth_token_file);
@@ -135,6 +136,7 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   r.engine = engine;
   r.metrics_port = o.metrics_port;
   r.tp = parallel ? &parallel->tp() : nullptr;
+  r.server.tensor_parallel = parallel ? parallel->world_size() : 1;
   if (parallel) parallel->watchdog().set_activity("serving");
 
   serving::Replica replica(*model, tokenizer, r);

@@ -33,6 +33,7 @@ struct ServeCommandOptions {
   int max_queue = 256;
   int max_tokens_limit = 0;  // 0: the context length
   int64_t max_message_mb = 4;
+  int stream_interval = 1;  // new tokens per GenerateStream message
   bool prefix_caching = true;
   bool bf16_weights = false;
   bool batch_invariant = true;  // a request's tokens independent of what else runs

@@ -330,6 +330,8 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
   } release{in_flight_};
 
   const std::shared_ptr<RequestStream> stream = engine_.add_request(std::move(engine_request));
+  // A unary call answers once: its thread sleeps until the end (and polls for a cancel).
+  stream->set_wake_every(merged != nullptr ? 0 : options_.stream_interval);
   const uint64_t id = stream->id();
   if (request_id.empty()) request_id = cat("req-", id);
   {
@@ -385,7 +387,11 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
       delta.error = std::move(more.error);
       delta.usage = more.usage;
     }
-    if (!delta.tokens.empty() && ttft < 0) ttft = seconds_since(start);
+    if (!delta.tokens.empty() && ttft < 0) {
+      // When the engine made the first token (the thread may wake later: stream_interval).
+      const auto first = stream->first_token_time();
+      ttft = first ? std::chrono::duration<double>(*first - start).count() : seconds_since(start);
+    }
     tokens += static_cast<int>(delta.tokens.size());
     if (delta.finish == FinishReason::kError) {
       finish = delta.finish;

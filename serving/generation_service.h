@@ -45,6 +45,10 @@ struct ServerOptions {
   std::string auth_token;                   // non-empty: "authorization: Bearer <token>" needed
   std::string model_name;                   // ModelInfo.model
   int tensor_parallel = 1;
+  // A stream's message carries at least this many new tokens (its thread wakes that often; the
+  // first token and the end go out at once): fewer wake-ups where the server's threads share
+  // the cores with the engine. 1: every engine step.
+  int stream_interval = 1;
   FILE* request_log = stdout;  // one JSON line per finished request; null: none
 };
 

@@ -359,3 +359,72 @@ TEST(Engine, KvCacheFractionSizesThePoolFromAvailableMemory) {
 
 }  // namespace
 }  // namespace tandem
+
+namespace tandem {
+namespace {
+
+GenerationDelta token_delta(int32_t token, bool final = false) {
+  GenerationDelta d;
+  d.tokens = {token};
+  if (final) d.finish = FinishReason::kLength;
+  return d;
+}
+
+TEST(RequestStream, WakesForTheFirstTokenThenEveryNTokensAndTheEnd) {
+  using std::chrono::milliseconds;
+  RequestStream s(1);
+  s.set_wake_every(4);
+  GenerationDelta out;
+  EXPECT_EQ(s.next_for(milliseconds(5), out), RequestStream::Wait::kTimeout);  // nothing yet
+  EXPECT_FALSE(s.first_token_time().has_value());
+  s.push(token_delta(10));
+  EXPECT_TRUE(s.first_token_time().has_value());
+  ASSERT_EQ(s.next_for(milliseconds(50), out), RequestStream::Wait::kDelta);  // the first token
+  EXPECT_EQ(out.tokens, std::vector<int32_t>{10});
+  for (int32_t t : {11, 12, 13}) s.push(token_delta(t));
+  EXPECT_EQ(s.next_for(milliseconds(20), out), RequestStream::Wait::kTimeout);  // 3 < 4
+  s.push(token_delta(14));
+  ASSERT_EQ(s.next_for(milliseconds(50), out), RequestStream::Wait::kDelta);
+  EXPECT_EQ(out.tokens, std::vector<int32_t>{11});
+  // A zero timeout drains what is queued.
+  for (int32_t t : {12, 13, 14}) {
+    ASSERT_EQ(s.next_for(milliseconds(0), out), RequestStream::Wait::kDelta);
+    EXPECT_EQ(out.tokens, std::vector<int32_t>{t});
+  }
+  s.push(token_delta(15, /*final=*/true));  // the end wakes at once
+  ASSERT_EQ(s.next_for(milliseconds(50), out), RequestStream::Wait::kDelta);
+  EXPECT_TRUE(out.finished());
+  EXPECT_EQ(s.next_for(milliseconds(5), out), RequestStream::Wait::kEnded);
+}
+
+TEST(RequestStream, AnswerOnceWakesOnlyForTheFirstTokenAndTheEnd) {
+  using std::chrono::milliseconds;
+  RequestStream s(2);
+  s.set_wake_every(0);
+  GenerationDelta out;
+  s.push(token_delta(1));
+  ASSERT_EQ(s.next_for(milliseconds(50), out), RequestStream::Wait::kDelta);
+  for (int32_t t = 2; t < 40; ++t) s.push(token_delta(t));
+  EXPECT_EQ(s.next_for(milliseconds(20), out), RequestStream::Wait::kTimeout);
+  s.push(token_delta(40, true));
+  // Every delta is still delivered, in order.
+  std::vector<int32_t> rest;
+  while (s.next_for(milliseconds(50), out) == RequestStream::Wait::kDelta) {
+    rest.insert(rest.end(), out.tokens.begin(), out.tokens.end());
+    if (out.finished()) break;
+  }
+  ASSERT_EQ(rest.size(), 39u);
+  EXPECT_EQ(rest.front(), 2);
+  EXPECT_EQ(rest.back(), 40);
+}
+
+TEST(RequestStream, DefaultWakesForEveryDeltaAndNextDeliversAllQueued) {
+  RequestStream s(3);
+  for (int32_t t = 0; t < 5; ++t) s.push(token_delta(t, t == 4));
+  const GenerationDelta all = s.wait_all();
+  EXPECT_EQ(all.tokens, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(all.finish, FinishReason::kLength);
+}
+
+}  // namespace
+}  // namespace tandem

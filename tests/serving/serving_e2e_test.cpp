@@ -189,6 +189,22 @@ TEST_F(ServingE2E, StreamYieldsTheSameTokensAsUnaryAndSeedsReproduce) {
   EXPECT_EQ(info.model(), "model");
 }
 
+TEST_F(ServingE2E, StreamIntervalSendsFewerMessagesWithTheSameTokens) {
+  // One wake-up (and message) per 8 tokens instead of per engine step; TTFT is unaffected.
+  auto every = serve({"--no-request-log"}, "every.log", /*slow=*/true);
+  auto eighth = serve({"--no-request-log", "--stream-interval", "8"}, "eighth.log", true);
+  const pb::GenerateRequest r = long_request(64);
+  const StreamResult a = stream(*connect(every->address()), r);
+  const StreamResult b = stream(*connect(eighth->address()), r);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_EQ(b.tokens, a.tokens);
+  EXPECT_EQ(b.text, a.text);
+  // The first token alone, then >= 8 tokens per message, the end with the rest.
+  EXPECT_LE(b.messages, 1 + 63 / 8 + 1) << b.messages;
+  EXPECT_GT(a.messages, b.messages) << "every step's token went out on its own: " << a.messages;
+}
+
 TEST_F(ServingE2E, BadRequestsGetTheRightCodesAndTheServerKeepsServing) {
   auto server = serve({}, "serve.log");
   auto stub = connect(server->address(), 200 << 20);
@@ -428,6 +444,11 @@ TEST_F(ServingE2E, TensorParallelReplicaAnswersLikeOneProcess) {
     EXPECT_EQ(s.tokens, expected.back()) << prompt;
     EXPECT_EQ(s.text, y.text());
   }
+  // ModelInfo says how the replica is split.
+  grpc::ClientContext ic;
+  pb::ModelInfoResponse info;
+  ASSERT_TRUE(b->ModelInfo(&ic, pb::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.tensor_parallel(), 2);
   // Many at once: batched steps (prefill and decode rows mixed) give the same answers.
   std::vector<StreamResult> results(16);
   std::vector<std::thread> clients;
