@@ -2,9 +2,46 @@
 
 #include <algorithm>
 
+#include "inference/engine.h"
 #include "runtime/error.h"
 
 namespace tandem {
+
+namespace {
+// Through the engine: one request over a KV pool just large enough for it.
+std::vector<int32_t> generate_with_engine(Transformer& model, const std::vector<int32_t>& prompt,
+                                          const GenerateOptions& options) {
+  EngineConfig config;
+  config.block_size = 16;
+  const int tokens = static_cast<int>(prompt.size()) + options.max_new_tokens;
+  config.num_blocks = (tokens + config.block_size - 1) / config.block_size + 1;
+  config.max_seqs = 1;
+  config.max_batched_tokens = 256;  // a longer prompt is prefilled in chunks
+  config.prefix_caching = false;
+  config.eos_token = options.stop_token;
+  std::vector<int32_t> out;
+  {
+    Engine engine(model, config);
+    GenerationRequest request;
+    request.prompt = prompt;
+    request.max_tokens = options.max_new_tokens;
+    request.sampling = options.sampling;
+    request.seed = options.seed;
+    const std::shared_ptr<RequestStream> stream = engine.add_request(std::move(request));
+    while (engine.step()) {
+      if (options.stop != nullptr && options.stop->load() != 0) {
+        engine.abort(stream->id());
+        break;
+      }
+    }
+    const GenerationDelta all = stream->wait_all();
+    require(all.finish != FinishReason::kError, "generate: ", all.error);
+    out = all.tokens;
+  }
+  model.release_inference();  // the snapshot of these weights is stale once training goes on
+  return out;
+}
+}  // namespace
 
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const GenerateOptions& options) {
@@ -13,6 +50,12 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   options.sampling.validate();
   const int vocab = model.config().vocab_size;
   const int window = model.config().max_seq_len;
+  if (options.max_new_tokens == 0) return {};
+  // The tensor-parallel inference path is a collective; a caller here holds a whole model.
+  if (static_cast<int64_t>(prompt.size()) + options.max_new_tokens <= window &&
+      model.tp_size() == 1) {
+    return generate_with_engine(model, prompt, options);
+  }
   std::vector<int32_t> context = prompt;
   std::vector<int32_t> out;
   Rng rng(options.seed);

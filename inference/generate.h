@@ -1,6 +1,9 @@
-// Plain autoregressive generation with the shared Transformer: each step runs the model over the
-// (cropped) context and samples the next token. Used for in-training samples and `tandem
-// generate`; the serving engine with its paged KV cache is the fast path for many requests.
+// One prompt's continuation with the shared Transformer, for the trainer's samples on the live
+// weights: through the Engine (paged KV cache, the same sampler and seeds as a served request)
+// when prompt + new tokens fit the model's context, the weight snapshot released afterwards.
+// A longer continuation, which a KV cache cannot hold, slides a window over the context instead
+// and recomputes the model over it for each token (the plain loop). The serving engine itself
+// (inference/engine.h) is the path for many requests.
 #pragma once
 
 #include <atomic>

@@ -150,6 +150,8 @@ class Transformer {
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
+  // Frees what prepare_inference built (the weight snapshot and buffers).
+  void release_inference() { infer_.reset(); }
   const InferenceOptions& inference_options() const;
   // One inference step: writes the rows' K/V into `cache`, attends through the block tables and
   // returns the logits of ctx.logit_rows, [num_logit_rows, vocab] on the model's device (a view

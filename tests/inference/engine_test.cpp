@@ -428,3 +428,55 @@ TEST(RequestStream, DefaultWakesForEveryDeltaAndNextDeliversAllQueued) {
 
 }  // namespace
 }  // namespace tandem
+
+#include "inference/generate.h"
+
+namespace tandem {
+namespace {
+
+// The dense reference: the model over the whole (cropped) context for every token, argmax.
+std::vector<int32_t> greedy_by_full_recompute(Transformer& model, std::vector<int32_t> context,
+                                              int n) {
+  std::vector<int32_t> out;
+  const int V = model.config().vocab_size, window = model.config().max_seq_len;
+  for (int i = 0; i < n; ++i) {
+    const int start = std::max(0, static_cast<int>(context.size()) - window);
+    const int T = static_cast<int>(context.size()) - start;
+    model.forward(context.data() + start, nullptr, 1, T);
+    const float* row = model.logits().data<float>() + static_cast<size_t>(T - 1) * V;
+    const int32_t next = static_cast<int32_t>(std::max_element(row, row + V) - row);
+    out.push_back(next);
+    context.push_back(next);
+  }
+  return out;
+}
+
+TEST(Generate, GoesThroughTheEngineWhenItFitsAndSlidesPastTheContext) {
+  for (const ModelConfig& config : {testing::tiny_gpt2(), testing::tiny_llama()}) {
+    Transformer model(config);
+    model.init_weights(5);
+    GenerateOptions greedy;
+    greedy.sampling.temperature = 0.0f;
+    const std::vector<int32_t> prompt = {3, 1, 4};
+    // Fits the 16-token context: the engine (paged KV cache); its snapshot is released after.
+    greedy.max_new_tokens = 10;
+    EXPECT_EQ(generate(model, prompt, greedy), greedy_by_full_recompute(model, prompt, 10));
+    EXPECT_FALSE(model.inference_ready());
+    // Past the context: the sliding window, token for token the dense loop's.
+    greedy.max_new_tokens = 30;
+    EXPECT_EQ(generate(model, prompt, greedy), greedy_by_full_recompute(model, prompt, 30));
+    // Seeded sampling through the engine is reproducible.
+    GenerateOptions sampled;
+    sampled.max_new_tokens = 12;
+    sampled.sampling.temperature = 1.0f;
+    sampled.seed = 42;
+    EXPECT_EQ(generate(model, prompt, sampled), generate(model, prompt, sampled));
+    // A stop flag already set ends it at once.
+    std::atomic<int> stop{15};
+    sampled.stop = &stop;
+    EXPECT_LE(generate(model, prompt, sampled).size(), 1u);
+  }
+}
+
+}  // namespace
+}  // namespace tandem
