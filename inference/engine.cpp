@@ -313,18 +313,23 @@ void Engine::refresh_stats() {
   s.preemptions = scheduler_->num_preemptions();
 }
 
-void Engine::fail_all(const std::string& message) {
-  // Not the request's fault: each ends aborted, with the reason (a server answers UNAVAILABLE,
-  // and a router may retry it elsewhere).
+void Engine::fail_all(const std::string& message, FinishReason reason) {
   std::vector<Request*> live;
   for (auto& [id, r] : requests_) live.push_back(r.get());
-  for (Request* r : live) finish(*r, FinishReason::kAbort, message);
+  for (Request* r : live) finish(*r, reason, message);
 }
 
 bool Engine::step() {
   std::lock_guard<std::mutex> lock(step_mu_);
   const auto t0 = std::chrono::steady_clock::now();
   admit_incoming();
+  if (!stopped_by_failure_.empty()) {
+    // A step failed and the failure hook took the engine out of service: no model call again
+    // (a tensor-parallel group is out of step); what arrives since ends the same way.
+    fail_all(stopped_by_failure_, FinishReason::kAbort);
+    has_work_ = false;
+    return false;
+  }
   if (!scheduler_->has_work()) {
     has_work_ = false;
     return false;
@@ -337,8 +342,15 @@ bool Engine::step() {
       logits = runner_->run(plan);
     } catch (const std::exception& e) {
       const std::string message = cat("the model step failed: ", e.what());
-      fail_all(message);
-      if (config_.on_step_failure) config_.on_step_failure(message);
+      if (config_.on_step_failure) {
+        // Out of service from now on (see step()'s start); the requests end UNAVAILABLE-like.
+        stopped_by_failure_ = message;
+        fail_all(message, FinishReason::kAbort);
+        config_.on_step_failure(message);
+        has_work_ = false;
+        return false;
+      }
+      fail_all(message, FinishReason::kError);
       has_work_ = scheduler_->has_work();
       return has_work_;
     }

@@ -6,7 +6,8 @@
 // outside the vocabulary, max_tokens <= 0, invalid sampling values, stop strings without a
 // detokenizer) gets a stream that ends at once with FinishReason::kError and a message naming
 // the field; the engine keeps serving the others. A model step that throws ends every live
-// request with FinishReason::kAbort and the error (not the requests' fault). Each step (Scheduler) mixes decode rows and
+// request with kError and the error, or, with EngineConfig::on_step_failure, takes the engine
+// out of service (kAbort for everything). Each step (Scheduler) mixes decode rows and
 // prefill chunks, runs the model once over the paged KV cache (ModelRunner), samples every row
 // with its own request's generator (so a seeded request is reproducible whatever else runs) and
 // streams the results.
@@ -70,9 +71,11 @@ struct EngineConfig {
   // returns the number to use (a tensor-parallel leader agrees it with the other ranks: the
   // minimum). Empty = use it as is.
   std::function<int(int)> agree_num_blocks;
-  // Called on the stepping thread after a model step threw (every request then running or
-  // waiting has ended with kAbort and the error): a tensor-parallel leader, whose ranks are now
-  // out of step, takes the replica down. Must not call back into the engine.
+  // Set: a model step that throws takes the engine out of service (a tensor-parallel leader,
+  // whose ranks are now out of step): every request running, waiting or arriving later ends
+  // with kAbort and the error (a server answers UNAVAILABLE), no model call is made again, and
+  // this is called on the stepping thread (the replica then goes down). Must not call back into
+  // the engine. Unset: the failed step's requests end with kError and the engine goes on.
   std::function<void(const std::string&)> on_step_failure;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
@@ -184,7 +187,7 @@ class Engine {
   const EngineConfig& config() const { return config_; }
 
   // The pieces of construction, for a tensor-parallel worker rank that runs the model without
-  // an engine of its own (serving/tp_worker.h): the config checks (tandem::Error naming the
+  // an engine of its own (serving/tensor_parallel.h): the config checks (tandem::Error naming the
   // field), the model's inference options, the KV blocks the memory allows (after
   // prepare_inference; this rank's heads only under tensor parallelism) and the pool itself.
   static void check_config(const EngineConfig& config);
@@ -198,7 +201,7 @@ class Engine {
   struct Request;
   void admit_incoming();  // step lock held
   void finish(Request& request, FinishReason reason, std::string error = {});
-  void fail_all(const std::string& message);
+  void fail_all(const std::string& message, FinishReason reason);
   void refresh_stats();  // step lock held
   void loop();
 
@@ -210,6 +213,7 @@ class Engine {
   std::unique_ptr<ModelRunner> runner_;
 
   mutable std::mutex step_mu_;  // scheduler, block manager, live requests
+  std::string stopped_by_failure_;  // step lock held; non-empty: out of service (on_step_failure)
   std::unordered_map<uint64_t, std::unique_ptr<Request>> requests_;
 
   std::mutex queue_mu_;  // incoming requests, loop control

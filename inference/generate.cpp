@@ -19,6 +19,11 @@ std::vector<int32_t> generate_with_engine(Transformer& model, const std::vector<
   config.max_batched_tokens = 256;  // a longer prompt is prefilled in chunks
   config.prefix_caching = false;
   config.eos_token = options.stop_token;
+  // The snapshot of these weights is stale once training goes on: released however this ends.
+  struct Release {
+    Transformer& model;
+    ~Release() { model.release_inference(); }
+  } release{model};
   std::vector<int32_t> out;
   {
     Engine engine(model, config);
@@ -35,10 +40,10 @@ std::vector<int32_t> generate_with_engine(Transformer& model, const std::vector<
       }
     }
     const GenerationDelta all = stream->wait_all();
-    require(all.finish != FinishReason::kError, "generate: ", all.error);
+    // Rejected, or the model step failed: never a silently short sample.
+    require(all.finish != FinishReason::kError && all.error.empty(), "generate: ", all.error);
     out = all.tokens;
   }
-  model.release_inference();  // the snapshot of these weights is stale once training goes on
   return out;
 }
 }  // namespace

@@ -463,7 +463,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
       ->capture_default_str();
   c->add_option("--kv-cache-fraction", a.kv_cache_fraction,
-                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
+                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb;\n"
+                "under mpirun the ranks on a node share it)")
       ->check(finite_in(0.0, 0.99))
       ->excludes("--kv-cache-mb");
   c->add_flag("--bf16-kv-cache", a.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");

@@ -18,6 +18,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -105,7 +106,13 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   }
   std::unique_ptr<Transformer> model =
       load_pretrained(o.model_dir, device, parallel ? &parallel->tp() : nullptr);
-  const EngineConfig engine = serve_engine_config(opts);
+  EngineConfig engine = serve_engine_config(opts);
+  if (parallel && engine.kv_cache_fraction > 0.0) {
+    // Every rank measures the node's free memory before any pool exists: the ranks on one node
+    // share the fraction.
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    engine.kv_cache_fraction /= local != nullptr ? std::max(1, std::atoi(local)) : 1;
+  }
   if (rank > 0) {
     // A worker: no server, no tokenizer; it runs the leader's steps until the leader stops it.
     // SIGTERM from mpirun reaches every rank; only the leader acts on it.

@@ -57,15 +57,17 @@ class Replica {
  private:
   ReplicaOptions options_;
   MetricsRegistry registry_;
+  // Before engine_: the engine's thread uses them (before_forward, on_step_failure), so they
+  // must outlive it, also when the constructor throws after starting it.
+  std::unique_ptr<TensorParallelLeader> tp_leader_;
+  std::atomic<bool> failed_{false};
+  mutable std::mutex failure_mu_;
+  std::string failure_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<GenerationService> service_;
   std::unique_ptr<GrpcServer> grpc_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   bool drained_ = false;
-  std::unique_ptr<TensorParallelLeader> tp_leader_;
-  std::atomic<bool> failed_{false};
-  mutable std::mutex failure_mu_;
-  std::string failure_;
 };
 
 }  // namespace tandem::serving

@@ -338,6 +338,41 @@ TEST(Engine, Bf16KvCacheHoldsTwiceTheBlocksAndStaysBatchInvariant) {
   expect_same_output(alone, out[4], "bf16 KV cache, alone vs batched");
 }
 
+TEST(Engine, AFailedStepEndsItsRequestsAndWithAFailureHookTakesTheEngineOutOfService) {
+  const ModelConfig config = engine_gpt2();
+  Transformer model(config);
+  model.init_weights(3);
+  for (bool hook : {false, true}) {
+    int calls = 0;
+    std::string reported;
+    EngineConfig ec;
+    ec.before_forward = [&calls](const AttentionContext&) {
+      if (++calls == 2) throw Error("a collective failed");  // the second step fails
+    };
+    if (hook) ec.on_step_failure = [&reported](const std::string& m) { reported = m; };
+    Engine engine(model, ec);
+    auto first = engine.add_request(greedy({1, 2, 3}, 5));
+    engine.run_until_idle();
+    const GenerationDelta failed = first->wait_all();
+    EXPECT_EQ(failed.finish, hook ? FinishReason::kAbort : FinishReason::kError);
+    EXPECT_NE(failed.error.find("the model step failed: a collective failed"), std::string::npos)
+        << failed.error;
+    // Later requests: served again without a hook; with one, ended at once and no model call.
+    auto later = engine.add_request(greedy({4, 5}, 3));
+    engine.run_until_idle();
+    const GenerationDelta after = later->wait_all();
+    if (hook) {
+      EXPECT_EQ(after.finish, FinishReason::kAbort);
+      EXPECT_FALSE(after.error.empty());
+      EXPECT_EQ(calls, 2);
+      EXPECT_NE(reported.find("a collective failed"), std::string::npos) << reported;
+    } else {
+      EXPECT_EQ(after.finish, FinishReason::kLength) << after.error;
+      EXPECT_EQ(after.tokens.size(), 3u);
+    }
+  }
+}
+
 TEST(Engine, KvCacheFractionSizesThePoolFromAvailableMemory) {
   Transformer model(engine_gpt2());
   model.init_weights(13);
