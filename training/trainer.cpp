@@ -498,7 +498,10 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   const size_t tokens_per_step = static_cast<size_t>(B) * T * K;
   std::vector<int32_t> inputs(tokens_per_step), targets(tokens_per_step);
   const double flops = model_->flops_per_step(B, T) * K;
-  const bool tty = ::isatty(STDOUT_FILENO) && &log_ == &std::cout;
+  // Progress redraws in place on a terminal. Under mpirun a rank's stdout is a pty of Open MPI's
+  // whatever mpirun's own output is (usually a log file), so distributed runs print plain lines.
+  const bool tty =
+      ::isatty(STDOUT_FILENO) && &log_ == &std::cout && !parallel_->distributed();
   // A world of one reacts to the stop flag at once. Distributed ranks combine their flags after
   // every step (a signal may reach only one rank) and stop together after the same step; until
   // then evaluation and sampling run uninterrupted, so every rank issues the same collectives.
