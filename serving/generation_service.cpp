@@ -516,6 +516,9 @@ GrpcServer::GrpcServer(grpc::Service& service, const ServerOptions& options) {
     credentials = grpc::SslServerCredentials(ssl);
   }
   builder.AddListeningPort(cat(options.host, ":", options.port), credentials, &port_);
+  // gRPC sets SO_REUSEPORT by default: a second server on a busy port would silently take half
+  // of its connections (say, an old replica left running). A port in use is an error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(64 << 20);
   builder.RegisterService(&service);

@@ -205,6 +205,21 @@ TEST_F(ServingE2E, StreamIntervalSendsFewerMessagesWithTheSameTokens) {
   EXPECT_GT(a.messages, b.messages) << "every step's token went out on its own: " << a.messages;
 }
 
+TEST_F(ServingE2E, ASecondServerOnABusyPortIsRefusedNotSharingIt) {
+  // gRPC's default SO_REUSEPORT would let both listen and split the connections between them.
+  auto first = serve({"--no-request-log"}, "first.log");
+  ChildProcess second({tandem_binary(), "serve", "--model", model_dir_, "--port",
+                       std::to_string(first->port()), "--threads", "1"},
+                      log("second.log"));
+  EXPECT_EQ(second.stop(0, 30.0), 1) << second.log();
+  EXPECT_NE(second.log().find("cannot listen on 127.0.0.1:" + std::to_string(first->port())),
+            std::string::npos)
+      << second.log();
+  // The first one is untouched.
+  pb::GenerateResponse out;
+  EXPECT_TRUE(unary(*connect(first->address()), greedy("The quick", 3), &out).ok());
+}
+
 TEST_F(ServingE2E, BadRequestsGetTheRightCodesAndTheServerKeepsServing) {
   auto server = serve({}, "serve.log");
   auto stub = connect(server->address(), 200 << 20);
