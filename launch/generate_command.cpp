@@ -109,16 +109,7 @@ void apply_line_overrides(GenerationRequest& r, const json& j, const std::string
 }
 
 EngineConfig engine_config(const GenerateCommandOptions& o, const BpeTokenizer& tok) {
-  EngineConfig ec;
-  ec.kv_cache_mb = o.kv_cache_mb;
-  ec.kv_cache_fraction = o.kv_cache_fraction;
-  ec.bf16_kv_cache = o.bf16_kv_cache;
-  ec.block_size = o.block_size;
-  ec.max_batched_tokens = o.max_batched_tokens;
-  ec.max_seqs = o.max_seqs;
-  ec.prefix_caching = o.prefix_caching;
-  ec.bf16_weights = o.bf16_weights;
-  ec.batch_invariant = o.batch_invariant;
+  EngineConfig ec = o.engine.config(o.max_seqs);
   ec.eos_token = tok.eot_id();
   ec.token_text = [&tok](int32_t id) { return tok.decode_token(id); };
   return ec;

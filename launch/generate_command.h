@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "launch/engine_options.h"
+
 namespace tandem {
 
 struct GenerateCommandOptions {
@@ -40,15 +42,8 @@ struct GenerateCommandOptions {
   bool ignore_eos = false;
   int logprobs = -1;  // >= 0: print each token's logprob and this many alternatives (stderr)
   // Engine.
-  int64_t kv_cache_mb = 256;
-  double kv_cache_fraction = 0.0;  // > 0: this share of the available memory instead
-  bool bf16_kv_cache = false;
-  int block_size = 16;
-  int max_batched_tokens = 512;
+  EngineOptions engine;
   int max_seqs = 64;
-  bool prefix_caching = true;
-  bool bf16_weights = false;
-  bool batch_invariant = true;
 };
 
 struct TokenizeCommandOptions {

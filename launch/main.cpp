@@ -293,6 +293,28 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
 
 // ---- generate, tokenize, score (through the inference engine: launch/generate_command.h) ----
 
+// The engine flags of `generate --model` and `serve` (launch/engine_options.h).
+void add_engine_flags(CLI::App* c, tandem::EngineOptions& e) {
+  c->add_option("--kv-cache-mb", e.kv_cache_mb, "KV cache pool size")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
+      ->capture_default_str();
+  c->add_option("--kv-cache-fraction", e.kv_cache_fraction,
+                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
+      ->check(finite_in(0.0, 0.99))
+      ->excludes("--kv-cache-mb");
+  c->add_flag("--bf16-kv-cache", e.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
+  c->add_option("--block-size", e.block_size, "Tokens per KV block")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  c->add_option("--max-batched-tokens", e.max_batched_tokens, "Rows per engine step")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  c->add_flag("--no-prefix-caching{false}", e.prefix_caching, "Turn the prefix cache off");
+  c->add_flag("--bf16", e.bf16_weights, "bf16 weight copy for inference");
+  c->add_flag("--no-batch-invariant{false}", e.batch_invariant,
+              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
+}
+
 CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
                        tandem::RemoteGenerateOptions& remote) {
   CLI::App* c = app.add_subcommand(
@@ -342,27 +364,10 @@ CLI::App* add_generate(CLI::App& app, tandem::GenerateCommandOptions& o,
   c->add_option("--threads", o.threads, "CPU threads (0 = OpenMP default)")
       ->check(CLI::Range(0, 4096));
   c->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
-  c->add_option("--kv-cache-mb", o.kv_cache_mb, "KV cache pool size")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
-      ->capture_default_str();
-  c->add_option("--kv-cache-fraction", o.kv_cache_fraction,
-                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb)")
-      ->check(finite_in(0.0, 0.99))
-      ->excludes("--kv-cache-mb");
-  c->add_flag("--bf16-kv-cache", o.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
-  c->add_option("--block-size", o.block_size, "Tokens per KV block")
-      ->check(CLI::Range(1, 4096))
-      ->capture_default_str();
-  c->add_option("--max-batched-tokens", o.max_batched_tokens, "Rows per engine step")
-      ->check(CLI::Range(1, 1 << 20))
-      ->capture_default_str();
+  add_engine_flags(c, o.engine);
   c->add_option("--max-seqs", o.max_seqs, "Sequences running at once")
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
-  c->add_flag("--no-prefix-caching{false}", o.prefix_caching, "Disable the prefix cache");
-  c->add_flag("--bf16", o.bf16_weights, "bf16 weight copy for inference");
-  c->add_flag("--no-batch-invariant{false}", o.batch_invariant,
-              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
   c->add_option("--server", remote.server,
                 "Stream from a tandem server or router at HOST:PORT instead of --model");
   c->add_option("--auth-token-file", remote.auth_token_file,
@@ -384,22 +389,9 @@ int run_generate(const CLI::App& command, const tandem::GenerateCommandOptions& 
       }
     }
     tandem::RemoteGenerateOptions r = remote;
-    r.prompt = o.prompt;
-    r.max_tokens = o.max_new_tokens;
-    r.temperature = o.temperature;
-    r.top_k = o.top_k;
-    r.top_p = o.top_p;
-    r.min_p = o.min_p;
-    r.repetition_penalty = o.repetition_penalty;
-    r.presence_penalty = o.presence_penalty;
-    r.frequency_penalty = o.frequency_penalty;
     r.has_seed = command.get_option("--seed")->count() > 0;
-    r.seed = o.seed;
-    r.stop = o.stop;
-    r.stop_token_ids = o.stop_token_ids;
-    r.ignore_eos = o.ignore_eos;
     install_stop_signals();
-    return tandem::run_remote_generate_command(r, g_stop_signal);
+    return tandem::run_remote_generate_command(r, o, g_stop_signal);
   }
   require_flags(command, {"--model"});
   return tandem::run_generate_command(o);
@@ -446,8 +438,9 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       "SIGTERM/SIGINT: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish\n"
       "within --drain-grace seconds, exit 0.\n"
       "Under `mpirun -np TP`: one tensor-parallel replica (CPU), rank 0 serving, the weights\n"
-      "and the KV cache split by heads over the TP ranks; stop it with SIGUSR1 to mpirun (or\n"
-      "SIGTERM to rank 0): mpirun follows a SIGTERM of its own with SIGKILL a second later.");
+      "and the KV cache split by heads over the TP ranks (the KV pool flags are per rank; the\n"
+      "ranks on a node share --kv-cache-fraction); stop it with SIGUSR1 to mpirun (or SIGTERM\n"
+      "to rank 0): mpirun follows a SIGTERM of its own with SIGKILL a second later.");
   c->add_option("--model", a.model_dir, "Checkpoint directory (with encoder.json, vocab.bpe)");
   c->add_option("--host", a.host, "Address to listen on")->capture_default_str();
   c->add_option("--port", a.port, "gRPC port (0 = any free port, printed)")
@@ -459,24 +452,10 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--device", a.device, "cpu, cuda or cuda:N")->capture_default_str();
   c->add_option("--threads", a.threads, "CPU threads (0 = OpenMP default)")
       ->check(CLI::Range(0, 4096));
-  c->add_option("--kv-cache-mb", a.kv_cache_mb, "KV cache pool size (per rank under mpirun)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
-      ->capture_default_str();
-  c->add_option("--kv-cache-fraction", a.kv_cache_fraction,
-                "KV pool as a share of the available memory, in (0, 1) (instead of --kv-cache-mb;\n"
-                "under mpirun the ranks on a node share it)")
-      ->check(finite_in(0.0, 0.99))
-      ->excludes("--kv-cache-mb");
-  c->add_flag("--bf16-kv-cache", a.bf16_kv_cache, "Store K/V as bf16 (twice the tokens per MiB)");
+  add_engine_flags(c, a.engine);
   c->add_option("--collective-timeout", a.collective_timeout_s,
                 "Under mpirun: seconds a step's collective may take before the job is aborted")
       ->check(finite_in(1.0, 86400.0))
-      ->capture_default_str();
-  c->add_option("--block-size", a.block_size, "Tokens per KV block")
-      ->check(CLI::Range(1, 4096))
-      ->capture_default_str();
-  c->add_option("--max-batched-tokens", a.max_batched_tokens, "Rows per engine step")
-      ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   c->add_option("--max-running", a.max_running, "Sequences running at once")
       ->check(CLI::Range(1, 1 << 16))
@@ -495,12 +474,6 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--max-message-mb", a.max_message_mb, "Largest request message")
       ->check(CLI::Range(int64_t{1}, int64_t{1024}))
       ->capture_default_str();
-  c->add_flag(
-      "--no-prefix-caching", [&a](int64_t) { a.prefix_caching = false; },
-      "Turn the prefix cache off");
-  c->add_flag("--bf16", a.bf16_weights, "bf16 weight copy for inference");
-  c->add_flag("--no-batch-invariant{false}", a.batch_invariant,
-              "f32 linears on OpenBLAS: results no longer bitwise independent of batching");
   c->add_option("--tls-cert", a.tls_cert, "PEM certificate chain (TLS on the gRPC port)");
   c->add_option("--tls-key", a.tls_key, "PEM private key");
   c->add_option("--auth-token-file", a.auth_token_file,

@@ -50,24 +50,6 @@ std::string read_auth_token(const std::string& path) {
   return path.empty() ? std::string() : read_token_file(path);
 }
 
-namespace {
-// The engine settings of a replica: the same on every rank of a tensor-parallel one.
-EngineConfig serve_engine_config(const ServeCommandOptions& o) {
-  EngineConfig e;
-  e.kv_cache_mb = o.kv_cache_mb;
-  e.kv_cache_fraction = o.kv_cache_fraction;
-  e.bf16_kv_cache = o.bf16_kv_cache;
-  e.block_size = o.block_size;
-  e.max_batched_tokens = o.max_batched_tokens;
-  e.max_seqs = o.max_running;
-  e.prefix_caching = o.prefix_caching;
-  e.bf16_weights = o.bf16_weights;
-  e.batch_invariant = o.batch_invariant;
-  e.loop_threads = o.threads;
-  return e;
-}
-}  // namespace
-
 int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop_signal) {
   // Under mpirun -np TP (TP > 1) this process is one rank of a tensor-parallel replica.
   std::unique_ptr<ParallelContext> parallel;
@@ -106,12 +88,13 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   }
   std::unique_ptr<Transformer> model =
       load_pretrained(o.model_dir, device, parallel ? &parallel->tp() : nullptr);
-  EngineConfig engine = serve_engine_config(opts);
+  // The engine settings of the replica: the same on every rank of a tensor-parallel one.
+  EngineConfig engine = opts.engine.config(opts.max_running);
+  engine.loop_threads = opts.threads;
   if (parallel && engine.kv_cache_fraction > 0.0) {
     // Every rank measures the node's free memory before any pool exists: the ranks on one node
     // share the fraction.
-    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    engine.kv_cache_fraction /= local != nullptr ? std::max(1, std::atoi(local)) : 1;
+    engine.kv_cache_fraction /= local_ranks_on_node();
   }
   if (rank > 0) {
     // A worker: no server, no tokenizer; it runs the leader's steps until the leader stops it.
@@ -250,7 +233,7 @@ int run_bench_serve_command(const BenchServeOptions& o, const std::atomic<int>& 
   return report.failed == 0 ? 0 : 1;
 }
 
-int run_remote_generate_command(const RemoteGenerateOptions& o,
+int run_remote_generate_command(const RemoteGenerateOptions& o, const GenerateCommandOptions& g,
                                 const std::atomic<int>& stop_signal) {
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (o.tls) {
@@ -260,19 +243,19 @@ int run_remote_generate_command(const RemoteGenerateOptions& o,
   }
   auto stub = tandem::v1::Generation::NewStub(grpc::CreateChannel(o.server, credentials));
   tandem::v1::GenerateRequest request;
-  request.set_prompt(o.prompt);
-  request.set_max_tokens(o.max_tokens);
-  request.mutable_sampling()->set_temperature(o.temperature);
-  request.mutable_sampling()->set_top_k(o.top_k);
-  request.mutable_sampling()->set_top_p(o.top_p);
-  request.mutable_sampling()->set_min_p(o.min_p);
-  request.mutable_sampling()->set_repetition_penalty(o.repetition_penalty);
-  request.mutable_sampling()->set_presence_penalty(o.presence_penalty);
-  request.mutable_sampling()->set_frequency_penalty(o.frequency_penalty);
-  if (o.has_seed) request.mutable_sampling()->set_seed(o.seed);
-  for (const std::string& s : o.stop) request.add_stop(s);
-  for (int32_t t : o.stop_token_ids) request.add_stop_token_ids(t);
-  request.set_ignore_eos(o.ignore_eos);
+  request.set_prompt(g.prompt);
+  request.set_max_tokens(g.max_new_tokens);
+  request.mutable_sampling()->set_temperature(g.temperature);
+  request.mutable_sampling()->set_top_k(g.top_k);
+  request.mutable_sampling()->set_top_p(g.top_p);
+  request.mutable_sampling()->set_min_p(g.min_p);
+  request.mutable_sampling()->set_repetition_penalty(g.repetition_penalty);
+  request.mutable_sampling()->set_presence_penalty(g.presence_penalty);
+  request.mutable_sampling()->set_frequency_penalty(g.frequency_penalty);
+  if (o.has_seed) request.mutable_sampling()->set_seed(g.seed);
+  for (const std::string& s : g.stop) request.add_stop(s);
+  for (int32_t t : g.stop_token_ids) request.add_stop_token_ids(t);
+  request.set_ignore_eos(g.ignore_eos);
   grpc::ClientContext context;
   const std::string token = read_auth_token(o.auth_token_file);
   if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
@@ -293,7 +276,7 @@ int run_remote_generate_command(const RemoteGenerateOptions& o,
   });
   auto reader = stub->GenerateStream(&context, request);
   tandem::v1::GenerateResponse message;
-  std::fwrite(o.prompt.data(), 1, o.prompt.size(), stdout);
+  std::fwrite(g.prompt.data(), 1, g.prompt.size(), stdout);
   std::fflush(stdout);
   tandem::v1::Usage usage;
   tandem::v1::FinishReason finish = tandem::v1::FINISH_REASON_UNSPECIFIED;

@@ -14,6 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "launch/engine_options.h"
+#include "launch/generate_command.h"
+
 namespace tandem {
 
 struct ServeCommandOptions {
@@ -23,20 +26,13 @@ struct ServeCommandOptions {
   int metrics_port = -1;  // -1: no /metrics
   std::string device = "cpu";
   int threads = 0;
-  int64_t kv_cache_mb = 256;
-  double kv_cache_fraction = 0.0;  // > 0: instead of kv_cache_mb
-  bool bf16_kv_cache = false;
+  EngineOptions engine;  // per rank under mpirun (kv_cache_fraction: shared by a node's ranks)
   double collective_timeout_s = 120.0;  // under mpirun (a tensor-parallel replica)
-  int block_size = 16;
-  int max_batched_tokens = 512;
   int max_running = 64;
   int max_queue = 256;
   int max_tokens_limit = 0;  // 0: the context length
   int64_t max_message_mb = 4;
   int stream_interval = 1;  // new tokens per GenerateStream message
-  bool prefix_caching = true;
-  bool bf16_weights = false;
-  bool batch_invariant = true;  // a request's tokens independent of what else runs
   std::string tls_cert, tls_key, auth_token_file;
   double drain_grace_s = 30.0;
   bool request_log = true;  // one JSON line per finished request on stdout
@@ -70,22 +66,11 @@ struct BenchServeOptions {
   bool progress = true;
 };
 
+// `generate --server`: where to send the request; the prompt and the sampling settings are
+// GenerateCommandOptions' (the same flags as a local generate).
 struct RemoteGenerateOptions {
   std::string server;  // host:port
-  std::string prompt;
-  int max_tokens = 64;
-  float temperature = 0.8f;
-  int top_k = 40;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
-  bool has_seed = false;
-  uint64_t seed = 0;
-  std::vector<std::string> stop;
-  std::vector<int32_t> stop_token_ids;
-  bool ignore_eos = false;
+  bool has_seed = false;  // --seed given (otherwise the server chooses)
   std::string auth_token_file;
   bool tls = false;
   std::string tls_ca;    // PEM of the server's CA (with tls)
@@ -96,6 +81,7 @@ int run_serve_command(const ServeCommandOptions& options, const std::atomic<int>
 int run_router_command(const RouterCommandOptions& options, const std::atomic<int>& stop_signal);
 int run_bench_serve_command(const BenchServeOptions& options, const std::atomic<int>& stop_signal);
 int run_remote_generate_command(const RemoteGenerateOptions& options,
+                                const GenerateCommandOptions& request,
                                 const std::atomic<int>& stop_signal);
 
 }  // namespace tandem

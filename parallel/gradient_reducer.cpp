@@ -100,6 +100,27 @@ void GradientReducer::finish() {
   exposed_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+Collective all_gather_bucket(Communicator& group, Tensor& buffer, int64_t begin, int64_t end,
+                             int64_t piece, Tensor& scratch) {
+  const int size = group.size(), rank = group.rank();
+  const int64_t n = end - begin;
+  float* x = buffer.data<float>() + begin;
+  if (piece * size == n) {
+    return group.all_gather_async(x + rank * piece, x, static_cast<size_t>(piece), DType::kF32);
+  }
+  // Uneven: a zero-padded copy of the bucket, gathered, then copied back.
+  const int64_t own_begin = std::min(n, rank * piece), own_end = std::min(n, own_begin + piece);
+  scratch.zero();
+  if (own_end > own_begin) {
+    scratch.flat_view(own_begin, {own_end - own_begin})
+        .copy_from(buffer.flat_view(begin + own_begin, {own_end - own_begin}));
+  }
+  float* s = scratch.data<float>();
+  group.all_gather(s + rank * piece, s, static_cast<size_t>(piece), DType::kF32);
+  buffer.flat_view(begin, {n}).copy_from(scratch.flat_view(0, {n}));
+  return Collective();
+}
+
 void GradientReducer::all_gather_owned(Tensor& buffer) {
   require(buffer.dtype() == DType::kF32 && buffer.numel() == grads_.numel() &&
               buffer.device() == grads_.device(),
@@ -107,23 +128,7 @@ void GradientReducer::all_gather_owned(Tensor& buffer) {
   if (size_ == 1) return;
   std::vector<Collective> gathers;
   for (const Bucket& b : buckets_) {
-    float* x = buffer.data<float>() + b.begin;
-    if (!padded(b)) {
-      gathers.push_back(group_.all_gather_async(x + rank_ * b.piece, x,
-                                                static_cast<size_t>(b.piece), DType::kF32));
-      continue;
-    }
-    const int64_t n = b.end - b.begin;
-    const int64_t own_begin = std::min(n, rank_ * b.piece),
-                  own_end = std::min(n, own_begin + b.piece);
-    scratch_.zero();
-    if (own_end > own_begin) {
-      scratch_.flat_view(own_begin, {own_end - own_begin})
-          .copy_from(buffer.flat_view(b.begin + own_begin, {own_end - own_begin}));
-    }
-    float* s = scratch_.data<float>();
-    group_.all_gather(s + rank_ * b.piece, s, static_cast<size_t>(b.piece), DType::kF32);
-    buffer.flat_view(b.begin, {n}).copy_from(scratch_.flat_view(0, {n}));
+    gathers.push_back(all_gather_bucket(group_, buffer, b.begin, b.end, b.piece, scratch_));
   }
   for (Collective& c : gathers) c.wait();
 }

@@ -31,6 +31,15 @@
 
 namespace tandem {
 
+// One bucket's all-gather in `buffer` (flat F32 on the group's device): [begin, end) is cut into
+// group.size() pieces of `piece` elements (the last one short when the bucket does not split
+// evenly); each rank's piece i holds its values, and afterwards every rank holds all of them.
+// An even bucket is gathered in place and asynchronously (wait on the handle); an uneven one
+// goes through `scratch` (at least piece * size floats on the device) before this returns.
+// Shared by GradientReducer and ShardedGradients (ZeRO-2).
+Collective all_gather_bucket(Communicator& group, Tensor& buffer, int64_t begin, int64_t end,
+                             int64_t piece, Tensor& scratch);
+
 class GradientReducer {
  public:
   enum class Mode { kAllReduce, kReduceScatter };

@@ -11,10 +11,13 @@
 
 namespace tandem {
 
-int default_threads_per_rank() {
+int local_ranks_on_node() {
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks_here);
+  return local ? std::max(1, std::atoi(local)) : 1;
+}
+
+int default_threads_per_rank() {
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks_on_node());
 }
 
 ParallelContext::~ParallelContext() = default;

@@ -23,8 +23,10 @@ struct ParallelOptions {
   Device device;  // where the gradients live
 };
 
+// The ranks of this job on this node (OMPI_COMM_WORLD_LOCAL_SIZE; 1 without mpirun).
+int local_ranks_on_node();
 // Threads for one rank when none are asked for under mpirun: the node's cores shared by the
-// ranks on it (OMPI_COMM_WORLD_LOCAL_SIZE); all the cores without mpirun.
+// ranks on it; all the cores without mpirun.
 int default_threads_per_rank();
 
 class ParallelContext {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "parallel/gradient_reducer.h"
 #include "runtime/error.h"
 #include "runtime/ops.h"
 
@@ -79,7 +80,7 @@ void ShardedGradients::zero() {
   accumulated_ = false;
 }
 
-Tensor ShardedGradients::take(int64_t numel) {
+Tensor ShardedGradients::take(int64_t numel, bool zeroed) {
   Tensor t;
   auto it = pool_.find(numel);
   if (it != pool_.end()) {
@@ -89,7 +90,7 @@ Tensor ShardedGradients::take(int64_t numel) {
     t = Tensor::empty({numel}, DType::kF32, device_);
     allocated_ += numel;  // kept by the pool from here on
   }
-  ops_for(device_).zero(t.data<float>(), static_cast<size_t>(numel));
+  if (zeroed) ops_for(device_).zero(t.data<float>(), static_cast<size_t>(numel));
   return t;
 }
 
@@ -132,7 +133,7 @@ void ShardedGradients::start_segment(size_t s) {
     if (!accumulated_ && k.owned_end - k.owned_begin == k.piece) {
       recv = owned_.data<float>() + k.owned_offset;  // the first micro-batch: straight in
     } else {
-      f.received = take(k.piece);  // added into the shard when it arrives
+      f.received = take(k.piece, /*zeroed=*/false);  // the collective writes it all
       recv = f.received.data<float>();
     }
     f.collective = group_.reduce_scatter_async(data + (k.begin - seg.begin), recv,
@@ -214,23 +215,16 @@ void ShardedGradients::all_gather_owned(Tensor& buffer) {
           "ZeRO-2: all_gather_owned needs a flat F32 buffer of ", total_, " elements on ",
           device_.str());
   if (size_ == 1) return;
-  for (const Bucket& k : buckets_) {
-    const int64_t n = k.end - k.begin;
-    float* x = buffer.data<float>() + k.begin;
-    if (k.piece * size_ == n) {
-      group_.all_gather(x + rank_ * k.piece, x, static_cast<size_t>(k.piece), DType::kF32);
-      continue;
-    }
-    Tensor scratch = Tensor::zeros({k.piece * size_}, DType::kF32, device_);
-    const int64_t own = k.owned_end - k.owned_begin;
-    if (own > 0) {
-      scratch.flat_view(k.owned_begin - k.begin, {own})
-          .copy_from(buffer.flat_view(k.owned_begin, {own}));
-    }
-    float* sp = scratch.data<float>();
-    group_.all_gather(sp + rank_ * k.piece, sp, static_cast<size_t>(k.piece), DType::kF32);
-    buffer.flat_view(k.begin, {n}).copy_from(scratch.flat_view(0, {n}));
+  if (!scratch_.defined()) {  // the largest uneven bucket, padded
+    int64_t most = 1;
+    for (const Bucket& k : buckets_) most = std::max(most, k.piece * size_);
+    scratch_ = Tensor::zeros({most}, DType::kF32, device_);
   }
+  std::vector<Collective> gathers;
+  for (const Bucket& k : buckets_) {
+    gathers.push_back(all_gather_bucket(group_, buffer, k.begin, k.end, k.piece, scratch_));
+  }
+  for (Collective& c : gathers) c.wait();
 }
 
 }  // namespace tandem

@@ -80,7 +80,7 @@ class ShardedGradients {
     size_t bucket;
     Tensor received;  // piece floats
   };
-  Tensor take(int64_t numel);  // from the pool, zeroed
+  Tensor take(int64_t numel, bool zeroed = true);  // from the pool
   void give_back(Tensor t);
   void start_segment(size_t index);
   void complete(InFlight& f);
@@ -97,6 +97,7 @@ class ShardedGradients {
   std::vector<Bucket> buckets_;
   std::vector<std::vector<size_t>> buckets_of_;  // per segment
   Tensor owned_;
+  Tensor scratch_;  // all_gather_owned's uneven buckets
 
   // Per backward.
   bool armed_ = false;

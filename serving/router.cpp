@@ -361,30 +361,32 @@ grpc::Status Router::GenerateStream(grpc::ServerContext* context,
   });
 }
 
-grpc::Status Router::Tokenize(grpc::ServerContext* context, const pb::TokenizeRequest* request,
-                              pb::TokenizeResponse* response) {
+grpc::Status Router::call_any_healthy(
+    grpc::ServerContext* context,
+    const std::function<grpc::Status(pb::Generation::Stub&, grpc::ClientContext*)>& call) {
   if (grpc::Status s = check_bearer_token(*context, options_.server.auth_token); !s.ok()) return s;
   grpc::Status last(grpc::StatusCode::UNAVAILABLE, "no replica is healthy");
   for (auto& r : replicas_) {
     if (!r->healthy) continue;
     auto c = replica_context(context);
-    last = r->stub->Tokenize(c.get(), *request, response);
+    last = call(*r->stub, c.get());
     if (last.ok() || !retryable(last)) return last;
   }
   return last;
 }
 
+grpc::Status Router::Tokenize(grpc::ServerContext* context, const pb::TokenizeRequest* request,
+                              pb::TokenizeResponse* response) {
+  return call_any_healthy(context, [&](pb::Generation::Stub& stub, grpc::ClientContext* c) {
+    return stub.Tokenize(c, *request, response);
+  });
+}
+
 grpc::Status Router::ModelInfo(grpc::ServerContext* context, const pb::ModelInfoRequest* request,
                                pb::ModelInfoResponse* response) {
-  if (grpc::Status s = check_bearer_token(*context, options_.server.auth_token); !s.ok()) return s;
-  grpc::Status last(grpc::StatusCode::UNAVAILABLE, "no replica is healthy");
-  for (auto& r : replicas_) {
-    if (!r->healthy) continue;
-    auto c = replica_context(context);
-    last = r->stub->ModelInfo(c.get(), *request, response);
-    if (last.ok() || !retryable(last)) return last;
-  }
-  return last;
+  return call_any_healthy(context, [&](pb::Generation::Stub& stub, grpc::ClientContext* c) {
+    return stub.ModelInfo(c, *request, response);
+  });
 }
 
 grpc::Status Router::Load(grpc::ServerContext* context, const pb::LoadRequest*,

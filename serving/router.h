@@ -19,6 +19,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -73,6 +74,11 @@ class Router final : public tandem::v1::Generation::Service {
   void poll_loop();
   void poll_once();
   std::unique_ptr<grpc::ClientContext> replica_context(grpc::ServerContext* server) const;
+  // A unary call that any replica answers alike (Tokenize, ModelInfo): the token checked, then
+  // the healthy replicas in turn until one answers or fails with a non-retryable status.
+  grpc::Status call_any_healthy(
+      grpc::ServerContext* context,
+      const std::function<grpc::Status(tandem::v1::Generation::Stub&, grpc::ClientContext*)>& call);
   template <typename Attempt>
   grpc::Status with_failover(grpc::ServerContext* context, const tandem::v1::GenerateRequest& r,
                              const char* method, Attempt&& attempt);

@@ -3,16 +3,15 @@
 #include <algorithm>
 #include <vector>
 
+#include "parallel/rank_ordered_sum.h"
 #include "runtime/error.h"
 #include "serving/step_plan.h"
 
 namespace tandem::serving {
 
 int all_reduce_min(Communicator& group, int value) {
-  std::vector<int32_t> all(static_cast<size_t>(group.size()));
-  const int32_t mine = value;
-  group.all_gather(&mine, all.data(), 1, DType::kI32);
-  return *std::min_element(all.begin(), all.end());
+  const std::vector<double> all = gather_in_rank_order(group, value);
+  return static_cast<int>(*std::min_element(all.begin(), all.end()));
 }
 
 void TensorParallelLeader::attach(EngineConfig& config) {

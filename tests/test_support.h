@@ -4,12 +4,15 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <string>
 
 #include "runtime/dtype.h"
 #include "runtime/error.h"
+#include "runtime/tensor.h"
 
 // GPU tests call this first: it skips (with the reason) without a CUDA build or a usable device.
 // A macro, since GTEST_SKIP returns from the enclosing function.
@@ -46,6 +49,22 @@ class ScratchDir {
  private:
   std::filesystem::path path_;
 };
+
+// The largest |a - b| over the largest |b| (the reference's scale), over n host floats.
+inline double max_relative_diff(const float* a, const float* b, size_t n) {
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < n; ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - b[i]));
+    ref = std::max(ref, std::abs(static_cast<double>(b[i])));
+  }
+  return diff / std::max(ref, 1e-12);
+}
+
+// The same for two tensors of equal size on any device.
+inline double max_relative_diff(const Tensor& a, const Tensor& b) {
+  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
+  return max_relative_diff(ha.data<float>(), hb.data<float>(), static_cast<size_t>(ha.numel()));
+}
 
 // The message of the tandem::Error that `action` throws, or "" when it throws none.
 inline std::string error_message_of(const std::function<void()>& action) {

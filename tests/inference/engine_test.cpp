@@ -61,7 +61,6 @@ void check_batch_invariance(const ModelConfig& config) {
   {
     EngineConfig ec;
     ec.batch_invariant = true;
-    ec.batch_invariant = true;
     ec.prefix_caching = false;
     ec.num_blocks = 64;
     Engine engine(model, ec);
@@ -71,7 +70,6 @@ void check_batch_invariance(const ModelConfig& config) {
   }
   for (bool chunked : {false, true}) {
     EngineConfig ec;
-    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.num_blocks = 400;
     ec.block_size = 16;
@@ -116,7 +114,6 @@ TEST(Engine, PrefixCacheHitsGiveTheSameOutputs) {
   auto run = [&](bool caching) {
     EngineConfig ec;
     ec.batch_invariant = true;
-    ec.batch_invariant = true;
     ec.prefix_caching = caching;
     ec.num_blocks = 100;
     ec.block_size = 8;
@@ -152,7 +149,6 @@ TEST(Engine, PreemptedRequestsFinishWithTheSameOutputs) {
   }
   auto run = [&](int num_blocks) {
     EngineConfig ec;
-    ec.batch_invariant = true;
     ec.batch_invariant = true;
     ec.num_blocks = num_blocks;
     ec.block_size = 4;

@@ -4,6 +4,8 @@
 // collective) end every rank quickly with a line naming the rank. Runs mpirun itself (label mpi).
 #include <gtest/gtest.h>
 
+#include <signal.h>
+
 #include <csignal>
 #include <sys/wait.h>
 
@@ -110,6 +112,38 @@ class MpiTrainTest : public ::testing::Test {
     fs::copy(dir_ / from, dir_ / to, fs::copy_options::recursive);
     fs::remove_all(dir_ / to / "checkpoints" / "step_00000006");
     return train(to, ranks, extra + " --checkpoint.resume=true", tp);
+  }
+  // Runs `cmd`, a job that writes the pid to signal into `pid_file`, and sends that pid `sig`
+  // once training runs (3 steps logged in run/); *signalled says whether it was sent.
+  Outcome run_and_signal(const std::string& cmd, const std::string& pid_file, int sig,
+                         const std::string& log_name, bool* signalled) {
+    Outcome o;
+    std::thread job([&] { o = run(cmd, (dir_ / log_name).string()); });
+    *signalled = false;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (fs::exists(pid_file) && read_metrics(dir_ / "run").loss.size() >= 3) {
+        std::ifstream in(pid_file);
+        long pid = 0;
+        in >> pid;
+        if (pid > 0) *signalled = ::kill(static_cast<pid_t>(pid), sig) == 0;
+        break;
+      }
+    }
+    job.join();
+    return o;
+  }
+  // The last step run/ logged a loss for, whose checkpoint must exist.
+  long expect_checkpoint_of_last_step(const Outcome& o) {
+    const Metrics m = read_metrics(dir_ / "run");
+    EXPECT_FALSE(m.loss.empty()) << o.output;
+    if (m.loss.empty()) return -1;
+    const long last = m.loss.rbegin()->first;
+    char name[32];
+    std::snprintf(name, sizeof(name), "step_%08ld", last);
+    EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
+    return last;
   }
   static void expect_close(const std::map<long, double>& a, const std::map<long, double>& b,
                            double rel, const char* what) {
@@ -319,36 +353,16 @@ TEST_F(MpiTrainTest, KilledRankEndsTheJobAndTheLastCheckpointLoads) {
 TEST_F(MpiTrainTest, AStopSignalToOneRankStopsEveryRankAfterTheSameStepWithACheckpoint) {
   const std::string pid_file = (dir_ / "rank1.pid").string();
   const std::string a = args("run", 2, "--train.steps=100000 --checkpoint.every=1000");
+  // Once training runs, SIGTERM reaches rank 1 only.
   const std::string cmd = kMpirun + " -np 1 " + kTandem + a + " : -np 1 sh -c 'echo $$ > " +
                           pid_file + "; exec " + kTandem + a + "'";
-  Outcome o;
-  std::thread job([&] { o = run(cmd, (dir_ / "stopped.log").string()); });
   bool signalled = false;
-  const auto t0 = std::chrono::steady_clock::now();
-  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    // Once training runs (a few steps written), SIGTERM reaches rank 1 only.
-    if (fs::exists(pid_file) && read_metrics(dir_ / "run").loss.size() >= 3) {
-      std::ifstream in(pid_file);
-      long pid = 0;
-      in >> pid;
-      ASSERT_GT(pid, 0);
-      std::system(("kill -TERM " + std::to_string(pid)).c_str());
-      signalled = true;
-      break;
-    }
-  }
-  job.join();
+  const Outcome o = run_and_signal(cmd, pid_file, SIGTERM, "stopped.log", &signalled);
   ASSERT_TRUE(signalled) << o.output;
   EXPECT_EQ(o.status, 128 + 15) << o.output;  // both ranks exit 128 + SIGTERM
   EXPECT_LT(o.seconds, 60) << o.output;
   // The checkpoint of the last step both ranks completed, and nothing after it.
-  const Metrics m = read_metrics(dir_ / "run");
-  ASSERT_FALSE(m.loss.empty());
-  const long last = m.loss.rbegin()->first;
-  char name[32];
-  std::snprintf(name, sizeof(name), "step_%08ld", last);
-  EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
+  const long last = expect_checkpoint_of_last_step(o);
   EXPECT_NE(o.output.find("interrupted at step " + std::to_string(last)), std::string::npos)
       << o.output;
 }
@@ -360,32 +374,12 @@ TEST_F(MpiTrainTest, SigusrToMpirunStopsEveryRankWithACheckpoint) {
   const std::string cmd = "sh -c 'echo $$ > " + pid_file + "; exec " + kMpirun + " -np 2 " +
                           kTandem + args("run", 2, "--train.steps=100000 --checkpoint.every=1000") +
                           "'";
-  Outcome o;
-  std::thread job([&] { o = run(cmd, (dir_ / "usr1.log").string()); });
   bool signalled = false;
-  const auto t0 = std::chrono::steady_clock::now();
-  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    if (fs::exists(pid_file) && read_metrics(dir_ / "run").loss.size() >= 3) {
-      std::ifstream in(pid_file);
-      long pid = 0;
-      in >> pid;
-      ASSERT_GT(pid, 0);
-      std::system(("kill -USR1 " + std::to_string(pid)).c_str());
-      signalled = true;
-      break;
-    }
-  }
-  job.join();
+  const Outcome o = run_and_signal(cmd, pid_file, SIGUSR1, "usr1.log", &signalled);
   ASSERT_TRUE(signalled) << o.output;
   EXPECT_EQ(o.status, 128 + SIGUSR1) << o.output;
   EXPECT_LT(o.seconds, 60) << o.output;
-  const Metrics m = read_metrics(dir_ / "run");
-  ASSERT_FALSE(m.loss.empty());
-  const long last = m.loss.rbegin()->first;
-  char name[32];
-  std::snprintf(name, sizeof(name), "step_%08ld", last);
-  EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / name)) << o.output;
+  expect_checkpoint_of_last_step(o);
 }
 
 }  // namespace

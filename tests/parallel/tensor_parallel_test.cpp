@@ -19,6 +19,7 @@
 #include "runtime/model_io.h"
 #include "tests/parallel/mpi_test_main.h"
 #include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
 #include "training/data_parallel.h"
 
 namespace tandem {
@@ -250,12 +251,7 @@ void expect_paged_tp_matches_one_rank(const ModelConfig& config, bool invariant,
     const Tensor b = single.forward_paged(c, one_cache);
     ASSERT_EQ(a.size(0), c.num_logit_rows);
     ASSERT_EQ(a.size(1), config.vocab_size);  // whole, padding dropped
-    double diff = 0, ref = 0;
-    for (int64_t i = 0; i < b.numel(); ++i) {
-      diff = std::max(diff, static_cast<double>(std::fabs(a.data<float>()[i] - b.data<float>()[i])));
-      ref = std::max(ref, static_cast<double>(std::fabs(b.data<float>()[i])));
-    }
-    EXPECT_LT(diff / ref, bf16_kv ? 2e-2 : 1e-4)
+    EXPECT_LT(testing::max_relative_diff(a, b), bf16_kv ? 2e-2 : 1e-4)
         << family_name(config.family) << " step " << k << (invariant ? " invariant" : " blas");
   }
 }

@@ -14,15 +14,7 @@
 namespace tandem {
 namespace {
 
-double max_relative_diff(const Tensor& a, const Tensor& b) {
-  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-  double diff = 0, ref = 0;
-  for (int64_t i = 0; i < ha.numel(); ++i) {
-    diff = std::max(diff, std::abs(static_cast<double>(ha.data<float>()[i]) - hb.data<float>()[i]));
-    ref = std::max(ref, std::abs(static_cast<double>(hb.data<float>()[i])));
-  }
-  return diff / std::max(ref, 1e-12);
-}
+using testing::max_relative_diff;
 
 void check_paged_on_gpu(ModelConfig config, bool bf16, DType kv_dtype = DType::kF32) {
   config.max_seq_len = 64;

@@ -8,21 +8,13 @@
 #include "runtime/kv_cache.h"
 #include "runtime/transformer.h"
 #include "tests/runtime/test_models.h"
+#include "tests/test_support.h"
 
 namespace tandem {
 namespace {
 
+using testing::max_relative_diff;
 using testing::random_tokens;
-
-// Largest |a - b| over the largest |b| of a block of logits.
-double relative_error(const float* a, const float* b, size_t n) {
-  double diff = 0, ref = 0;
-  for (size_t i = 0; i < n; ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
-    ref = std::max(ref, static_cast<double>(std::fabs(b[i])));
-  }
-  return diff / ref;
-}
 
 ModelConfig with_context(ModelConfig c, int max_seq_len) {
   c.max_seq_len = max_seq_len;
@@ -83,7 +75,7 @@ void check_paged_matches_dense(const ModelConfig& config, int block_size, int ch
     const Tensor logits = model.forward_paged(ctx, cache);
     ASSERT_EQ(logits.size(0), n);
     const double err =
-        relative_error(logits.data<float>(), dense.data<float>() + static_cast<size_t>(start) * V,
+        max_relative_diff(logits.data<float>(), dense.data<float>() + static_cast<size_t>(start) * V,
                        static_cast<size_t>(n) * V);
     const bool rounded = bf16 || kv_dtype == DType::kBF16;
     EXPECT_LT(err, rounded ? 2e-2 : 1e-4) << family_name(config.family) << " block " << block_size

@@ -12,15 +12,7 @@
 namespace tandem {
 namespace {
 
-double max_relative_diff(const Tensor& a, const Tensor& b) {
-  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-  double diff = 0, ref = 0;
-  for (int64_t i = 0; i < ha.numel(); ++i) {
-    diff = std::max(diff, std::abs(static_cast<double>(ha.data<float>()[i]) - hb.data<float>()[i]));
-    ref = std::max(ref, std::abs(static_cast<double>(hb.data<float>()[i])));
-  }
-  return diff / std::max(ref, 1e-12);
-}
+using testing::max_relative_diff;
 
 void check_family(const ModelConfig& config) {
   Transformer cpu_model(config);

@@ -157,8 +157,8 @@ TEST(StepPlan, BroadcastDeliversTheLeadersPlanToAWorker) {
 
 // The plans are self-contained: a second copy of the model that sees nothing but the encoded
 // plans (its own KV cache, no scheduler, no block manager) rebuilds the leader's KV state and
-// predicts exactly the tokens the leader sampled, step after step. This is the TP worker's job
-// at tp = 1 (no sharding yet).
+// predicts exactly the tokens the leader sampled, step after step: what a tensor-parallel worker
+// does each step (serving/tensor_parallel.h), here at tp = 1.
 TEST(StepPlan, AWorkerFedOnlyThePlansReproducesTheLeadersTokens) {
   ModelConfig c;
   c.family = ModelFamily::kGpt2;
