@@ -36,7 +36,6 @@ class TensorParallelLeader {
   // After the engine has stopped: the workers leave their loop. Not after a failed step (the
   // group is then out of step).
   void shutdown();
-  int64_t steps() const { return step_; }
 
  private:
   Communicator& tp_;
