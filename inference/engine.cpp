@@ -294,10 +294,16 @@ void Engine::finish(Request& r, FinishReason reason, std::string error) {
 }
 
 void Engine::abort(uint64_t request_id) {
+  abort(std::vector<uint64_t>{request_id});
+}
+
+void Engine::abort(const std::vector<uint64_t>& request_ids) {
   std::lock_guard<std::mutex> lock(step_mu_);
   admit_incoming();
-  auto it = requests_.find(request_id);
-  if (it != requests_.end()) finish(*it->second, FinishReason::kAbort);
+  for (uint64_t id : request_ids) {
+    auto it = requests_.find(id);
+    if (it != requests_.end()) finish(*it->second, FinishReason::kAbort);
+  }
   refresh_stats();
 }
 
@@ -416,6 +422,11 @@ bool Engine::step() {
     }
   }
   has_work_ = scheduler_->has_work();
+  if (config_.min_step_ms > 0.0 && !plan.empty()) {
+    // The test hook: the step holds the lock as long as a model step of that length would.
+    std::this_thread::sleep_until(
+        t0 + std::chrono::microseconds(static_cast<int64_t>(config_.min_step_ms * 1e3)));
+  }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   refresh_stats();

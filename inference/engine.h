@@ -79,6 +79,11 @@ struct EngineConfig {
   std::function<void(const std::string&)> on_step_failure;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
+  // > 0: a step that runs the model lasts at least this long (it sleeps the rest, holding the
+  // step lock as a slow model step would). A floor on the time per token, whatever the CPU:
+  // tests that act on a running request set it (TANDEM_TEST_MIN_STEP_MS in the environment
+  // sets it for `tandem serve`), so they never depend on a model being slow.
+  double min_step_ms = 0.0;
 };
 
 struct GenerationRequest {
@@ -173,6 +178,9 @@ class Engine {
   // request with INVALID_ARGUMENT before it takes a place in the queue. Thread-safe.
   std::string validate(const GenerationRequest& request) const;
   void abort(uint64_t request_id);
+  // Many at once, under one wait for the step in flight (a drain ends 50 streams in one step's
+  // time, not 50).
+  void abort(const std::vector<uint64_t>& request_ids);
 
   // One step, if there is work. Returns whether work remains. Not while the loop thread runs.
   bool step();

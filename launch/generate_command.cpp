@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -68,34 +69,66 @@ GenerationRequest base_request(const GenerateCommandOptions& o) {
   return r;
 }
 
+// A prompts-file value as an integer in [lo, hi]: 99999999999 or 1e30 is an error naming the
+// line, never a wrapped number.
+int64_t line_integer(const json& value, const std::string& where, const std::string& key,
+                     int64_t lo, int64_t hi) {
+  const bool integral =
+      value.is_number_integer() ||
+      (value.is_number_float() && std::isfinite(value.get<double>()) &&
+       std::floor(value.get<double>()) == value.get<double>());
+  require(integral, where, ": \"", key, "\" must be an integer, got ", value.dump());
+  const double v = value.get<double>();
+  require(v >= static_cast<double>(lo) && v <= static_cast<double>(hi) &&
+              (!value.is_number_unsigned() || value.get<uint64_t>() <= static_cast<uint64_t>(hi)),
+          where, ": \"", key, "\" must be in [", lo, ", ", hi, "], got ", value.dump());
+  return value.is_number_float() ? static_cast<int64_t>(v) : value.get<int64_t>();
+}
+
+float line_float(const json& value, const std::string& where, const std::string& key) {
+  require(value.is_number(), where, ": \"", key, "\" must be a number, got ", value.dump());
+  const double v = value.get<double>();
+  require(std::isfinite(v) && std::fabs(v) <= std::numeric_limits<float>::max(), where, ": \"",
+          key, "\" = ", value.dump(), " is out of range");
+  return static_cast<float>(v);
+}
+
 // A prompts-file line's overrides of the command-line sampling options.
 void apply_line_overrides(GenerationRequest& r, const json& j, const std::string& where) {
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   for (const auto& [key, value] : j.items()) {
     try {
       if (key == "prompt") continue;
       if (key == "max_tokens")
-        r.max_tokens = value.get<int>();
+        r.max_tokens = static_cast<int>(line_integer(value, where, key, 1, kIntMax));
       else if (key == "temperature")
-        r.sampling.temperature = value.get<float>();
+        r.sampling.temperature = line_float(value, where, key);
       else if (key == "top_k")
-        r.sampling.top_k = value.get<int>();
+        r.sampling.top_k = static_cast<int>(line_integer(value, where, key, 0, kIntMax));
       else if (key == "top_p")
-        r.sampling.top_p = value.get<float>();
+        r.sampling.top_p = line_float(value, where, key);
       else if (key == "min_p")
-        r.sampling.min_p = value.get<float>();
+        r.sampling.min_p = line_float(value, where, key);
       else if (key == "repetition_penalty")
-        r.sampling.repetition_penalty = value.get<float>();
+        r.sampling.repetition_penalty = line_float(value, where, key);
       else if (key == "presence_penalty")
-        r.sampling.presence_penalty = value.get<float>();
+        r.sampling.presence_penalty = line_float(value, where, key);
       else if (key == "frequency_penalty")
-        r.sampling.frequency_penalty = value.get<float>();
-      else if (key == "seed")
+        r.sampling.frequency_penalty = line_float(value, where, key);
+      else if (key == "seed") {
+        require(value.is_number_unsigned() ||
+                    (value.is_number_integer() && value.get<int64_t>() >= 0),
+                where, ": \"seed\" must be an integer in [0, 2^64), got ", value.dump());
         r.seed = value.get<uint64_t>();
-      else if (key == "stop")
+      } else if (key == "stop")
         r.stop = value.get<std::vector<std::string>>();
-      else if (key == "stop_token_ids")
-        r.stop_token_ids = value.get<std::vector<int32_t>>();
-      else if (key == "ignore_eos")
+      else if (key == "stop_token_ids") {
+        r.stop_token_ids.clear();
+        require(value.is_array(), where, ": \"stop_token_ids\" must be a list of token ids");
+        for (const json& id : value) {
+          r.stop_token_ids.push_back(static_cast<int32_t>(line_integer(id, where, key, 0, kIntMax)));
+        }
+      } else if (key == "ignore_eos")
         r.ignore_eos = value.get<bool>();
       else
         throw Error(cat(where, ": unknown key \"", key,
@@ -158,26 +191,38 @@ int generate_file(const GenerateCommandOptions& o, Engine& engine, const BpeToke
     ++line_no;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = cat(o.prompts_file, ":", line_no);
-    json j;
+    // A bad line (not JSON, a wrong key or value) becomes that line's error row; the other
+    // lines still run.
+    std::string prompt = line;
     try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      throw Error(
-          cat(where, ": not JSON (a line is \"text\" or {\"prompt\": \"text\", ...}): ", e.what()));
+      json j;
+      try {
+        j = json::parse(line);
+      } catch (const json::exception& e) {
+        throw Error(cat(where,
+                        ": not JSON (a line is \"text\" or {\"prompt\": \"text\", ...}): ",
+                        e.what()));
+      }
+      GenerationRequest r = base_request(o);
+      if (j.is_string()) {
+        prompt = j.get<std::string>();
+      } else {
+        require(j.is_object() && j.contains("prompt") && j["prompt"].is_string(), where,
+                ": expected \"text\" or {\"prompt\": \"text\", ...}");
+        prompt = j["prompt"].get<std::string>();
+        apply_line_overrides(r, j, where);
+      }
+      r.prompt = encode_prompt(tok, prompt);
+      streams.push_back(engine.add_request(std::move(r)));
+    } catch (const Error& e) {
+      auto failed = std::make_shared<RequestStream>(0);
+      GenerationDelta d;
+      d.finish = FinishReason::kError;
+      d.error = e.what();
+      failed->push(std::move(d));
+      streams.push_back(std::move(failed));
     }
-    GenerationRequest r = base_request(o);
-    std::string prompt;
-    if (j.is_string()) {
-      prompt = j.get<std::string>();
-    } else {
-      require(j.is_object() && j.contains("prompt") && j["prompt"].is_string(), where,
-              ": expected \"text\" or {\"prompt\": \"text\", ...}");
-      prompt = j["prompt"].get<std::string>();
-      apply_line_overrides(r, j, where);
-    }
-    r.prompt = encode_prompt(tok, prompt);
     prompts.push_back(std::move(prompt));
-    streams.push_back(engine.add_request(std::move(r)));
   }
   require(!streams.empty(), o.prompts_file, ": no prompts");
   const auto t0 = std::chrono::steady_clock::now();
@@ -285,6 +330,11 @@ int run_score_command(const ScoreCommandOptions& o) {
     std::vector<int32_t> inputs(ids.begin() + start, ids.begin() + start + T);
     std::vector<int32_t> targets(ids.begin() + start + 1, ids.begin() + start + 1 + T);
     const float mean = model->forward(inputs.data(), targets.data(), 1, T);
+    // NaN or infinite weights (or activations that overflow) give a non-finite loss: an error,
+    // never a perplexity of nan and exit 0.
+    require(std::isfinite(mean), "score: the model produced a non-finite loss (", mean,
+            ") on tokens ", start, "..", start + T, " of the text; the checkpoint ", o.model_dir,
+            " holds NaN or infinite weights, or its activations overflow");
     total_nll += static_cast<double>(mean) * T;
     scored += T;
   }

@@ -534,6 +534,11 @@ CLI::App* add_router(CLI::App& app, RouterArgs& a) {
   c->add_option("--health-interval-ms", a.options.health_interval_ms, "Replica poll interval")
       ->check(CLI::Range(10, 60000))
       ->capture_default_str();
+  c->add_option("--replica-stall-timeout", a.options.replica_stall_timeout_s,
+                "Seconds a replica may fail its health polls (frozen, unreachable) before every "
+                "call on it is ended (UNAVAILABLE; one with no token yet is retried elsewhere)")
+      ->check(finite_in(0.1, 3600.0))
+      ->capture_default_str();
   c->add_option("--drain-grace", a.options.drain_grace_s,
                 "Seconds in-flight requests get on SIGTERM")
       ->check(finite_in(0.0, 3600.0))

@@ -91,6 +91,14 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   // The engine settings of the replica: the same on every rank of a tensor-parallel one.
   EngineConfig engine = opts.engine.config(opts.max_running);
   engine.loop_threads = opts.threads;
+  if (const char* floor = std::getenv("TANDEM_TEST_MIN_STEP_MS")) {
+    // A test hook (inference/engine.h, min_step_ms): a floor on the time per engine step.
+    char* end = nullptr;
+    engine.min_step_ms = std::strtod(floor, &end);
+    require(end != floor && *end == '\0' && engine.min_step_ms >= 0.0 && engine.min_step_ms <= 1e4,
+            "TANDEM_TEST_MIN_STEP_MS must be a number of milliseconds in [0, 10000], got '", floor,
+            "'");
+  }
   if (parallel && engine.kv_cache_fraction > 0.0) {
     // Every rank measures the node's free memory before any pool exists: the ranks on one node
     // share the fraction.
@@ -166,6 +174,7 @@ int run_router_command(const RouterCommandOptions& o, const std::atomic<int>& st
   }
   r.server.request_log = o.request_log ? stdout : nullptr;
   r.health_interval_ms = o.health_interval_ms;
+  r.replica_stall_timeout_s = o.replica_stall_timeout_s;
   serving::MetricsRegistry registry;
   serving::Router router(r, registry);
   serving::GrpcServer server(router, r.server);
@@ -185,6 +194,13 @@ int run_router_command(const RouterCommandOptions& o, const std::atomic<int>& st
       std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(o.drain_grace_s * 1e3));
   while (router.in_flight() > 0 && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // What is still running ends with UNAVAILABLE from its handler (a client retries that), not
+  // CANCELLED by the gRPC server's shutdown deadline.
+  router.abort_all();
+  const auto answered = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (router.in_flight() > 0 && std::chrono::steady_clock::now() < answered) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   server.shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   std::fprintf(stderr, "tandem: router: drained, exiting\n");

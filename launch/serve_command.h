@@ -47,6 +47,7 @@ struct RouterCommandOptions {
   std::string tls_cert, tls_key;  // TLS on the router's own port
   std::string replica_tls_ca;     // PEM file: TLS towards the replicas, verified by this CA
   int health_interval_ms = 250;
+  double replica_stall_timeout_s = 10.0;  // no health answer this long: its calls are ended
   double drain_grace_s = 30.0;
   bool request_log = true;
 };

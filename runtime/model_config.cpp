@@ -1,6 +1,10 @@
 #include "runtime/model_config.h"
 
+#include <climits>
+#include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <type_traits>
 
 #include "runtime/error.h"
 
@@ -36,6 +40,26 @@ void ModelConfig::validate() const {
           head_dim());
   require(norm_eps > 0, "config: ", key("layer_norm_epsilon", "rms_norm_eps"), " must be > 0");
   require(rope_theta > 0, "config: rope_theta must be > 0");
+  // Sizes computed from these must never overflow (a hostile config.json must fail here, not
+  // as a negative dimension or a huge allocation later): each dimension is bounded, and so is
+  // the parameter count, computed in floating point.
+  auto bounded = [&](const char* name, int value, int limit) {
+    require(value <= limit, "config: ", name, " = ", value, " is out of range (at most ", limit,
+            ")");
+  };
+  bounded("vocab_size", vocab_size, kMaxDimension);
+  bounded(key("n_positions", "max_position_embeddings"), max_seq_len, kMaxSequence);
+  bounded(key("n_embd", "hidden_size"), n_embd, kMaxDimension);
+  bounded(key("n_inner", "intermediate_size"), ffn_hidden, kMaxDimension);
+  bounded(key("n_layer", "num_hidden_layers"), n_layer, kMaxLayers);
+  const double C = n_embd, V = vocab_size, F = ffn_hidden, L = n_layer, T = max_seq_len;
+  const double D = head_dim(), H = n_head, KV = n_kv_head;
+  const double per_layer = llama ? C * (H + 2 * KV) * D + H * D * C + 3 * C * F + 2 * C
+                                 : 4 * C * C + 2 * C * F + 9 * C + F;
+  const double total = V * C * (tie_embeddings ? 1 : 2) + (llama ? 0 : T * C) + L * per_layer;
+  require(total <= kMaxParameters, "config: describes ", total,
+          " parameters, more than any model this runtime can hold (", kMaxParameters,
+          "); check n_layer, n_embd, vocab_size and the MLP width");
 }
 
 long long ModelConfig::num_parameters() const {
@@ -100,10 +124,26 @@ T get(const nlohmann::json& j, const char* key, const std::string& source, T fal
     require(!required, source, ": missing key '", key, "'");
     return fallback;
   }
-  try {
-    return it->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw Error(cat(source, ": key '", key, "' has the wrong type (", it->dump(), ")"));
+  if constexpr (std::is_same_v<T, int>) {
+    // An integer that fits: 4.5 is not silently 4, 1e30 or 2^40 do not wrap. A float with an
+    // integral value (4.0) is taken.
+    const bool integral =
+        it->is_number_integer() ||
+        (it->is_number_float() && std::isfinite(it->template get<double>()) &&
+         std::floor(it->template get<double>()) == it->template get<double>());
+    require(integral, source, ": key '", key, "' must be an integer, got ", it->dump());
+    const double v = it->template get<double>();
+    require(v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max() &&
+                (!it->is_number_unsigned() ||
+                 it->template get<uint64_t>() <= static_cast<uint64_t>(INT_MAX)),
+            source, ": key '", key, "' = ", it->dump(), " is out of range");
+    return static_cast<int>(it->template get<int64_t>());
+  } else {
+    try {
+      return it->template get<T>();
+    } catch (const nlohmann::json::exception&) {
+      throw Error(cat(source, ": key '", key, "' has the wrong type (", it->dump(), ")"));
+    }
   }
 }
 }  // namespace

@@ -14,6 +14,12 @@ namespace tandem {
 enum class ModelFamily { kGpt2, kLlama };
 
 struct ModelConfig {
+  // Bounds validate() enforces, so sizes computed from a config never overflow.
+  static constexpr int kMaxDimension = 1 << 20;  // vocab_size, n_embd, ffn_hidden
+  static constexpr int kMaxSequence = 1 << 20;   // max_seq_len
+  static constexpr int kMaxLayers = 4096;
+  static constexpr double kMaxParameters = 1099511627776.0;  // 2^40
+
   ModelFamily family = ModelFamily::kGpt2;
   int vocab_size = 50257;
   int max_seq_len = 1024;  // n_positions / max_position_embeddings

@@ -55,26 +55,34 @@ ModelConfig load_config(const std::string& path) {
   return ModelConfig::from_hf_json(j, path);
 }
 
-std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device,
-                                             Communicator* tp) {
-  const std::string config_path = (fs::path(dir) / "config.json").string();
-  require(fs::exists(config_path), "model directory ", dir, " has no config.json");
-  auto model = std::make_unique<Transformer>(load_config(config_path), device, tp);
-  load_weights(*model, (fs::path(dir) / "model.safetensors").string());
-  return model;
-}
-
 namespace {
 bool is_known_buffer(const std::string& name) {
   return name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") ||
          name.ends_with("rotary_emb.inv_freq");
 }
-}  // namespace
 
-void load_weights(Transformer& model, const std::string& path) {
-  const SafetensorsFile file = SafetensorsFile::open(path);
-  const bool gpt2 = !model.config().is_llama();
-  // Map file names to ours, accepting GPT-2 names without the "transformer." prefix.
+// The layer index of a per-layer tensor name ("transformer.h.3.", "h.3.", "model.layers.3."),
+// or -1.
+long long layer_of(const std::string& name) {
+  for (const char* prefix : {"transformer.h.", "h.", "model.layers."}) {
+    if (!name.starts_with(prefix)) continue;
+    const size_t begin = std::string(prefix).size();
+    const size_t end = name.find('.', begin);
+    if (end == std::string::npos || end == begin || end - begin > 9) return -1;
+    long long v = 0;
+    for (size_t i = begin; i < end; ++i) {
+      if (name[i] < '0' || name[i] > '9') return -1;
+      v = v * 10 + (name[i] - '0');
+    }
+    return v;
+  }
+  return -1;
+}
+
+// Our name of each tensor in the file -> its name there (GPT-2 names without the
+// "transformer." prefix, as in the original gpt2 upload, are accepted).
+std::unordered_map<std::string, std::string> names_in_file(const SafetensorsFile& file,
+                                                           bool gpt2) {
   std::unordered_map<std::string, std::string> file_name_of;
   for (const auto& e : file.entries()) {
     std::string ours = e.name;
@@ -82,21 +90,64 @@ void load_weights(Transformer& model, const std::string& path) {
       ours = "transformer." + ours;
     file_name_of[ours] = e.name;
   }
-  // The whole tensors; a tensor-parallel rank then keeps its slice.
-  Tensor host = Tensor::empty({model.full_layout().total_numel()});
-  float* p = host.data<float>();
+  return file_name_of;
+}
+
+// Everything about the file's tensors that can be wrong, checked against the parameter table
+// `full` of `config` without touching model memory: a missing tensor, a wrong dtype or shape, an
+// unexpected tensor. Errors name the file and the tensor.
+void check_tensors(const ModelConfig& config, const ParamLayout& full, const SafetensorsFile& file,
+                   const std::unordered_map<std::string, std::string>& file_name_of) {
+  const std::string& path = file.path();
   std::unordered_set<std::string> used;
-  for (const ParamSpec& s : model.full_layout().specs()) {
+  for (const ParamSpec& s : full.specs()) {
     auto it = file_name_of.find(s.name);
     require(it != file_name_of.end(), path, ": missing tensor '", s.name, "'");
-    file.read_f32(it->second, s.shape, p + s.offset);
+    file.check_f32(it->second, s.shape);
     used.insert(it->second);
   }
   for (const auto& e : file.entries()) {
     if (used.count(e.name) || is_known_buffer(e.name)) continue;
-    if (e.name == "lm_head.weight" && model.config().tie_embeddings) continue;  // tied copy
+    if (e.name == "lm_head.weight" && config.tie_embeddings) continue;  // tied copy
     throw Error(cat(path, ": unexpected tensor '", e.name, "' (not a parameter of this ",
-                    family_name(model.config().family), " config)"));
+                    family_name(config.family), " config)"));
+  }
+}
+}  // namespace
+
+std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device,
+                                             Communicator* tp) {
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  require(fs::exists(config_path), "model directory ", dir, " has no config.json");
+  const ModelConfig config = load_config(config_path);
+  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
+  // Before any model memory is allocated: a config.json that describes a larger model than its
+  // weights (n_layer: 10000000 beside a 2-layer file) fails here in one line. The layer count
+  // first (the parameter table grows with it), then every tensor's name, dtype and shape.
+  long long layers = 0;
+  for (const SafetensorsEntry& e : file.entries()) layers = std::max(layers, layer_of(e.name) + 1);
+  require(layers == config.n_layer, config_path, ": ",
+          config.is_llama() ? "num_hidden_layers" : "n_layer", " = ", config.n_layer, " but ",
+          file.path(), " holds ", layers, " layers");
+  check_tensors(config, Transformer::hf_layout(config), file,
+                names_in_file(file, !config.is_llama()));
+  auto model = std::make_unique<Transformer>(config, device, tp);
+  load_weights(*model, file);
+  return model;
+}
+
+void load_weights(Transformer& model, const std::string& path) {
+  load_weights(model, SafetensorsFile::open(path));
+}
+
+void load_weights(Transformer& model, const SafetensorsFile& file) {
+  const auto file_name_of = names_in_file(file, !model.config().is_llama());
+  check_tensors(model.config(), model.full_layout(), file, file_name_of);
+  // The whole tensors; a tensor-parallel rank then keeps its slice.
+  Tensor host = Tensor::empty({model.full_layout().total_numel()});
+  float* p = host.data<float>();
+  for (const ParamSpec& s : model.full_layout().specs()) {
+    file.read_f32(file_name_of.at(s.name), s.shape, p + s.offset);
   }
   model.scatter_full(p, model.params());
 }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "runtime/dtype.h"
+#include "runtime/safetensors.h"
 #include "runtime/transformer.h"
 
 namespace tandem {
@@ -28,5 +29,6 @@ ModelConfig load_config(const std::string& config_json_path);
 // the original gpt2 upload) are accepted. The file holds whole tensors; a tensor-parallel model
 // keeps its slice (not collective), so a checkpoint of any tp loads at any other.
 void load_weights(Transformer& model, const std::string& safetensors_path);
+void load_weights(Transformer& model, const SafetensorsFile& file);
 
 }  // namespace tandem

@@ -152,13 +152,19 @@ const void* SafetensorsFile::data(const SafetensorsEntry& entry) const {
 
 void SafetensorsFile::read_f32(const std::string& name, const Shape& expected_shape,
                                float* out) const {
+  const SafetensorsEntry* e = check_f32(name, expected_shape);
+  convert_to_f32(data(*e), e->dtype, static_cast<size_t>(shape_numel(e->shape)), out);
+}
+
+const SafetensorsEntry* SafetensorsFile::check_f32(const std::string& name,
+                                                   const Shape& expected_shape) const {
   const SafetensorsEntry* e = find(name);
   require(e != nullptr, path_, ": missing tensor '", name, "'");
   require(is_floating(e->dtype), path_, ": tensor '", name, "' has dtype ", dtype_name(e->dtype),
           ", expected a floating type (F32, BF16 or F16)");
   require(e->shape == expected_shape, path_, ": tensor '", name, "' has shape ",
           shape_str(e->shape), ", expected ", shape_str(expected_shape));
-  convert_to_f32(data(*e), e->dtype, static_cast<size_t>(shape_numel(e->shape)), out);
+  return e;
 }
 
 void write_safetensors(const std::string& path, const std::vector<SafetensorsTensor>& tensors,

@@ -40,6 +40,8 @@ class SafetensorsFile {
   // Copies a floating tensor into `out` as F32 (converting BF16/F16); checks shape and dtype and
   // throws naming the file and tensor on a mismatch.
   void read_f32(const std::string& name, const Shape& expected_shape, float* out) const;
+  // The checks of read_f32 (present, floating, shape) without reading; returns the entry.
+  const SafetensorsEntry* check_f32(const std::string& name, const Shape& expected_shape) const;
 
  private:
   SafetensorsFile() = default;

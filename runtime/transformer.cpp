@@ -110,6 +110,10 @@ Transformer::Transformer(const ModelConfig& config, LayoutOnly, int tp)
   build_layout();
 }
 
+ParamLayout Transformer::hf_layout(const ModelConfig& config) {
+  return Transformer(config, LayoutOnly{}, 1).full_layout();
+}
+
 int64_t Transformer::parameter_count(const ModelConfig& config, int tp) {
   return Transformer(config, LayoutOnly{}, tp).num_parameters();
 }

@@ -144,6 +144,8 @@ class Transformer {
   // backward scratch) of a forward+backward over [B, T].
   // Under tensor parallelism (tp > 1), those of one rank.
   static int64_t parameter_count(const ModelConfig& config, int tp = 1);
+  // The Hugging Face parameter table of a config (what full_layout() will be), without memory.
+  static ParamLayout hf_layout(const ModelConfig& config);
   static int64_t activation_bytes(const ModelConfig& config, int B, int T, int tp = 1);
   // Throws tandem::Error when n_head, n_kv_head or ffn_hidden does not divide by tp.
   static void check_tensor_parallel(const ModelConfig& config, int tp);

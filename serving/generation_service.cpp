@@ -9,6 +9,7 @@
 
 #include "runtime/error.h"
 #include "runtime/file_io.h"
+#include "serving/test_hooks.h"
 
 namespace tandem::serving {
 
@@ -304,9 +305,6 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
   };
 
   if (grpc::Status s = check_bearer_token(*context, options_.auth_token); !s.ok()) return done(s);
-  if (draining_) {
-    return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
-  }
   GenerationRequest engine_request;
   try {
     if (grpc::Status s = to_engine_request(request, engine_request); !s.ok()) return done(s);
@@ -315,9 +313,18 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
   }
   usage.prompt_tokens = static_cast<int>(engine_request.prompt.size());
 
-  // Admission: a place among running + queued requests, or RESOURCE_EXHAUSTED at once.
+  // Admission: a place among running + queued requests, or RESOURCE_EXHAUSTED at once. The
+  // request is counted before the draining check, so a drain that begins in between waits for
+  // it (or it sees the drain): never both missed, which left a request to be cut by the gRPC
+  // server's shutdown (CANCELLED, a code that tells clients not to retry).
   const int max_in_flight = options_.max_running + options_.max_queue;
-  if (in_flight_.fetch_add(1) >= max_in_flight) {
+  const int before = in_flight_.fetch_add(1);
+  test_hold("TANDEM_TEST_HOLD_ADMISSION_MS");
+  if (draining_) {
+    in_flight_.fetch_sub(1);
+    return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+  }
+  if (before >= max_in_flight) {
     in_flight_.fetch_sub(1);
     return done(grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -497,7 +504,7 @@ void GenerationService::abort_all() {
     std::lock_guard<std::mutex> lock(live_mu_);
     live = live_;
   }
-  for (uint64_t id : live) engine_.abort(id);
+  engine_.abort(std::vector<uint64_t>(live.begin(), live.end()));
 }
 
 // ---- GrpcServer -------------------------------------------------------------------------------

@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string_view>
 
 #include "runtime/error.h"
+#include "serving/test_hooks.h"
 
 namespace tandem::serving {
 
@@ -26,7 +28,60 @@ struct Router::Replica {
   std::atomic<int> max_in_flight{1 << 30};
   std::atomic<int> in_flight{0};
   std::atomic<int> kv_free{0}, kv_total{0};
+  std::atomic<int64_t> last_answer_ns{0};  // steady clock: the last health poll it answered
+  std::atomic<bool> stall_reported{false};
+  mutable std::mutex mu;  // calls, last_error
+  std::set<Call*> calls;  // the calls this router has on it now
+  std::string last_error;  // why the last health poll failed ("" when it did not)
   int load() const { return reported_load.load() + std::max(0, sent_since_poll.load()); }
+};
+
+// One call on a replica, registered while it runs, so that a stalled replica or the router's
+// shutdown can end it (TryCancel) and say why.
+struct Router::Call {
+  grpc::ClientContext* context = nullptr;
+  enum Cut : int { kNone, kStalled, kShutdown };
+  std::atomic<int> cut{kNone};
+};
+
+class Router::Tracked {
+ public:
+  Tracked(Router& router, Replica& replica, grpc::ClientContext* context)
+      : router_(router), replica_(replica) {
+    call_.context = context;
+    std::lock_guard<std::mutex> lock(replica_.mu);
+    replica_.calls.insert(&call_);
+    // The router began to shut down before this call was listed: end it as abort_all would.
+    if (router_.aborted_) {
+      call_.cut = Call::kShutdown;
+      context->TryCancel();
+    }
+  }
+  ~Tracked() {
+    std::lock_guard<std::mutex> lock(replica_.mu);
+    replica_.calls.erase(&call_);
+  }
+  // The status to report for a call that ended with `status`: UNAVAILABLE naming the reason
+  // when this router cut it.
+  grpc::Status status(grpc::Status status) const {
+    switch (call_.cut.load()) {
+      case Call::kStalled:
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            cat("replica ", replica_.address, " stopped answering (no health ",
+                                "answer for ", router_.options_.replica_stall_timeout_s,
+                                " s); the call was ended"));
+      case Call::kShutdown:
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "the router shut down before the request finished");
+      default:
+        return status;
+    }
+  }
+
+ private:
+  Router& router_;
+  Replica& replica_;
+  Call call_;
 };
 
 namespace {
@@ -38,6 +93,25 @@ uint64_t stable_hash(std::string_view bytes, uint64_t h = 1469598103934665603ull
   h *= 0xff51afd7ed558ccdull;
   h ^= h >> 33;
   return h;
+}
+
+const char* grpc_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED (the replicas reject this router's bearer token)";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    default:
+      return "error";
+  }
 }
 
 // A failure that says the replica, not the request, is at fault: worth another replica.
@@ -55,6 +129,7 @@ Router::Router(RouterOptions options, MetricsRegistry& registry)
       retries_(registry.counter("tandem_router_retries_total",
                                 "Requests sent again to another replica after a failure")) {
   require(!options_.replicas.empty(), "router: no replicas given");
+  require(options_.replica_stall_timeout_s > 0, "router: --replica-stall-timeout must be > 0");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetMaxSendMessageSize(static_cast<int>(options_.server.max_message_bytes));
@@ -76,6 +151,7 @@ Router::Router(RouterOptions options, MetricsRegistry& registry)
     r->address = address;
     r->channel = grpc::CreateCustomChannel(address, credentials, args);
     r->stub = pb::Generation::NewStub(r->channel);
+    r->last_answer_ns = Clock::now().time_since_epoch().count();
     replicas_.push_back(std::move(r));
   }
   registry.gauge("tandem_router_replicas_healthy", "Replicas in rotation",
@@ -145,10 +221,38 @@ void Router::poll_once() {
       return std::all_of(polls.begin(), polls.end(), [](const auto& p) { return p->done; });
     });
   }
+  const int64_t now_ns = Clock::now().time_since_epoch().count();
   for (size_t i = 0; i < replicas_.size(); ++i) {
     Replica& r = *replicas_[i];
     const Poll& p = *polls[i];
     const bool ok = p.status.ok() && p.response.serving();
+    {
+      std::lock_guard<std::mutex> lock(r.mu);
+      r.last_error = p.status.ok() ? (ok ? "" : "draining")
+                                   : cat(grpc_code_name(p.status.error_code()), ": ",
+                                         p.status.error_message());
+    }
+    if (p.status.ok()) {
+      // It answered (draining included: a draining replica is finishing its streams).
+      r.last_answer_ns = now_ns;
+      r.stall_reported = false;
+    } else if (std::chrono::nanoseconds(now_ns - r.last_answer_ns.load()) >=
+               std::chrono::duration<double>(options_.replica_stall_timeout_s)) {
+      // Frozen: end every call we have there (a stream that produced no token is retried).
+      std::lock_guard<std::mutex> lock(r.mu);
+      if (!r.calls.empty() || !r.stall_reported.exchange(true)) {
+        std::fprintf(stderr,
+                     "tandem: router: replica %s has not answered for %.1f s: ending its %zu "
+                     "call(s)\n",
+                     r.address.c_str(), options_.replica_stall_timeout_s, r.calls.size());
+      }
+      for (Call* c : r.calls) {
+        if (c->cut.load() == Call::kNone) {
+          c->cut = Call::kStalled;
+          c->context->TryCancel();
+        }
+      }
+    }
     if (ok) {
       r.reported_load = p.response.running() + p.response.waiting();
       r.poll_epoch.fetch_add(1);
@@ -286,14 +390,17 @@ grpc::Status Router::with_failover(grpc::ServerContext* context, const pb::Gener
   if (grpc::Status s = check_bearer_token(*context, options_.server.auth_token); !s.ok()) {
     return done(s);
   }
-  if (draining_) {
-    return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down"));
-  }
+  // Counted before the draining check, so a drain that begins in between waits for this call
+  // (or the call sees the drain), never both missed (see GenerationService::run).
   in_flight_.fetch_add(1);
   struct Release {
     std::atomic<int>& n;
     ~Release() { n.fetch_sub(1); }
   } release{in_flight_};
+  test_hold("TANDEM_TEST_HOLD_ADMISSION_MS");
+  if (draining_) {
+    return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down"));
+  }
 
   auto on_token = [&](const pb::GenerateResponse& m) {
     if (!started && m.token_ids_size() > 0)
@@ -306,7 +413,8 @@ grpc::Status Router::with_failover(grpc::ServerContext* context, const pb::Gener
     Replica* replica = pick(r, tried);
     if (replica == nullptr) {
       if (tried.empty()) {
-        return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "no replica is healthy"));
+        return done(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 cat("no replica is healthy", unhealthy_reasons())));
       }
       return done(status);  // the last replica's answer
     }
@@ -320,7 +428,7 @@ grpc::Status Router::with_failover(grpc::ServerContext* context, const pb::Gener
     replica->outstanding.fetch_sub(1);
     // Finished before the next poll: that poll will not count it, so neither do we any more.
     if (replica->poll_epoch.load() == epoch) replica->sent_since_poll.fetch_sub(1);
-    if (status.ok() || started || !retryable(status) || context->IsCancelled()) break;
+    if (status.ok() || started || !retryable(status) || context->IsCancelled() || aborted_) break;
     if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
       replica->healthy = false;  // out of rotation until it answers a poll again
       std::fprintf(stderr, "tandem: router: replica %s failed (%s); trying another\n",
@@ -335,7 +443,8 @@ grpc::Status Router::Generate(grpc::ServerContext* context, const pb::GenerateRe
   return with_failover(context, *request, "Generate", [&](Replica& replica, auto& on_token) {
     response->Clear();
     auto c = replica_context(context);
-    grpc::Status s = replica.stub->Generate(c.get(), *request, response);
+    const Tracked tracked(*this, replica, c.get());
+    grpc::Status s = tracked.status(replica.stub->Generate(c.get(), *request, response));
     if (s.ok()) on_token(*response);
     return s;
   });
@@ -346,6 +455,7 @@ grpc::Status Router::GenerateStream(grpc::ServerContext* context,
                                     grpc::ServerWriter<pb::GenerateResponse>* writer) {
   return with_failover(context, *request, "GenerateStream", [&](Replica& replica, auto& on_token) {
     auto c = replica_context(context);
+    const Tracked tracked(*this, replica, c.get());
     std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader =
         replica.stub->GenerateStream(c.get(), *request);
     pb::GenerateResponse message;
@@ -357,15 +467,40 @@ grpc::Status Router::GenerateStream(grpc::ServerContext* context,
         return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
       }
     }
-    return reader->Finish();
+    return tracked.status(reader->Finish());
   });
+}
+
+void Router::abort_all() {
+  aborted_ = true;
+  for (auto& r : replicas_) {
+    std::lock_guard<std::mutex> lock(r->mu);
+    for (Call* c : r->calls) {
+      if (c->cut.load() == Call::kNone) {
+        c->cut = Call::kShutdown;
+        c->context->TryCancel();
+      }
+    }
+  }
+}
+
+std::string Router::unhealthy_reasons() const {
+  std::string out;
+  for (const auto& r : replicas_) {
+    if (r->healthy) return "";
+    std::lock_guard<std::mutex> lock(r->mu);
+    out += cat(out.empty() ? " (" : "; ", r->address, ": ",
+               r->last_error.empty() ? "not polled yet" : r->last_error);
+  }
+  return out.empty() ? out : out + ")";
 }
 
 grpc::Status Router::call_any_healthy(
     grpc::ServerContext* context,
     const std::function<grpc::Status(pb::Generation::Stub&, grpc::ClientContext*)>& call) {
   if (grpc::Status s = check_bearer_token(*context, options_.server.auth_token); !s.ok()) return s;
-  grpc::Status last(grpc::StatusCode::UNAVAILABLE, "no replica is healthy");
+  grpc::Status last(grpc::StatusCode::UNAVAILABLE,
+                    cat("no replica is healthy", unhealthy_reasons()));
   for (auto& r : replicas_) {
     if (!r->healthy) continue;
     auto c = replica_context(context);

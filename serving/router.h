@@ -15,6 +15,15 @@
 // rotation; one that answers again rejoins. Deadlines and cancellation propagate to the replica
 // (grpc::ClientContext::FromServerContext): a client that goes away frees the replica's sequence.
 //
+// A frozen replica (a stopped or hung process still acknowledges TCP, so its streams would just
+// go quiet): when it has not answered the health poll for `replica_stall_timeout_s`, every call
+// this router has on it is ended: UNAVAILABLE for a stream that already produced tokens, and a
+// retry on another replica for one that had not. A per-stream idle timer would not do: queueing,
+// a long prefill or --stream-interval make healthy streams quiet too.
+//
+// Shutdown: start_draining() refuses new calls (UNAVAILABLE); abort_all() ends the calls still
+// running with UNAVAILABLE (never CANCELLED, which tells a client it cancelled the call itself).
+//
 // Threads: thread-safe; gRPC's sync server runs each call on its own thread.
 #pragma once
 
@@ -40,6 +49,8 @@ struct RouterOptions {
   // verifying them. "" = plaintext.
   std::string replica_tls_ca_pem;
   int health_interval_ms = 250;
+  // A replica that has not answered a health poll for this long has its calls ended (above).
+  double replica_stall_timeout_s = 10.0;
   int affinity_prefix = 64;  // bytes of text (or tokens) that decide affinity
   int overload_margin = 4;   // requests above the least loaded replica
   int metrics_port = -1;
@@ -64,16 +75,23 @@ class Router final : public tandem::v1::Generation::Service {
 
   int healthy_replicas() const;
   void start_draining() { draining_ = true; }
+  // Ends every call still running (UNAVAILABLE to its client) and cancels it on its replica.
+  void abort_all();
   int in_flight() const { return in_flight_.load(); }
   // Called with the router's health whenever it changes (true: some replica is healthy).
   void on_health_change(std::function<void(bool)> callback);
 
  private:
   struct Replica;
+  struct Call;
+  class Tracked;
   Replica* pick(const tandem::v1::GenerateRequest& request, const std::vector<Replica*>& tried);
   void poll_loop();
   void poll_once();
   std::unique_ptr<grpc::ClientContext> replica_context(grpc::ServerContext* server) const;
+  // Why no replica can take a request: the replicas' last health answers ("" when some is
+  // healthy), e.g. a bearer token the replicas reject.
+  std::string unhealthy_reasons() const;
   // A unary call that any replica answers alike (Tokenize, ModelInfo): the token checked, then
   // the healthy replicas in turn until one answers or fails with a non-retryable status.
   grpc::Status call_any_healthy(
@@ -88,6 +106,7 @@ class Router final : public tandem::v1::Generation::Service {
   Counter& retries_;
   std::vector<std::unique_ptr<Replica>> replicas_;
   std::atomic<bool> draining_{false};
+  std::atomic<bool> aborted_{false};
   std::atomic<int> in_flight_{0};
   std::mutex health_mu_;
   std::function<void(bool)> health_callback_;

@@ -1,4 +1,4 @@
-// Writes a tiny GPT-2 checkpoint (or with --slow a small one) (random weights, a BPE vocabulary
+// Writes a tiny GPT-2 checkpoint (random weights, a BPE vocabulary
 // learned from a few sentences) into the directory given as argv[1]: what the serving tests serve.
 // Deterministic.
 #include <cstdio>
@@ -10,9 +10,8 @@
 #include "runtime/transformer.h"
 
 int main(int argc, char** argv) {
-  const bool slow = argc == 3 && std::string(argv[2]) == "--slow";
-  if (argc != 2 && !slow) {
-    std::fprintf(stderr, "usage: make_tiny_checkpoint DIR [--slow]\n");
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: make_tiny_checkpoint DIR\n");
     return 2;
   }
   try {
@@ -26,13 +25,13 @@ int main(int argc, char** argv) {
     c.family = tandem::ModelFamily::kGpt2;
     c.vocab_size = tokenizer.vocab_size();
     c.max_seq_len = 1024;  // long enough that a request can still be running when a test cancels it
-    // --slow: wide enough that a long request takes a second or more, so a test can act on it
-    // while it runs whatever the machine's speed.
-    c.n_embd = slow ? 256 : 32;
-    c.n_layer = slow ? 6 : 2;
+    // Tests that act on a running request do not rely on the model being slow (it is not, on a
+    // fast CPU): they give the server a floor on the time per step (TANDEM_TEST_MIN_STEP_MS).
+    c.n_embd = 32;
+    c.n_layer = 2;
     c.n_head = 4;
     c.n_kv_head = 4;
-    c.ffn_hidden = slow ? 1024 : 64;
+    c.ffn_hidden = 64;
     tandem::Transformer model(c);
     model.init_weights(1234);
     tandem::save_pretrained(model, argv[1]);

@@ -28,18 +28,25 @@ class ServingE2E : public ::testing::Test {
   void SetUp() override {
     dir_ = std::make_unique<ScratchDir>("serving_e2e");
     model_dir_ = (dir_->path() / "model").string();
-    slow_model_dir_ = (dir_->path() / "slow_model").string();
     const std::string maker = std::string(TANDEM_BINARY_DIR) + "/tests/make_tiny_checkpoint ";
     ASSERT_EQ(std::system((maker + model_dir_).c_str()), 0);
-    ASSERT_EQ(std::system((maker + slow_model_dir_ + " --slow").c_str()), 0);
   }
   std::string log(const std::string& name) const { return (dir_->path() / name).string(); }
-  // slow: the wider model, for tests that act on a request while it runs.
+  // slow: for tests that act on a request while it runs. The server's engine steps take at
+  // least kSlowStepMs each (the TANDEM_TEST_MIN_STEP_MS hook), so a 1000-token request runs
+  // for 5 s or more however fast the CPU is; no test assumes the model itself is slow.
+  static constexpr const char* kSlowStepMs = "5";
+  struct SlowEnv {
+    explicit SlowEnv(bool slow) {
+      if (slow) ::setenv("TANDEM_TEST_MIN_STEP_MS", kSlowStepMs, 1);
+    }
+    ~SlowEnv() { ::unsetenv("TANDEM_TEST_MIN_STEP_MS"); }
+  };
   std::unique_ptr<ServerProcess> serve(std::vector<std::string> extra, const std::string& name,
                                        bool slow = false) {
     std::vector<std::string> args = {"serve",
                                      "--model",
-                                     slow ? slow_model_dir_ : model_dir_,
+                                     model_dir_,
                                      "--metrics-port",
                                      "0",
 
@@ -48,6 +55,7 @@ class ServingE2E : public ::testing::Test {
                                      "--drain-grace",
                                      "10"};
     args.insert(args.end(), extra.begin(), extra.end());
+    SlowEnv env(slow);
     return std::make_unique<ServerProcess>(args, log(name));
   }
 
@@ -63,9 +71,10 @@ class ServingE2E : public ::testing::Test {
                                           const std::string& name, bool slow = false) {
     allow_mpirun();
     std::vector<std::string> args = {
-        "serve",     "--model", slow ? slow_model_dir_ : model_dir_, "--metrics-port", "0",
-        "--threads", "1",       "--drain-grace",                     "10"};
+        "serve",     "--model", model_dir_, "--metrics-port", "0",
+        "--threads", "1",       "--drain-grace", "10"};
     args.insert(args.end(), extra.begin(), extra.end());
+    SlowEnv env(slow);  // mpirun's ranks on this machine inherit its environment
     return std::make_unique<ServerProcess>(
         args, log(name),
         std::vector<std::string>{TANDEM_MPIRUN, "--oversubscribe", "-np", std::to_string(ranks)});
@@ -79,7 +88,7 @@ class ServingE2E : public ::testing::Test {
   }
 
   std::unique_ptr<ScratchDir> dir_;
-  std::string model_dir_, slow_model_dir_;
+  std::string model_dir_;
 };
 
 pb::GenerateRequest greedy(const std::string& prompt, int max_tokens) {
@@ -145,7 +154,7 @@ TEST_F(ServingE2E, StreamYieldsTheSameTokensAsUnaryAndSeedsReproduce) {
     EXPECT_EQ(s.finish, whole.finish_reason());
     // Deltas that are ready together go out as one message, and this model is fast enough to
     // finish before the handler wakes; that a stream's first message arrives while the request
-    // still runs is checked with the slower model (CancelDeadlineAndDisconnect...).
+    // still runs is checked with a slow server (CancelDeadlineAndDisconnect...).
     EXPECT_GE(s.messages, 1);
     EXPECT_EQ(s.usage.completion_tokens(), whole.token_ids_size());
     EXPECT_GT(s.usage.prompt_tokens(), 0);

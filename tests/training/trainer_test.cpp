@@ -397,7 +397,7 @@ TEST_F(TrainerTest, EotTokenOutsideTheVocabularyIsRefusedAtStart) {
 TEST_F(TrainerTest, RunThatCannotFitInMemoryIsRefusedBeforeAllocating) {
   const std::string msg = error_message_of([&] {
     std::ostringstream l;
-    Trainer t(config("run", {"model.max_seq_len=2000000000"}), l);
+    Trainer t(config("run", {"model.n_embd=65536", "model.ffn_hidden=262144"}), l);
   });
   EXPECT_NE(msg.find("is available"), std::string::npos) << msg;
   EXPECT_NE(msg.find("parameters"), std::string::npos) << msg;
