@@ -35,6 +35,7 @@ void RequestStream::push(GenerationDelta delta) {
     std::lock_guard<std::mutex> lock(mu_);
     if (final_pushed_) return;
     final_pushed_ = delta.finished();
+    if (final_pushed_) on_drained_ = nullptr;  // nothing to resume any more
     if (!delta.tokens.empty() && !first_token_) first_token_ = std::chrono::steady_clock::now();
     queued_tokens_ += static_cast<int>(delta.tokens.size());
     queue_.push_back(std::move(delta));
@@ -65,6 +66,27 @@ std::optional<std::chrono::steady_clock::time_point> RequestStream::first_token_
   return first_token_;
 }
 
+void RequestStream::set_backlog_limit(int tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  backlog_limit_ = std::max(0, tokens);
+}
+
+bool RequestStream::over_backlog() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return backlog_limit_ > 0 && queued_tokens_ >= backlog_limit_;
+}
+
+void RequestStream::set_on_drained(std::function<void()> callback) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!final_pushed_) on_drained_ = std::move(callback);
+}
+
+std::function<void()> RequestStream::took(int tokens_before) {
+  const bool resumed = backlog_limit_ > 0 && tokens_before >= backlog_limit_ &&
+                       queued_tokens_ < backlog_limit_;
+  return resumed ? on_drained_ : nullptr;
+}
+
 std::optional<GenerationDelta> RequestStream::next() {
   std::unique_lock<std::mutex> lock(mu_);
   if (final_taken_) return std::nullopt;
@@ -73,7 +95,11 @@ std::optional<GenerationDelta> RequestStream::next() {
   queue_.pop_front();
   if (d.finished()) final_taken_ = true;
   woke_for_first_ = true;
+  const int before = queued_tokens_;
   queued_tokens_ -= static_cast<int>(d.tokens.size());
+  const std::function<void()> resume = took(before);
+  lock.unlock();
+  if (resume) resume();
   return d;
 }
 
@@ -88,7 +114,11 @@ RequestStream::Wait RequestStream::next_for(std::chrono::milliseconds timeout,
   queue_.pop_front();
   if (out.finished()) final_taken_ = true;
   woke_for_first_ = true;
+  const int before = queued_tokens_;
   queued_tokens_ -= static_cast<int>(out.tokens.size());
+  const std::function<void()> resume = took(before);
+  lock.unlock();
+  if (resume) resume();
   return Wait::kDelta;
 }
 
@@ -188,9 +218,15 @@ Engine::Engine(Transformer& model, EngineConfig config)
       SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
   runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.before_forward);
   stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
+  waker_ = std::make_shared<Waker>();
+  waker_->engine = this;
 }
 
 Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(waker_->mu);
+    waker_->engine = nullptr;  // readers of streams that outlive the engine no longer call it
+  }
   stop();
   std::lock_guard<std::mutex> lock(step_mu_);
   admit_incoming();
@@ -256,6 +292,10 @@ std::shared_ptr<RequestStream> Engine::add_request(GenerationRequest request) {
   r->rng = Rng(request.seed ? *request.seed : config_.seed ^ (id * 0x9E3779B97F4A7C15ull));
   r->text = TextStream(request.stop);
   r->stream = stream;
+  stream->set_on_drained([waker = waker_] {
+    std::lock_guard<std::mutex> lock(waker->mu);
+    if (waker->engine != nullptr) waker->engine->wake();
+  });
   r->params = std::move(request);
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
@@ -336,8 +376,11 @@ bool Engine::step() {
     has_work_ = false;
     return false;
   }
-  if (!scheduler_->has_work()) {
-    has_work_ = false;
+  // A request whose reader has fallen behind by its stream's backlog limit pauses (keeping its
+  // blocks) until the reader catches up (RequestStream::set_backlog_limit).
+  for (auto& [id, r] : requests_) r->seq.paused = r->stream->over_backlog();
+  if (!scheduler_->has_runnable_work()) {
+    has_work_ = false;  // nothing, or only paused requests: wake() when a reader catches up
     return false;
   }
   const std::vector<ScheduledSequence> plan = scheduler_->schedule();
@@ -357,7 +400,7 @@ bool Engine::step() {
         return false;
       }
       fail_all(message, FinishReason::kError);
-      has_work_ = scheduler_->has_work();
+      has_work_ = scheduler_->has_runnable_work();
       return has_work_;
     }
     scheduler_->commit(plan);
@@ -421,7 +464,7 @@ bool Engine::step() {
       }
     }
   }
-  has_work_ = scheduler_->has_work();
+  has_work_ = scheduler_->has_runnable_work();
   if (config_.min_step_ms > 0.0 && !plan.empty()) {
     // The test hook: the step holds the lock as long as a model step of that length would.
     std::this_thread::sleep_until(
@@ -438,6 +481,14 @@ bool Engine::step() {
   s.busy_seconds += seconds;
   s.generated_tokens_per_s = s.busy_seconds > 0 ? s.generated_tokens / s.busy_seconds : 0.0;
   return has_work_;
+}
+
+void Engine::wake() {
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    has_work_ = true;
+  }
+  queue_cv_.notify_all();
 }
 
 void Engine::run_until_idle() {

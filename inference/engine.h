@@ -142,8 +142,19 @@ class RequestStream {
   // When the engine pushed the first token (nullopt before).
   std::optional<std::chrono::steady_clock::time_point> first_token_time() const;
 
+  // Slow consumers: with a limit > 0, the engine pauses this request (it keeps its KV blocks
+  // but gets no new rows) while `tokens` or more wait here untaken, and resumes it once the
+  // reader has taken them below the limit. 0 (the default): no limit (an offline caller reads
+  // everything at the end). The limit must exceed set_wake_every's count.
+  void set_backlog_limit(int tokens);
+  bool over_backlog() const;  // the engine's side
+  // The engine's side: called (without the stream's lock) when a reader takes the backlog below
+  // the limit. Dropped with the final delta.
+  void set_on_drained(std::function<void()> callback);
+
  private:
   bool should_wake() const;  // mu_ held
+  std::function<void()> took(int tokens_before);  // mu_ held: the callback to run, if any
   uint64_t id_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -153,6 +164,8 @@ class RequestStream {
   int queued_tokens_ = 0;  // tokens in queue_
   bool woke_for_first_ = false;
   std::optional<std::chrono::steady_clock::time_point> first_token_;
+  int backlog_limit_ = 0;
+  std::function<void()> on_drained_;
 };
 
 struct EngineStats {
@@ -212,6 +225,7 @@ class Engine {
   void fail_all(const std::string& message, FinishReason reason);
   void refresh_stats();  // step lock held
   void loop();
+  void wake();  // the loop thread looks for work again (a paused request's reader caught up)
 
   Transformer& model_;
   EngineConfig config_;
@@ -231,6 +245,12 @@ class Engine {
   std::atomic<bool> has_work_{false};
   std::thread loop_thread_;
   std::atomic<uint64_t> next_id_{1};
+  // What a stream's drained callback holds: the engine, until it is destroyed.
+  struct Waker {
+    std::mutex mu;
+    Engine* engine = nullptr;
+  };
+  std::shared_ptr<Waker> waker_;
 
   mutable std::mutex stats_mu_;
   EngineStats stats_;

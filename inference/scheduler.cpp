@@ -34,12 +34,22 @@ void Scheduler::preempt(Sequence* seq) {
   waiting_.push_front(seq);
 }
 
+bool Scheduler::has_runnable_work() const {
+  auto runnable = [](const Sequence* s) { return !s->paused; };
+  return std::any_of(running_.begin(), running_.end(), runnable) ||
+         std::any_of(waiting_.begin(), waiting_.end(), runnable);
+}
+
 std::vector<ScheduledSequence> Scheduler::schedule() {
   std::vector<ScheduledSequence> plan;
   int budget = config_.max_batched_tokens;
   bool preempted = false;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* seq = running_[i];
+    if (seq->paused) {
+      ++i;
+      continue;
+    }
     const int n = std::min(seq->num_tokens() - seq->num_computed, budget);
     bool scheduled = true;
     while (!blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
@@ -57,9 +67,11 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
     ++i;
   }
   // Admit waiting sequences only when nothing had to make room this step.
-  while (!preempted && !waiting_.empty() && budget > 0 &&
-         static_cast<int>(running_.size()) < config_.max_seqs) {
-    Sequence* seq = waiting_.front();
+  while (!preempted && budget > 0 && static_cast<int>(running_.size()) < config_.max_seqs) {
+    const auto next = std::find_if(waiting_.begin(), waiting_.end(),
+                                   [](const Sequence* s) { return !s->paused; });
+    if (next == waiting_.end()) break;
+    Sequence* seq = *next;
     const int cached = blocks_.allocate_cached_prefix(*seq);
     const int n = std::min(seq->num_tokens() - seq->num_computed, budget);
     if (!blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
@@ -68,7 +80,7 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
     }
     blocks_.record_prefix_lookup(seq->num_tokens(), cached);
     if (seq->cached_prompt_tokens < 0) seq->cached_prompt_tokens = cached;
-    waiting_.pop_front();
+    waiting_.erase(next);
     seq->status = SequenceStatus::kRunning;
     running_.push_back(seq);
     plan.push_back({seq, seq->num_computed, n, seq->num_computed + n == seq->num_tokens()});

@@ -8,7 +8,8 @@
 // running sequence is preempted: its blocks are freed and it goes back to the front of the
 // waiting queue, to be recomputed later (its cached full blocks often survive in the prefix
 // cache). No sequence is lost or duplicated; a sequence alone always fits (the engine caps each
-// request to the pool). Not thread-safe: the engine's step lock guards it.
+// request to the pool). A paused sequence (its reader is behind) gets no rows and is not
+// admitted; a running one keeps its blocks (it may still be preempted). Not thread-safe: the engine's step lock guards it.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +48,8 @@ class Scheduler {
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   bool has_work() const { return !running_.empty() || !waiting_.empty(); }
+  // Some sequence that is not paused (Sequence::paused) waits or runs.
+  bool has_runnable_work() const;
   int64_t num_preemptions() const { return preemptions_; }
   const SchedulerConfig& config() const { return config_; }
 

@@ -19,6 +19,7 @@ struct Sequence {
   std::vector<uint64_t> block_hashes;  // chained prefix hashes of the leading full blocks
   int cached_prompt_tokens = -1;       // prompt tokens served by the prefix cache at admission
   int num_preemptions = 0;
+  bool paused = false;  // its reader is behind: no rows this step (blocks kept)
   SequenceStatus status = SequenceStatus::kWaiting;
 
   int num_tokens() const { return static_cast<int>(tokens.size()); }

@@ -467,6 +467,11 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--max-tokens-limit", a.max_tokens_limit,
                 "Largest max_tokens accepted (0 = the model's context)")
       ->check(CLI::Range(0, 1 << 24));
+  c->add_option("--client-stall-timeout", a.client_stall_timeout_s,
+                "Seconds a streaming client may accept nothing before its request is cancelled "
+                "and its KV blocks freed (its generation pauses meanwhile); 0 = never")
+      ->check(finite_in(0.0, 86400.0))
+      ->capture_default_str();
   c->add_option("--stream-interval", a.stream_interval,
                 "New tokens per streamed message (the first token and the end go at once)")
       ->check(CLI::Range(1, 1 << 16))

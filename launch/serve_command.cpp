@@ -123,6 +123,9 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   r.server.max_tokens_limit = o.max_tokens_limit;
   r.server.max_message_bytes = o.max_message_mb << 20;
   r.server.stream_interval = o.stream_interval;
+  r.server.client_stall_timeout_s = o.client_stall_timeout_s;
+  // A stream's tokens waiting in the server while its client is behind (then it pauses).
+  r.server.stream_backlog_tokens = std::max(256, 4 * o.stream_interval);
   r.server.tls_cert_file = o.tls_cert;
   r.server.tls_key_file = o.tls_key;
   r.server.auth_token = read_auth_token(o.auth_token_file);

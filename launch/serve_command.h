@@ -33,6 +33,7 @@ struct ServeCommandOptions {
   int max_tokens_limit = 0;  // 0: the context length
   int64_t max_message_mb = 4;
   int stream_interval = 1;  // new tokens per GenerateStream message
+  double client_stall_timeout_s = 10.0;  // a stream whose client accepts nothing this long ends
   std::string tls_cert, tls_key, auth_token_file;
   double drain_grace_s = 30.0;
   bool request_log = true;  // one JSON line per finished request on stdout

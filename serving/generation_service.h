@@ -19,8 +19,10 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <condition_variable>
 #include <set>
 #include <string>
+#include <thread>
 
 #include "inference/engine.h"
 #include "proto/tandem.grpc.pb.h"
@@ -49,6 +51,12 @@ struct ServerOptions {
   // first token and the end go out at once): fewer wake-ups where the server's threads share
   // the cores with the engine. 1: every engine step.
   int stream_interval = 1;
+  // Slow consumers: a GenerateStream whose client has accepted nothing (a write blocked by
+  // flow control) for this long is cancelled and its KV blocks freed; until then at most
+  // stream_backlog_tokens of its tokens wait in the server, and its generation pauses instead
+  // of piling more up. 0: never cancelled.
+  double client_stall_timeout_s = 10.0;
+  int stream_backlog_tokens = 256;
   FILE* request_log = stdout;  // one JSON line per finished request; null: none
 };
 
@@ -69,6 +77,7 @@ class GenerationService final : public tandem::v1::Generation::Service {
  public:
   GenerationService(Engine& engine, const BpeTokenizer& tokenizer, const ModelConfig& model,
                     ServerOptions options, MetricsRegistry& registry);
+  ~GenerationService() override;
 
   grpc::Status Generate(grpc::ServerContext* context, const tandem::v1::GenerateRequest* request,
                         tandem::v1::GenerateResponse* response) override;
@@ -94,7 +103,8 @@ class GenerationService final : public tandem::v1::Generation::Service {
   grpc::Status run(grpc::ServerContext* context, const tandem::v1::GenerateRequest& request,
                    const char* method,
                    const std::function<bool(const tandem::v1::GenerateResponse&)>& emit,
-                   tandem::v1::GenerateResponse* merged);
+                   tandem::v1::GenerateResponse* merged,
+                   const std::atomic<bool>* stalled = nullptr);
   grpc::Status to_engine_request(const tandem::v1::GenerateRequest& in,
                                  GenerationRequest& out) const;
 
@@ -110,6 +120,21 @@ class GenerationService final : public tandem::v1::Generation::Service {
   std::set<uint64_t> live_;  // engine ids of requests being answered
   std::atomic<bool> aborted_all_{false};
   std::mutex log_mu_;
+
+  // Stream writes in progress, for the client-stall watcher: a write that has been blocked for
+  // client_stall_timeout_s cancels its call.
+  struct Writer {
+    grpc::ServerContext* context = nullptr;
+    std::atomic<int64_t> blocked_since_ns{0};  // steady clock; 0 = not writing
+    std::atomic<bool> stalled{false};
+  };
+  void watch_writers();
+  std::mutex writers_mu_;
+  std::set<Writer*> writers_;
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  bool stop_watching_ = false;
+  std::thread watcher_;
 };
 
 // Builds a gRPC server on options.host:options.port hosting `service`, the default health service

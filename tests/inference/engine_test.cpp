@@ -284,6 +284,46 @@ TEST(Engine, AbortFreesBlocksAtOnce) {
   EXPECT_FALSE(engine.step()) << "nothing left to do";
 }
 
+TEST(Engine, AStreamWhoseReaderIsBehindPausesKeepingItsBlocksAndResumesWithTheSameTokens) {
+  Transformer model(engine_gpt2());
+  model.init_weights(4);
+  EngineConfig ec;
+  ec.num_blocks = 100;
+  Engine engine(model, ec);
+  const GenerationRequest request = greedy(random_tokens(6, 37, 3), 40);
+  const GenerationDelta expected = engine.generate({request})[0];
+  auto other_request = greedy(random_tokens(9, 37, 5), 30);
+  const GenerationDelta other_expected = engine.generate({other_request})[0];
+
+  // Direct steps: the paused request gets no rows; the other one runs to its end beside it.
+  const int64_t before = engine.stats().generated_tokens;
+  auto stream = engine.add_request(request);
+  stream->set_backlog_limit(8);
+  auto other = engine.add_request(other_request);
+  while (engine.step()) {
+  }
+  EXPECT_EQ(engine.stats().running, 1) << "paused, not finished";
+  EXPECT_GT(engine.stats().kv_blocks_used, 0) << "a paused request keeps its blocks";
+  EXPECT_EQ(engine.stats().generated_tokens - before,
+            static_cast<int64_t>(8 + other_expected.tokens.size()))
+      << "exactly the backlog limit of tokens for the paused request";
+  expect_same_output(other->wait_all(), other_expected, "the other request");
+
+  // The loop thread: reading the backlog resumes it, and it ends with the tokens of a run
+  // that never paused.
+  engine.start();
+  GenerationDelta all;
+  while (auto d = stream->next()) {
+    all.tokens.insert(all.tokens.end(), d->tokens.begin(), d->tokens.end());
+    all.logprobs.insert(all.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
+    all.top_logprobs.insert(all.top_logprobs.end(), d->top_logprobs.begin(),
+                            d->top_logprobs.end());
+    if (d->finished()) all.finish = d->finish;
+  }
+  engine.stop();
+  expect_same_output(all, expected, "the paused request");
+}
+
 TEST(Engine, LoopThreadServesConcurrentSubmitters) {
   Transformer model(engine_gpt2());
   model.init_weights(6);

@@ -741,6 +741,281 @@ TEST(ServingCli, UsageErrorsAreOneLineAndExitTwo) {
   }
 }
 
+// Sets an environment variable for the processes started while it lives (a test hook).
+struct ScopedEnv {
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() { ::unsetenv(name_); }
+  const char* name_;
+};
+
+TEST_F(ServingE2E, TlsCertificateThatIsNotItsKeysIsNamedNotCalledABusyPort) {
+  const std::string key1 = log("key1.pem"), cert1 = log("cert1.pem");
+  const std::string key2 = log("key2.pem"), cert2 = log("cert2.pem");
+  for (const auto& [key, cert] : {std::pair{key1, cert1}, std::pair{key2, cert2}}) {
+    const std::string openssl = "openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key +
+                                " -out " + cert + " -days 1 -subj /CN=localhost >/dev/null 2>&1";
+    if (std::system(openssl.c_str()) != 0) GTEST_SKIP() << "no openssl to make a certificate";
+  }
+  for (const std::string command : {std::string("serve --model ") + model_dir_ + " --port 0",
+                                    std::string("router --replicas 127.0.0.1:1 --port 0")}) {
+    const std::string err = log("tls_mismatch.err");
+    const int raw = std::system((tandem_binary() + " " + command + " --tls-cert " + cert1 +
+                                 " --tls-key " + key2 + " >/dev/null 2>" + err)
+                                    .c_str());
+    const std::string text = read_text(err);
+    EXPECT_TRUE(WIFEXITED(raw) && WEXITSTATUS(raw) == 1) << command << ": " << text;
+    EXPECT_NE(text.find("is not the private key of the certificate"), std::string::npos)
+        << command << ": " << text;
+    EXPECT_EQ(text.find("in use"), std::string::npos) << text;
+    EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 1) << text;
+  }
+}
+
+TEST_F(ServingE2E, RouterWhoseTokenTheReplicasRejectSaysSo) {
+  const std::string replica_token = log("replica_token"), router_token = log("router_token");
+  std::ofstream(replica_token) << "replica-secret\n";
+  std::ofstream(router_token) << "router-secret\n";
+  auto replica = serve({"--auth-token-file", replica_token}, "replica.log");
+  auto router = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", replica->address(), "--metrics-port", "0",
+                               "--health-interval-ms", "100", "--auth-token-file", router_token},
+      log("router.log"));
+  auto stub = connect(router->address());
+  grpc::ClientContext c;
+  c.AddMetadata("authorization", "Bearer router-secret");
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  pb::GenerateResponse out;
+  const grpc::Status s = stub->Generate(&c, greedy("The quick", 4), &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(s.error_message().find("UNAUTHENTICATED"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find(replica->address()), std::string::npos) << s.error_message();
+}
+
+TEST_F(ServingE2E, ARequestArrivingDuringShutdownGetsUnavailableNeverCancelled) {
+  // The racy point held open: a request that has been admitted but not yet checked against the
+  // drain. It must be counted (the drain waits for it) and answered UNAVAILABLE, not left for
+  // the gRPC server's shutdown to cut (CANCELLED, which clients do not retry).
+  {
+    ScopedEnv hold("TANDEM_TEST_HOLD_ADMISSION_MS", "2500");
+    auto server = serve({"--no-request-log"}, "held_replica.log");  // drain grace 10 s
+    auto stub = connect(server->address());
+    grpc::Status status;
+    std::thread call([&] {
+      pb::GenerateResponse out;
+      status = unary(*stub, greedy("The quick", 4), &out, 30);
+    });
+    ASSERT_TRUE(eventually(
+        [&] { return scrape(server->metrics_port(), "tandem_num_requests_in_flight") == 1.0; },
+        10.0));
+    ::kill(server->process().pid(), SIGTERM);
+    call.join();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+    EXPECT_EQ(server->process().stop(0, 30.0), 0);
+  }
+  auto replica = serve({"--no-request-log"}, "replica.log", /*slow=*/true);
+  std::unique_ptr<ServerProcess> router;
+  {
+    ScopedEnv hold("TANDEM_TEST_HOLD_ADMISSION_MS", "2500");
+    router = std::make_unique<ServerProcess>(
+        std::vector<std::string>{"router", "--replicas", replica->address(), "--metrics-port",
+                                 "0", "--health-interval-ms", "100", "--drain-grace", "10",
+                                 "--no-request-log"},
+        log("held_router.log"));
+  }
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_router_replicas_healthy") == 1.0; },
+      10.0));
+  auto stub = connect(router->address());
+  grpc::Status status;
+  std::thread call([&] {
+    pb::GenerateResponse out;
+    status = unary(*stub, greedy("The quick", 4), &out, 30);
+  });
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_num_requests_in_flight") == 1.0; },
+      10.0));
+  ::kill(router->process().pid(), SIGTERM);
+  call.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_EQ(router->process().stop(0, 30.0), 0);
+
+  // A stream still running when the router's drain grace ends: UNAVAILABLE too (the router
+  // ends it itself before its gRPC server's shutdown would cancel it).
+  auto short_grace = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", replica->address(), "--metrics-port", "0",
+                               "--health-interval-ms", "100", "--drain-grace", "0.5",
+                               "--no-request-log"},
+      log("short_grace_router.log"));
+  ASSERT_TRUE(eventually(
+      [&] {
+        return scrape(short_grace->metrics_port(), "tandem_router_replicas_healthy") == 1.0;
+      },
+      10.0));
+  auto via = connect(short_grace->address());
+  StreamResult result;
+  std::thread streaming([&] { result = stream(*via, long_request(1000)); });
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(replica->metrics_port(), "tandem_num_requests_running") == 1.0; },
+      10.0));
+  ::kill(short_grace->process().pid(), SIGTERM);
+  streaming.join();
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << result.status.error_message();
+  EXPECT_EQ(short_grace->process().stop(0, 30.0), 0);
+  // The replica's sequence was cancelled with the router's call.
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(replica->metrics_port(), "tandem_kv_blocks_used") == 0.0; }, 10.0));
+}
+
+TEST_F(ServingE2E, DrainGraceIsKeptWithManyLongStreams) {
+  // 50 long streams and steps of 200 ms: when the grace ends, every stream is ended in one step's
+  // time (one engine lock for all of them, not one per stream: 50 x 200 ms before).
+  ScopedEnv floor("TANDEM_TEST_MIN_STEP_MS", "200");
+  auto server = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"serve", "--model", model_dir_, "--metrics-port",
+                               "0", "--threads", "1", "--drain-grace", "1", "--no-request-log"},
+      log("serve.log"));
+  auto stub = connect(server->address());
+  const int n = 50;
+  std::vector<StreamResult> results(n);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < n; ++i) {
+    clients.emplace_back([&, i] {
+      pb::GenerateRequest r = long_request(1000);
+      r.set_prompt("stream " + std::to_string(i));
+      results[i] = stream(*stub, r, 120);
+    });
+  }
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(server->metrics_port(), "tandem_num_requests_running") == n; }, 60.0));
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(server->process().pid(), SIGTERM);
+  const int status = server->process().stop(0, 60.0);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(status, 0);
+  // The grace (1 s) plus one step, the gRPC shutdown and the exit, with room for a busy machine;
+  // far below the 10 s that 50 aborts one after another took.
+  EXPECT_LT(seconds, 6.0) << server->process().log();
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(results[i].status.error_code(), grpc::StatusCode::UNAVAILABLE)
+        << i << ": " << results[i].status.error_message();
+  }
+  std::printf("drain of %d streams with --drain-grace 1: exited after %.2f s\n", n, seconds);
+}
+
+TEST_F(ServingE2E, FrozenReplicaEndsItsStreamsAndTheOtherKeepsServing) {
+  auto a = serve({"--no-request-log", "--max-running", "1", "--max-queue", "8"}, "a.log", true);
+  auto b = serve({"--no-request-log", "--max-running", "1", "--max-queue", "8"}, "b.log", true);
+  auto router = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"router", "--replicas", a->address() + "," + b->address(),
+                               "--metrics-port", "0", "--health-interval-ms", "100",
+                               "--replica-stall-timeout", "2", "--no-request-log"},
+      log("router.log"));
+  ASSERT_TRUE(eventually(
+      [&] { return scrape(router->metrics_port(), "tandem_router_replicas_healthy") == 2.0; },
+      10.0));
+  auto via = connect(router->address());
+  // Two streams with one prompt go to one replica (prefix affinity): the first runs, the second
+  // waits there without a token (max-running 1).
+  pb::GenerateRequest first = long_request(1000), second = long_request(300);
+  std::atomic<int> first_messages{0};
+  StreamResult r1, r2;
+  std::thread t1([&] {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(90));
+    auto reader = via->GenerateStream(&c, first);
+    pb::GenerateResponse m;
+    while (reader->Read(&m)) {
+      ++first_messages;
+      r1.tokens.insert(r1.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    }
+    r1.status = reader->Finish();
+  });
+  ASSERT_TRUE(eventually([&] { return first_messages.load() > 0; }, 20.0));
+  std::thread t2([&] { r2 = stream(*via, second, 90); });
+  ServerProcess* frozen = nullptr;
+  ServerProcess* other = nullptr;
+  ASSERT_TRUE(eventually(
+      [&] {
+        for (auto* p : {a.get(), b.get()}) {
+          if (scrape(p->metrics_port(), "tandem_num_requests_in_flight") == 2.0) frozen = p;
+        }
+        return frozen != nullptr;
+      },
+      20.0));
+  other = frozen == a.get() ? b.get() : a.get();
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(frozen->process().pid(), SIGSTOP);
+  t1.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The running stream ends UNAVAILABLE after the stall timeout (2 s), not at its deadline.
+  EXPECT_EQ(r1.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r1.status.error_message();
+  EXPECT_NE(r1.status.error_message().find("stopped answering"), std::string::npos)
+      << r1.status.error_message();
+  EXPECT_GT(r1.tokens.size(), 0u);
+  EXPECT_LT(seconds, 60.0);
+  // The waiting one had no token: retried on the other replica, where it completes.
+  t2.join();
+  EXPECT_TRUE(r2.status.ok()) << r2.status.error_message();
+  EXPECT_EQ(r2.tokens.size(), 300u);
+  EXPECT_GE(scrape(other->metrics_port(), "tandem_requests_total{outcome=\"ok\"}"), 1.0);
+  // New requests are served meanwhile.
+  pb::GenerateResponse out;
+  EXPECT_TRUE(unary(*via, greedy("The quick", 4), &out).ok());
+  ::kill(frozen->process().pid(), SIGCONT);
+  std::printf("frozen replica: its stream ended after %.2f s\n", seconds);
+}
+
+TEST_F(ServingE2E, AClientThatStopsReadingIsPausedThenCancelledAndItsBlocksFreed) {
+  auto server = serve({"--no-request-log", "--max-running", "1", "--client-stall-timeout", "8"},
+                      "serve.log", /*slow=*/true);
+  const int metrics = server->metrics_port();
+  // A client that reads one message and then nothing: without BDP probing its flow-control
+  // window stays small, so the server's writes block once it is full.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8192);
+  auto stalled_stub = pb::Generation::NewStub(grpc::CreateCustomChannel(
+      server->address(), grpc::InsecureChannelCredentials(), args));
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  pb::GenerateRequest r = long_request(1000);
+  r.set_top_logprobs(20);  // large messages: the window fills after a few dozen
+  auto reader = stalled_stub->GenerateStream(&c, r);
+  pb::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  // 1. Generation pauses with the request still holding its blocks: the count of generated
+  // tokens stops moving (at 5 ms or more a step it would keep growing otherwise).
+  double last = -1.0;
+  int still = 0;
+  const bool paused = eventually(
+      [&] {
+        const double now = scrape(metrics, "tandem_engine_generated_tokens");
+        still = now == last ? still + 1 : 0;
+        last = now;
+        return still >= 10 && scrape(metrics, "tandem_kv_blocks_used") > 0.0;
+      },
+      30.0);
+  EXPECT_TRUE(paused) << "generated " << last;
+  EXPECT_LT(last, 1000.0);
+  // 2. After --client-stall-timeout the request is cancelled and its blocks freed.
+  EXPECT_TRUE(eventually([&] { return scrape(metrics, "tandem_kv_blocks_used") == 0.0; }, 40.0));
+  EXPECT_TRUE(eventually(
+      [&] { return scrape(metrics, "tandem_requests_total{outcome=\"cancelled\"}") == 1.0; },
+      10.0));
+  // 3. A new request (max-running 1) is served.
+  pb::GenerateResponse out;
+  EXPECT_TRUE(unary(*connect(server->address()), greedy("The quick", 8), &out).ok());
+  EXPECT_EQ(out.token_ids_size(), 8);
+  c.TryCancel();
+  std::printf("slow consumer: generation paused at %.0f tokens\n", last);
+}
+
 }  // namespace
 }  // namespace tandem::testing
 
