@@ -1,8 +1,16 @@
 #include "serving/metrics.h"
 
-#include <httplib.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <sstream>
 
@@ -141,23 +149,155 @@ std::string MetricsRegistry::render() const {
 
 MetricsHttpServer::MetricsHttpServer(const MetricsRegistry& registry, const std::string& host,
                                      int port)
-    : http_(std::make_unique<httplib::Server>()) {
-  http_->Get("/metrics", [&registry](const httplib::Request&, httplib::Response& res) {
-    res.set_content(registry.render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  if (port == 0) {
-    port_ = http_->bind_to_any_port(host);
-  } else {
-    port_ = http_->bind_to_port(host, port) ? port : -1;
+    : registry_(registry) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string service = std::to_string(port);
+  require(::getaddrinfo(host.c_str(), service.c_str(), &hints, &found) == 0 && found != nullptr,
+          "metrics: cannot listen on ", host, ":", port, " (not an address)");
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> addresses(found, &::freeaddrinfo);
+  listen_fd_ = ::socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  if (listen_fd_ >= 0) ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (listen_fd_ < 0 || ::bind(listen_fd_, found->ai_addr, found->ai_addrlen) != 0 ||
+      ::listen(listen_fd_, 1024) != 0) {
+    const std::string why = std::strerror(errno);
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    throw Error(cat("metrics: cannot listen on ", host, ":", port, " (", why, ")"));
   }
-  require(port_ > 0, "metrics: cannot listen on ", host, ":", port);
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
-  // bind_to_port already listens: connections queue in the backlog until the thread runs.
+  sockaddr_storage bound{};
+  socklen_t length = sizeof(bound);
+  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &length);
+  port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  require(::pipe2(wake_fd_, O_CLOEXEC | O_NONBLOCK) == 0, "metrics: pipe: ", std::strerror(errno));
+  thread_ = std::thread([this] { serve(); });
 }
 
 MetricsHttpServer::~MetricsHttpServer() {
-  http_->stop();
+  const char stop = 1;
+  if (::write(wake_fd_[1], &stop, 1) < 0) {
+  }
   if (thread_.joinable()) thread_.join();
+  ::close(wake_fd_[0]);
+  ::close(wake_fd_[1]);
+  ::close(listen_fd_);
+}
+
+void MetricsHttpServer::serve() {
+  using Clock = std::chrono::steady_clock;
+  struct Connection {
+    int fd;
+    std::string in, out;  // the request so far; the response not yet sent
+    size_t sent = 0;
+    Clock::time_point last_activity;
+  };
+  std::vector<Connection> connections;
+  struct CloseAll {
+    std::vector<Connection>& c;
+    ~CloseAll() {
+      for (const Connection& x : c) ::close(x.fd);
+    }
+  } close_all{connections};
+  auto close_at = [&](size_t i) {
+    ::close(connections[i].fd);
+    connections.erase(connections.begin() + static_cast<std::ptrdiff_t>(i));
+  };
+  auto respond = [](Connection& c, const char* status, const std::string& type,
+                    const std::string& body) {
+    c.out = cat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
+                "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+    c.in.clear();
+  };
+  std::vector<pollfd> fds;
+  while (true) {
+    fds.clear();
+    fds.push_back({wake_fd_[0], POLLIN, 0});
+    fds.push_back({listen_fd_, POLLIN, 0});
+    for (const Connection& c : connections) {
+      fds.push_back({c.fd, static_cast<short>(c.out.empty() ? POLLIN : POLLOUT), 0});
+    }
+    if (::poll(fds.data(), fds.size(), 250) < 0 && errno != EINTR) return;
+    if (fds[0].revents != 0) return;  // stop
+    const Clock::time_point now = Clock::now();
+    // Existing connections first (their indices match fds[2..]), from the back so closing one
+    // does not move those still to visit.
+    for (size_t i = connections.size(); i-- > 0;) {
+      Connection& c = connections[i];
+      const short revents = fds[i + 2].revents;
+      if (revents & (POLLERR | POLLNVAL)) {
+        close_at(i);
+        continue;
+      }
+      if (!c.out.empty() && (revents & (POLLOUT | POLLHUP))) {
+        const ssize_t n =
+            ::send(c.fd, c.out.data() + c.sent, c.out.size() - c.sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+          close_at(i);
+          continue;
+        }
+        if (n > 0) {
+          c.sent += static_cast<size_t>(n);
+          c.last_activity = now;
+        }
+        if (c.sent == c.out.size()) close_at(i);  // Connection: close
+        continue;
+      }
+      if (revents & (POLLIN | POLLHUP)) {
+        char buffer[4096];
+        const ssize_t n = ::recv(c.fd, buffer, sizeof(buffer), MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+          close_at(i);
+          continue;
+        }
+        if (n > 0) {
+          c.in.append(buffer, static_cast<size_t>(n));
+          c.last_activity = now;
+        }
+        const size_t end = c.in.find("\r\n\r\n");
+        if (end == std::string::npos) {
+          if (c.in.size() > kMaxRequestBytes) {
+            respond(c, "431 Request Header Fields Too Large", "text/plain", "request too large\n");
+          }
+          continue;
+        }
+        const std::string line = c.in.substr(0, c.in.find("\r\n"));
+        const bool get = line.rfind("GET ", 0) == 0, head = line.rfind("HEAD ", 0) == 0;
+        const size_t path_end = line.find(' ', get ? 4 : 5);
+        const std::string path =
+            line.substr(get ? 4 : 5, path_end == std::string::npos ? 0 : path_end - (get ? 4 : 5));
+        if (!get && !head) {
+          respond(c, "405 Method Not Allowed", "text/plain", "only GET /metrics\n");
+        } else if (path != "/metrics" && path.rfind("/metrics?", 0) != 0) {
+          respond(c, "404 Not Found", "text/plain", "only GET /metrics\n");
+        } else {
+          respond(c, "200 OK", "text/plain; version=0.0.4; charset=utf-8", registry_.render());
+          if (head) c.out.resize(c.out.find("\r\n\r\n") + 4);
+        }
+        continue;
+      }
+      if (now - c.last_activity > std::chrono::duration<double>(kIdleTimeoutS)) close_at(i);
+    }
+    if (fds[1].revents & POLLIN) {
+      while (true) {
+        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) break;  // EAGAIN: none left; EMFILE and the like: try again next round
+        if (static_cast<int>(connections.size()) >= kMaxConnections) {
+          // Full: the longest-idle connection makes room (an idle flood cannot lock a scraper
+          // out).
+          size_t oldest = 0;
+          for (size_t i = 1; i < connections.size(); ++i) {
+            if (connections[i].last_activity < connections[oldest].last_activity) oldest = i;
+          }
+          close_at(oldest);
+        }
+        connections.push_back({fd, {}, {}, 0, now});
+      }
+    }
+  }
 }
 
 }  // namespace tandem::serving

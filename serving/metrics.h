@@ -1,5 +1,5 @@
 // Prometheus metrics of a serving process, in the text exposition format (version 0.0.4), and
-// the plain-HTTP endpoint that serves them (GET /metrics on its own port, cpp-httplib).
+// the plain-HTTP endpoint that serves them (GET /metrics on its own port).
 //
 // Metrics are registered once at start-up (names, help, label values, histogram buckets fixed);
 // updating them afterwards is lock-free (atomics), so request threads never contend on a lock.
@@ -14,10 +14,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-namespace httplib {
-class Server;
-}
 
 namespace tandem::serving {
 
@@ -67,10 +63,19 @@ class MetricsRegistry {
   Family& family(const std::string& name, const std::string& help, const char* type);
 };
 
-// GET /metrics -> registry.render() on host:port (port 0: any free port, see port()). Serves from
-// its own thread; the destructor stops it. The registry must outlive the server.
+// GET /metrics -> registry.render() on host:port (port 0: any free port, see port()), HTTP/1.1
+// with one request per connection. One thread polls every connection, so an idle or slow client
+// costs a file descriptor, never a thread: at most kMaxConnections are open (a new one closes
+// the longest-idle one), and one that sends no complete request for kIdleTimeoutS is closed. So
+// thousands of idle connections neither starve a scraper nor run the process out of file
+// descriptors (which gRPC's port needs too). The destructor stops it; the registry must outlive
+// the server.
 class MetricsHttpServer {
  public:
+  static constexpr int kMaxConnections = 64;
+  static constexpr double kIdleTimeoutS = 10.0;
+  static constexpr size_t kMaxRequestBytes = 8192;
+
   MetricsHttpServer(const MetricsRegistry& registry, const std::string& host, int port);
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
@@ -78,7 +83,10 @@ class MetricsHttpServer {
   int port() const { return port_; }
 
  private:
-  std::unique_ptr<httplib::Server> http_;
+  void serve();
+  const MetricsRegistry& registry_;
+  int listen_fd_ = -1;
+  int wake_fd_[2] = {-1, -1};  // a byte on [1] stops serve()
   std::thread thread_;
   int port_ = 0;
 };

@@ -2,6 +2,7 @@
 // tiny checkpoint written by the test, gRPC clients in the test.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -1014,6 +1015,45 @@ TEST_F(ServingE2E, AClientThatStopsReadingIsPausedThenCancelledAndItsBlocksFreed
   EXPECT_EQ(out.token_ids_size(), 8);
   c.TryCancel();
   std::printf("slow consumer: generation paused at %.0f tokens\n", last);
+}
+
+TEST_F(ServingE2E, IdleConnectionsOnTheMetricsPortNeitherStarveItNorTheProcessFds) {
+  auto server = serve({"--no-request-log"}, "serve.log");
+  const pid_t pid = server->process().pid();
+  auto open_fds = [pid] {
+    int n = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) ++n;
+    return n;
+  };
+  const int fds_before = open_fds();
+  // As many idle connections as this test process may open (2000 where the limit allows).
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  limit.rlim_cur = limit.rlim_max;
+  ::setrlimit(RLIMIT_NOFILE, &limit);
+  const int n = static_cast<int>(std::min<rlim_t>(2000, limit.rlim_cur > 100 ? limit.rlim_cur - 100 : 0));
+  ASSERT_GE(n, 200) << "the test needs a few hundred file descriptors";
+  std::vector<int> idle;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(server->metrics_port()));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (int i = 0; i < n; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+      ::close(fd);
+      break;
+    }
+    idle.push_back(fd);
+  }
+  // /metrics answers, the process holds a bounded number of descriptors, gRPC still serves.
+  EXPECT_GE(scrape(server->metrics_port(), "tandem_kv_blocks_total"), 1.0);
+  EXPECT_TRUE(eventually([&] { return open_fds() <= fds_before + 64 + 8; }, 10.0))
+      << open_fds() << " descriptors open with " << idle.size() << " idle connections";
+  pb::GenerateResponse out;
+  EXPECT_TRUE(unary(*connect(server->address()), greedy("The quick", 4), &out).ok());
+  for (int fd : idle) ::close(fd);
 }
 
 }  // namespace
