@@ -56,8 +56,11 @@ int BlockManager::allocate_cached_prefix(Sequence& seq) {
   seq.num_computed = 0;
   seq.block_hashes.clear();
   if (!prefix_caching_) return 0;
-  // Full blocks that end before the last token (its logits must be computed).
-  const int candidates = (seq.num_tokens() - 1) / block_size_;
+  // Full blocks that end before the last token (its logits must be computed), and before the
+  // first prompt row whose logits are wanted.
+  int first_logits = seq.num_tokens() - 1;
+  if (seq.prompt_logits_from >= 0) first_logits = std::min(first_logits, seq.prompt_logits_from);
+  const int candidates = first_logits / block_size_;
   uint64_t previous = 0;
   for (int i = 0; i < candidates; ++i) {
     const int32_t* tokens = seq.tokens.data() + static_cast<size_t>(i) * block_size_;

@@ -134,6 +134,7 @@ GenerationDelta RequestStream::wait_all() {
       all.finish = d->finish;
       all.error = d->error;
       all.usage = d->usage;
+      all.prompt_logprobs = std::move(d->prompt_logprobs);
     }
   }
   return all;
@@ -154,6 +155,7 @@ struct Engine::Request {
   int max_new_tokens = 0;
   std::shared_ptr<RequestStream> stream;
   GenerationDelta pending;  // this step's delta
+  std::vector<float> prompt_logprobs;  // by position from prompt_logprobs_start
 };
 
 void Engine::check_config(const EngineConfig& config) {
@@ -169,7 +171,7 @@ void Engine::check_config(const EngineConfig& config) {
 InferenceOptions Engine::inference_options(const EngineConfig& config) {
   InferenceOptions inference;
   inference.max_batched_tokens = config.max_batched_tokens;
-  inference.max_logit_rows = config.max_seqs;
+  inference.max_logit_rows = config.max_seqs + config.max_prompt_logit_rows;
   inference.bf16_weights = config.bf16_weights;
   inference.batch_invariant = config.batch_invariant;
   return inference;
@@ -215,7 +217,8 @@ Engine::Engine(Transformer& model, EngineConfig config)
   cache_ = make_kv_cache(model_, config_, num_blocks);
   blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(
-      SchedulerConfig{config_.max_batched_tokens, config_.max_seqs}, *blocks_);
+      SchedulerConfig{config_.max_batched_tokens, config_.max_seqs, config_.max_prompt_logit_rows},
+      *blocks_);
   runner_ = std::make_unique<ModelRunner>(model_, *cache_, config_.before_forward);
   stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
   waker_ = std::make_shared<Waker>();
@@ -251,7 +254,11 @@ std::string Engine::validate(const GenerationRequest& r) const {
   if (n + 1 > pool_tokens)
     return cat("the prompt has ", n, " tokens and can never fit the KV cache (", pool_tokens,
                " tokens in ", blocks_->num_blocks(), " blocks); raise kv_cache_mb");
-  if (r.max_tokens <= 0) return cat("max_tokens must be > 0, got ", r.max_tokens);
+  if (r.prompt_logprobs_start < 0 || r.prompt_logprobs_start >= n)
+    return cat("prompt_logprobs_start must be in [0, ", n, ") (0: none), got ",
+               r.prompt_logprobs_start);
+  if (r.max_tokens < 0 || (r.max_tokens == 0 && r.prompt_logprobs_start == 0))
+    return cat("max_tokens must be > 0 (or 0 to only score the prompt), got ", r.max_tokens);
   try {
     r.sampling.validate();
   } catch (const Error& e) {
@@ -289,6 +296,10 @@ std::shared_ptr<RequestStream> Engine::add_request(GenerationRequest request) {
   r->seq.id = id;
   r->seq.tokens = request.prompt;
   r->seq.prompt_len = n;
+  if (request.prompt_logprobs_start > 0) {
+    r->seq.prompt_logits_from = request.prompt_logprobs_start - 1;
+    r->prompt_logprobs.assign(n - request.prompt_logprobs_start, 0.0f);
+  }
   r->rng = Rng(request.seed ? *request.seed : config_.seed ^ (id * 0x9E3779B97F4A7C15ull));
   r->text = TextStream(request.stop);
   r->stream = stream;
@@ -328,6 +339,9 @@ void Engine::finish(Request& r, FinishReason reason, std::string error) {
   d.usage.prompt_tokens = r.seq.prompt_len;
   d.usage.completion_tokens = r.seq.num_generated();
   d.usage.cached_prompt_tokens = std::max(0, r.seq.cached_prompt_tokens);
+  if (reason == FinishReason::kLength || reason == FinishReason::kStop) {
+    d.prompt_logprobs = std::move(r.prompt_logprobs);
+  }
   scheduler_->remove(&r.seq);
   r.stream->push(std::move(d));
   requests_.erase(r.seq.id);  // r is gone from here on
@@ -404,21 +418,39 @@ bool Engine::step() {
       return has_work_;
     }
     scheduler_->commit(plan);
+    // The logits rows, per plan entry: those scoring prompt tokens, then the sampled one.
+    const int V = model_.config().vocab_size;
     std::vector<Request*> sampled;
+    std::vector<const float*> sampled_rows;
+    std::vector<Request*> finished_prompts;  // score-only requests whose prompt is done
+    const float* row = logits;
     for (const ScheduledSequence& s : plan) {
       const int prompt_part =
           std::max(0, std::min(s.start + s.num_tokens, s.seq->prompt_len) - s.start);
       prompt_rows += prompt_part;
-      if (s.sample) sampled.push_back(requests_.at(s.seq->id).get());
+      Request& r = *requests_.at(s.seq->id);
+      const auto [first, last] = s.seq->prompt_logit_span(s.start, s.num_tokens);
+      for (int p = first; p < last; ++p, row += V) {
+        r.prompt_logprobs[p + 1 - (s.seq->prompt_logits_from + 1)] =
+            log_softmax_at(row, V, s.seq->tokens[p + 1]);
+      }
+      if (!s.sample) continue;
+      if (r.max_new_tokens == 0) {
+        finished_prompts.push_back(&r);
+      } else {
+        sampled.push_back(&r);
+        sampled_rows.push_back(row);
+      }
+      row += V;
     }
-    const int V = model_.config().vocab_size;
+    for (Request* r : finished_prompts) finish(*r, FinishReason::kLength);
     const int rows = static_cast<int>(sampled.size());
     std::vector<int32_t> chosen(rows, -1);
     std::vector<std::string> errors(rows);
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < rows; ++i) {
       Request& r = *sampled[i];
-      const float* row = logits + static_cast<size_t>(i) * V;
+      const float* row = sampled_rows[i];
       try {
         std::vector<float> adjusted(row, row + V);
         const std::span<const int32_t> all(r.seq.tokens);

@@ -53,6 +53,7 @@ struct EngineConfig {
   int num_blocks = 0;            // > 0: exactly this many blocks (overrides kv_cache_mb)
   int max_batched_tokens = 512;  // rows per step (prefill chunks + decode rows)
   int max_seqs = 64;             // sequences running at once
+  int max_prompt_logit_rows = 64;  // rows per step that score prompt tokens (prompt_logprobs)
   bool prefix_caching = true;
   bool bf16_weights = false;  // bf16 weight copy for inference (half the bytes per decode step)
   // A request's tokens and logprobs bitwise independent of what else runs (batching, chunked
@@ -96,6 +97,12 @@ struct GenerationRequest {
   bool ignore_eos = false;
   bool logprobs = false;  // log-probability of each chosen token
   int top_logprobs = 0;   // and of the n most likely tokens (0..20)
+  // Prompt log-probabilities (vLLM's prompt_logprobs): > 0 asks for log P(prompt[i] |
+  // prompt[0..i)) of every prompt token i >= prompt_logprobs_start, returned in the final delta.
+  // The prefix cache serves only the blocks before the first scored token, so choices that share
+  // a context share its blocks (multiple-choice scoring). With it, max_tokens may be 0: score
+  // only, nothing generated.
+  int prompt_logprobs_start = 0;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kAbort, kError };
@@ -114,6 +121,9 @@ struct GenerationDelta {
   std::string text;
   std::vector<float> logprobs;                          // per token, when asked
   std::vector<std::vector<TokenLogprob>> top_logprobs;  // per token, when asked
+  // In the final delta, with GenerationRequest::prompt_logprobs_start = s > 0: the prompt tokens
+  // s, s + 1, ... each given the ones before it.
+  std::vector<float> prompt_logprobs;
   FinishReason finish = FinishReason::kNone;
   std::string error;  // with kError
   Usage usage;        // in the final delta

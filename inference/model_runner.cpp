@@ -19,12 +19,16 @@ const float* ModelRunner::run(const std::vector<ScheduledSequence>& plan) {
     const Sequence& seq = *plan[i].seq;
     std::copy(seq.block_table.begin(), seq.block_table.end(),
               tables_.begin() + static_cast<int64_t>(i) * max_blocks);
+    const int first_row = static_cast<int>(tokens_.size());
     for (int p = plan[i].start; p < plan[i].start + plan[i].num_tokens; ++p) {
       tokens_.push_back(seq.tokens[p]);
       positions_.push_back(p);
       row_seq_.push_back(static_cast<int32_t>(i));
       slots_.push_back(seq.block_table[p / bs] * bs + p % bs);
     }
+    // Rows scoring prompt tokens first, then the row to sample from.
+    const auto [first, last] = seq.prompt_logit_span(plan[i].start, plan[i].num_tokens);
+    for (int p = first; p < last; ++p) logit_rows_.push_back(first_row + p - plan[i].start);
     if (plan[i].sample) logit_rows_.push_back(static_cast<int32_t>(tokens_.size()) - 1);
   }
   AttentionContext ctx;

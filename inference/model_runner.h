@@ -19,8 +19,8 @@ class ModelRunner {
   ModelRunner(Transformer& model, KvCache& cache,
               std::function<void(const AttentionContext&)> before_forward = {})
       : model_(model), cache_(cache), before_forward_(std::move(before_forward)) {}
-  // Logits [number of entries with sample == true, vocab] on the host, in plan order; valid
-  // until the next call.
+  // Logits on the host, valid until the next call: for each plan entry in order, the rows that
+  // score prompt tokens (Sequence::prompt_logit_span), then its sampled row (sample == true).
   const float* run(const std::vector<ScheduledSequence>& plan);
 
  private:

@@ -43,6 +43,17 @@ bool Scheduler::has_runnable_work() const {
 std::vector<ScheduledSequence> Scheduler::schedule() {
   std::vector<ScheduledSequence> plan;
   int budget = config_.max_batched_tokens;
+  int logit_budget = config_.max_prompt_logit_rows;
+  // Rows [start, start + n) cut so that those scoring prompt tokens fit the logit budget.
+  auto fit_logits = [&](const Sequence* seq, int start, int n) {
+    const auto [first, last] = seq->prompt_logit_span(start, n);
+    if (last - first <= logit_budget) return n;
+    return first + logit_budget - start;  // 0 when the first row itself needs a logit
+  };
+  auto take_logits = [&](const Sequence* seq, int start, int n) {
+    const auto [first, last] = seq->prompt_logit_span(start, n);
+    logit_budget -= last - first;
+  };
   bool preempted = false;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* seq = running_[i];
@@ -50,7 +61,12 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
       ++i;
       continue;
     }
-    const int n = std::min(seq->num_tokens() - seq->num_computed, budget);
+    const int n = fit_logits(seq, seq->num_computed,
+                             std::min(seq->num_tokens() - seq->num_computed, budget));
+    if (n == 0) {  // no logit rows left this step for its prompt
+      ++i;
+      continue;
+    }
     bool scheduled = true;
     while (!blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
       Sequence* victim = running_.back();
@@ -62,6 +78,7 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
       }
     }
     if (!scheduled) break;  // seq was the newest: everything after it is gone too
+    take_logits(seq, seq->num_computed, n);
     plan.push_back({seq, seq->num_computed, n, seq->num_computed + n == seq->num_tokens()});
     budget -= n;
     ++i;
@@ -73,8 +90,9 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
     if (next == waiting_.end()) break;
     Sequence* seq = *next;
     const int cached = blocks_.allocate_cached_prefix(*seq);
-    const int n = std::min(seq->num_tokens() - seq->num_computed, budget);
-    if (!blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
+    const int n = fit_logits(seq, seq->num_computed,
+                             std::min(seq->num_tokens() - seq->num_computed, budget));
+    if (n == 0 || !blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
       blocks_.free(*seq);  // give back the prefix hits; retry in a later step
       break;
     }
@@ -83,6 +101,7 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
     waiting_.erase(next);
     seq->status = SequenceStatus::kRunning;
     running_.push_back(seq);
+    take_logits(seq, seq->num_computed, n);
     plan.push_back({seq, seq->num_computed, n, seq->num_computed + n == seq->num_tokens()});
     budget -= n;
   }

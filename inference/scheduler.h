@@ -24,6 +24,9 @@ namespace tandem {
 struct SchedulerConfig {
   int max_batched_tokens = 512;  // rows per step
   int max_seqs = 64;             // running sequences
+  // Rows per step whose logits score prompt tokens (Sequence::prompt_logits_from); a chunk is
+  // cut so its scored rows fit.
+  int max_prompt_logit_rows = 64;
 };
 
 // Rows [start, start + num_tokens) of seq's tokens run this step; `sample` when the last of them

@@ -3,7 +3,9 @@
 // the scheduler and the block manager hold plain pointers to it while it is live.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace tandem {
@@ -20,10 +22,20 @@ struct Sequence {
   int cached_prompt_tokens = -1;       // prompt tokens served by the prefix cache at admission
   int num_preemptions = 0;
   bool paused = false;  // its reader is behind: no rows this step (blocks kept)
+  // Prompt log-probabilities: the first position whose logits are wanted (they score the token
+  // after it), up to prompt_len - 1; -1: none. The prefix cache serves only blocks before it.
+  int prompt_logits_from = -1;
   SequenceStatus status = SequenceStatus::kWaiting;
 
   int num_tokens() const { return static_cast<int>(tokens.size()); }
   int num_generated() const { return num_tokens() - prompt_len; }
+  // The positions of rows [start, start + n) whose logits score a prompt token: [first, last).
+  std::pair<int, int> prompt_logit_span(int start, int n) const {
+    if (prompt_logits_from < 0) return {0, 0};
+    const int first = std::max(start, prompt_logits_from);
+    const int last = std::min(start + n, prompt_len - 1);
+    return first < last ? std::pair<int, int>{first, last} : std::pair<int, int>{0, 0};
+  }
 };
 
 }  // namespace tandem

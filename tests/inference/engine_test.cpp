@@ -324,6 +324,82 @@ TEST(Engine, AStreamWhoseReaderIsBehindPausesKeepingItsBlocksAndResumesWithTheSa
   expect_same_output(all, expected, "the paused request");
 }
 
+TEST(Engine, PromptLogprobsEqualADenseForwardAndChoicesShareTheContextsBlocks) {
+  ModelConfig config = engine_gpt2();
+  Transformer model(config);
+  model.init_weights(8);
+  const std::vector<int32_t> context = random_tokens(41, config.vocab_size, 21);
+  std::vector<std::vector<int32_t>> choices;
+  for (int k = 0; k < 4; ++k) choices.push_back(random_tokens(5 + k, config.vocab_size, 30 + k));
+  // The reference: a dense forward over context + choice, each choice token scored given all
+  // before it (the log-softmax of the dense logits, in double).
+  std::vector<std::vector<double>> expected;
+  for (const auto& choice : choices) {
+    std::vector<int32_t> all = context;
+    all.insert(all.end(), choice.begin(), choice.end());
+    const int T = static_cast<int>(all.size());
+    std::vector<int32_t> targets(T, -1);
+    model.forward(all.data(), targets.data(), 1, T);
+    const Tensor logits = model.logits();
+    const int V = config.vocab_size;
+    std::vector<double> lp;
+    for (int p = static_cast<int>(context.size()) - 1; p < T - 1; ++p) {
+      const float* row = logits.data<float>() + static_cast<size_t>(p) * V;
+      double max = row[0], sum = 0.0;
+      for (int v = 0; v < V; ++v) max = std::max<double>(max, row[v]);
+      for (int v = 0; v < V; ++v) sum += std::exp(row[v] - max);
+      lp.push_back(row[all[p + 1]] - max - std::log(sum));
+    }
+    expected.push_back(lp);
+  }
+  EngineConfig ec;
+  ec.num_blocks = 64;
+  ec.block_size = 8;
+  ec.max_prompt_logit_rows = 3;  // scored rows spread over several steps
+  Engine engine(model, ec);
+  auto request = [&](int k) {
+    GenerationRequest r;
+    r.prompt = context;
+    r.prompt.insert(r.prompt.end(), choices[k].begin(), choices[k].end());
+    r.prompt_logprobs_start = static_cast<int>(context.size());
+    r.max_tokens = 0;  // score only
+    return r;
+  };
+  // The first choice computes the context; the others then find its blocks in the cache.
+  std::vector<GenerationDelta> got = engine.generate({request(0)});
+  const auto rest = engine.generate({request(1), request(2), request(3)});
+  got.insert(got.end(), rest.begin(), rest.end());
+  for (int k = 0; k < 4; ++k) {
+    ASSERT_EQ(got[k].finish, FinishReason::kLength) << got[k].error;
+    EXPECT_TRUE(got[k].tokens.empty()) << "score only: nothing generated";
+    ASSERT_EQ(got[k].prompt_logprobs.size(), choices[k].size());
+    double sum = 0.0, expected_sum = 0.0;
+    for (size_t i = 0; i < choices[k].size(); ++i) {
+      EXPECT_NEAR(got[k].prompt_logprobs[i], expected[k][i], 1e-5 * std::fabs(expected[k][i]) + 1e-6)
+          << "choice " << k << " token " << i;
+      sum += got[k].prompt_logprobs[i];
+      expected_sum += expected[k][i];
+    }
+    EXPECT_NEAR(sum, expected_sum, 1e-5 * std::fabs(expected_sum)) << "choice " << k;
+    // 40 of the 41 context tokens fit 5 full blocks of 8 before the first scored row.
+    if (k > 0) EXPECT_EQ(got[k].usage.cached_prompt_tokens, 40) << "choice " << k;
+  }
+  // A request that scores and generates: the same prompt logprobs, then tokens.
+  GenerationRequest both = request(2);
+  both.max_tokens = 3;
+  both.sampling.temperature = 0.0f;
+  const GenerationDelta g = engine.generate({both})[0];
+  EXPECT_EQ(g.tokens.size(), 3u);
+  EXPECT_EQ(g.prompt_logprobs, got[2].prompt_logprobs);
+  // Bad values are refused naming the field.
+  GenerationRequest bad = request(0);
+  bad.prompt_logprobs_start = static_cast<int>(bad.prompt.size());
+  EXPECT_NE(engine.generate({bad})[0].error.find("prompt_logprobs_start"), std::string::npos);
+  bad = request(0);
+  bad.prompt_logprobs_start = 0;
+  EXPECT_NE(engine.generate({bad})[0].error.find("max_tokens"), std::string::npos);
+}
+
 TEST(Engine, LoopThreadServesConcurrentSubmitters) {
   Transformer model(engine_gpt2());
   model.init_weights(6);
