@@ -259,9 +259,15 @@ grpc::Status GenerationService::to_engine_request(const pb::GenerateRequest& in,
       return invalid("prompt: give prompt or prompt_tokens");
   }
   out.max_tokens = in.has_max_tokens() ? in.max_tokens() : 16;
-  if (out.max_tokens <= 0 || out.max_tokens > options_.max_tokens_limit) {
-    return invalid(
-        cat("max_tokens: must be in [1, ", options_.max_tokens_limit, "], got ", out.max_tokens));
+  out.prompt_logprobs_start = in.prompt_logprobs_start();
+  if (out.prompt_logprobs_start < 0 || out.prompt_logprobs_start >= static_cast<int>(out.prompt.size())) {
+    return invalid(cat("prompt_logprobs_start: must be in [0, ", out.prompt.size(),
+                       ") (the prompt's tokens; 0: none), got ", out.prompt_logprobs_start));
+  }
+  const int min_tokens = out.prompt_logprobs_start > 0 ? 0 : 1;
+  if (out.max_tokens < min_tokens || out.max_tokens > options_.max_tokens_limit) {
+    return invalid(cat("max_tokens: must be in [", min_tokens, ", ", options_.max_tokens_limit,
+                       "], got ", out.max_tokens));
   }
   const pb::SamplingParams& s = in.sampling();
   SamplingParams& p = out.sampling;
@@ -431,6 +437,7 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
       delta.finish = more.finish;
       delta.error = std::move(more.error);
       delta.usage = more.usage;
+      delta.prompt_logprobs = std::move(more.prompt_logprobs);
     }
     if (!delta.tokens.empty() && ttft < 0) {
       // When the engine made the first token (the thread may wake later: stream_interval).
@@ -460,6 +467,7 @@ grpc::Status GenerationService::run(grpc::ServerContext* context,
       out.mutable_usage()->set_prompt_tokens(delta.usage.prompt_tokens);
       out.mutable_usage()->set_completion_tokens(delta.usage.completion_tokens);
       out.mutable_usage()->set_cached_prompt_tokens(delta.usage.cached_prompt_tokens);
+      for (float lp : delta.prompt_logprobs) out.add_prompt_logprobs(lp);
     }
     if (merged == nullptr) {
       message.set_request_id(request_id);

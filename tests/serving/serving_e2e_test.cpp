@@ -1056,6 +1056,37 @@ TEST_F(ServingE2E, IdleConnectionsOnTheMetricsPortNeitherStarveItNorTheProcessFd
   for (int fd : idle) ::close(fd);
 }
 
+TEST_F(ServingE2E, PromptLogprobsScoreAPromptWithoutGenerating) {
+  auto server = serve({"--no-request-log"}, "serve.log");
+  auto stub = connect(server->address());
+  pb::GenerateRequest r;
+  r.mutable_prompt_tokens()->add_ids(5);
+  for (int32_t t : {17, 3, 250, 41, 9}) r.mutable_prompt_tokens()->add_ids(t);
+  r.set_prompt_logprobs_start(2);
+  r.set_max_tokens(0);
+  pb::GenerateResponse whole;
+  ASSERT_TRUE(unary(*stub, r, &whole).ok());
+  EXPECT_EQ(whole.token_ids_size(), 0);
+  ASSERT_EQ(whole.prompt_logprobs_size(), 4);  // tokens 2..5
+  for (float lp : whole.prompt_logprobs()) EXPECT_LT(lp, 0.0f);
+  const StreamResult streamed = stream(*stub, r);
+  ASSERT_TRUE(streamed.status.ok()) << streamed.status.error_message();
+  // The same values by stream (the final message), and again with tokens generated after.
+  grpc::ClientContext c;
+  auto reader = stub->GenerateStream(&c, r);
+  pb::GenerateResponse m, last;
+  while (reader->Read(&m)) last = m;
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(std::vector<float>(last.prompt_logprobs().begin(), last.prompt_logprobs().end()),
+            std::vector<float>(whole.prompt_logprobs().begin(), whole.prompt_logprobs().end()));
+  r.set_prompt_logprobs_start(6);
+  EXPECT_EQ(unary(*stub, r, &whole).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  r.set_prompt_logprobs_start(0);
+  const grpc::Status zero = unary(*stub, r, &whole);
+  EXPECT_EQ(zero.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(zero.error_message().find("max_tokens"), std::string::npos) << zero.error_message();
+}
+
 }  // namespace
 }  // namespace tandem::testing
 
