@@ -216,6 +216,7 @@ class Engine {
 
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
+  const Transformer& model() const { return model_; }
 
   // The pieces of construction, for a tensor-parallel worker rank that runs the model without
   // an engine of its own (serving/tensor_parallel.h): the config checks (tandem::Error naming the
