@@ -77,6 +77,13 @@ struct EngineConfig {
   // this is called on the stepping thread (the replica then goes down). Must not call back into
   // the engine. Unset: the failed step's requests end with kError and the engine goes on.
   std::function<void(const std::string&)> on_step_failure;
+  // Set with idle_interval_s > 0: the loop thread calls on_idle whenever it has had no step for
+  // idle_interval_s seconds (and again every idle_interval_s while idle), under the step lock:
+  // where a tensor-parallel leader sends its keepalive, so that its workers can tell an idle
+  // leader from a lost one. A throw is handled like a failed step (on_step_failure when set;
+  // otherwise one line on stderr). Must not call back into the engine.
+  std::function<void()> on_idle;
+  double idle_interval_s = 0.0;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
 };
@@ -204,6 +211,7 @@ class Engine {
   void fail_all(const std::string& message, FinishReason reason);
   void refresh_stats();  // step lock held
   void loop();
+  void idle_tick();  // on_idle, on the loop thread
 
   Transformer& model_;
   EngineConfig config_;
