@@ -60,6 +60,7 @@ cleanup() {
   wait 2>/dev/null
   ip netns del "$ns1" 2>/dev/null
   ip netns del "$ns2" 2>/dev/null  # takes the veth pair with it
+  ip link del "$veth1" 2>/dev/null  # a pair made but never moved into the namespaces
   if [[ $status -ne 0 && $status -ne 77 ]]; then
     for log in "$scratch"/*.log; do
       [[ -f "$log" ]] || continue
@@ -75,6 +76,8 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM  # (ctest's timeout): the EXIT trap still cleans up
 
 # ---- the two nodes ------------------------------------------------------------------------
 if ! ip netns add "$ns1" 2>"$scratch/netns.err"; then
