@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -181,6 +182,12 @@ TEST(StepPlan, AWorkerAnswersKeepalivesAndReturnsTheNextStep) {
   leader.attach(config);
   EXPECT_EQ(config.idle_interval_s, 7.0);
   ASSERT_TRUE(config.on_idle);
+  // Waiting, the worker's limit is raised to 100 + 7 s, not lifted (0 would wait for ever).
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (watchdog.timeout_s() != 107.0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(watchdog.timeout_s(), 107.0);
   config.on_idle();  // two keepalives, then a step
   config.on_idle();
   config.before_forward(ctx);
