@@ -6,7 +6,7 @@ namespace tandem::serving {
 
 namespace {
 constexpr int32_t kMagic = 0x54535450;  // "TSTP"
-constexpr int32_t kVersion = 2;  // 2: Kind::kKeepalive
+constexpr int32_t kVersion = 2;         // 2: Kind::kKeepalive
 constexpr size_t kHeader = 9;
 
 void check(const StepPlan& p) {

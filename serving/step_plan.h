@@ -9,9 +9,10 @@
 // barrier, so the leader learns as much about its workers; see serving/tensor_parallel.h) and
 // shutdown (leave the loop).
 //
-// Wire form (version 2; version 1 had no keepalive): one int32 buffer [magic, version, kind, step_lo, step_hi, num_rows, num_seqs,
-// max_blocks_per_seq, num_logit_rows, tokens..., positions..., row_seq..., slots...,
-// block_tables..., logit_rows...]; broadcast_step_plan sends its length, then the buffer.
+// Wire form (version 2; version 1 had no keepalive): one int32 buffer [magic, version, kind,
+// step_lo, step_hi, num_rows, num_seqs, max_blocks_per_seq, num_logit_rows, tokens...,
+// positions..., row_seq..., slots..., block_tables..., logit_rows...]; broadcast_step_plan sends
+// its length, then the buffer.
 //
 // serving/tensor_parallel.h sends a plan each step from the leader and runs it on the workers.
 #pragma once

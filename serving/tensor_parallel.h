@@ -44,8 +44,7 @@ constexpr double kKeepaliveIntervalS = 5.0;
 // engine.
 class TensorParallelLeader {
  public:
-  explicit TensorParallelLeader(Communicator& tp,
-                                double keepalive_interval_s = kKeepaliveIntervalS)
+  explicit TensorParallelLeader(Communicator& tp, double keepalive_interval_s = kKeepaliveIntervalS)
       : tp_(tp), keepalive_interval_s_(keepalive_interval_s) {}
   void attach(EngineConfig& config);
   // One keepalive: the plan, then the barrier with every worker. The engine's loop thread calls
