@@ -50,6 +50,7 @@ kill_namespace_processes() {
   local ns pids
   for ns in "$ns1" "$ns2"; do
     pids=$(ip netns pids "$ns" 2>/dev/null)
+    # shellcheck disable=SC2086  # one word per pid
     if [[ -n "$pids" ]]; then kill -KILL $pids 2>/dev/null; fi
   done
 }
@@ -123,7 +124,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS
 # One rank per node (slots=1); TCP only (ob1 + tcp: no shared memory between the "nodes"), and
 # both the BTL and the daemons' out-of-band channel on the veth's subnet only.
 mpi=(mpirun --hostfile "$hosts" -np 2 --mca plm_rsh_agent "$agent" --mca pml ob1
-  --mca btl tcp,self --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet"
+  --mca btl "tcp,self" --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet"
   --mca orte_tmpdir_base "$scratch" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY)
 
 # Runs a command on node 1 (mpirun starts there; its rank 0 is local to it): "${on_node1[@]}" cmd.
@@ -139,7 +140,7 @@ past_limit() { (($(now_ms) - $1 > exit_limit_s * 1000)); }
 # $2 (ms); sets $status to its exit status.
 wait_job() {
   local pid=$1 cut=$2 what=$3
-  while [[ -e /proc/$pid && "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ]]; do
+  while [[ -e /proc/$pid && "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]]; do
     past_limit "$cut" && fail "$what: mpirun still runs ${exit_limit_s} s after the cut"
     sleep 0.2
   done
@@ -153,7 +154,7 @@ expect_all_gone_since() {
     left="$(ip netns pids "$ns1"; ip netns pids "$ns2")"
     [[ -z "$left" ]] && break
     if past_limit "$cut"; then
-      ps -o pid,args -p "$(echo $left | tr ' ' ,)" >&2
+      ps -o pid,args -p "$(echo "$left" | paste -sd,)" >&2
       fail "$what: processes left ${exit_limit_s} s after the cut (above)"
     fi
     sleep 0.2
@@ -178,21 +179,23 @@ done >"$scratch/corpus.txt"
   --vocab-size 300 >"$scratch/prepare.log" 2>&1 || fail "prepare (prepare.log)"
 
 # The same global batch (8 sequences x grad_accum 2) on 1 and 2 ranks, as tests/launch/mpi_train_test.
-train_args() {  # RUN_DIR BATCH_PER_RANK [more...]
+# train_args RUN_DIR BATCH_PER_RANK [more...] sets the array $train, the train command's words.
+train_args() {
   local dir=$1 batch=$2
   shift 2
-  echo --data.dir="$scratch/data" --checkpoint.dir="$dir" --data.batch_size="$batch" \
-    --train.grad_accum=2 --train.steps=6 --train.threads=1 --data.seq_len=16 \
-    --model.max_seq_len=16 --model.n_layer=2 --model.n_embd=32 --model.n_head=4 \
-    --model.ffn_hidden=64 --optim.lr=3e-3 --optim.warmup_steps=0 --optim.schedule=constant \
-    --eval.every=3 --eval.batches=2 --eval.sample_tokens=0 --checkpoint.every=3 \
-    --checkpoint.keep_last=5 --parallel.bucket_mb=0.01 --parallel.timeout_s=$timeout_s "$@"
+  train=("$tandem" train --data.dir="$scratch/data" --checkpoint.dir="$dir" --data.batch_size="$batch"
+    --train.grad_accum=2 --train.steps=6 --train.threads=1 --data.seq_len=16
+    --model.max_seq_len=16 --model.n_layer=2 --model.n_embd=32 --model.n_head=4
+    --model.ffn_hidden=64 --optim.lr=3e-3 --optim.warmup_steps=0 --optim.schedule=constant
+    --eval.every=3 --eval.batches=2 --eval.sample_tokens=0 --checkpoint.every=3
+    --checkpoint.keep_last=5 --parallel.bucket_mb=0.01 "--parallel.timeout_s=$timeout_s" "$@")
 }
 say "1. training: one rank, then DP=2 with one rank per node"
-timeout -s KILL 300 "$tandem" train $(train_args "$scratch/one" 8) >"$scratch/train_one.log" 2>&1 ||
+train_args "$scratch/one" 8
+timeout -s KILL 300 "${train[@]}" >"$scratch/train_one.log" 2>&1 ||
   fail "one-rank training (train_one.log)"
-timeout -s KILL 300 ip netns exec "$ns1" "${mpi[@]}" "$tandem" train $(train_args "$scratch/two" 4) \
-  >"$scratch/train_two.log" 2>&1 || fail "DP=2 training across the nodes (train_two.log)"
+train_args "$scratch/two" 4
+timeout -s KILL 300 "${on_node1[@]}" "${mpi[@]}" "${train[@]}" >"$scratch/train_two.log" 2>&1 || fail "DP=2 training across the nodes (train_two.log)"
 /usr/bin/python3 - "$scratch/one/metrics.jsonl" "$scratch/two/metrics.jsonl" <<'EOF' || fail "DP=2 across the nodes does not match one rank"
 import json, sys
 def read(path):
@@ -267,13 +270,24 @@ wait "$job" || fail "the TP=2 replica did not exit 0 on SIGUSR1 to mpirun (serve
 grep -q "tensor-parallel rank 1 stopped" "$scratch/serve_tp.log" || fail "the worker on node 2 did not stop cleanly"
 
 # ---- 3a. a partition while training ------------------------------------------------------------
+# The name of RUN_DIR's newest complete checkpoint (step_XXXXXXXX; temporaries and set-aside ones
+# have other names), or nothing.
+newest_checkpoint() {
+  local dir name last=""
+  for dir in "$1"/checkpoints/step_*; do
+    name=$(basename "$dir")
+    if [[ -d "$dir" && $name =~ ^step_[0-9]+$ ]]; then last=$name; fi
+  done
+  echo "$last"
+}
 say "3a. training, the link cut mid-run (--parallel.timeout_s=$timeout_s)"
-"${on_node1[@]}" "${mpi[@]}" --output-filename "$scratch/ranks_train_cut" "$tandem" train $(train_args "$scratch/cut" 4 --train.steps=100000 \
-  --checkpoint.every=2) >"$scratch/train_cut.log" 2>&1 &
+train_args "$scratch/cut" 4 --train.steps=100000 --checkpoint.every=2
+"${on_node1[@]}" "${mpi[@]}" --output-filename "$scratch/ranks_train_cut" "${train[@]}" \
+  >"$scratch/train_cut.log" 2>&1 &
 job=$!
 for _ in $(seq 1 600); do
   steps=$(grep -c '"loss"' "$scratch/cut/metrics.jsonl" 2>/dev/null)
-  [[ ${steps:-0} -ge 5 && -n "$(ls "$scratch/cut/checkpoints" 2>/dev/null | grep '^step_[0-9]*$')" ]] && break
+  [[ ${steps:-0} -ge 5 && -n "$(newest_checkpoint "$scratch/cut")" ]] && break
   sleep 0.1
 done
 [[ ${steps:-0} -ge 5 ]] || fail "the DP=2 job did not train (train_cut.log)"
@@ -289,10 +303,10 @@ rank1_says() { cat "$scratch"/ranks_"$1"/*/rank.1/stderr 2>/dev/null; }
 rank1_says train_cut | grep -q "tandem: watchdog: rank 1: .* did not finish within $timeout_s s" ||
   fail "rank 1 (node 2) did not end through its watchdog: $(rank1_says train_cut | tail -n 3)"
 heal_link
-newest=$(ls "$scratch/cut/checkpoints" | grep '^step_[0-9]*$' | sort | tail -n 1)
+newest=$(newest_checkpoint "$scratch/cut")
 newest_step=$((10#${newest#step_}))
-timeout -s KILL 120 "$tandem" train $(train_args "$scratch/cut" 8 --checkpoint.resume=true \
-  --train.steps=$((newest_step + 1))) >"$scratch/train_resume.log" 2>&1 ||
+train_args "$scratch/cut" 8 --checkpoint.resume=true --train.steps=$((newest_step + 1))
+timeout -s KILL 120 "${train[@]}" >"$scratch/train_resume.log" 2>&1 ||
   fail "resuming the partitioned job's last checkpoint (train_resume.log)"
 grep -q "resumed from .*$newest" "$scratch/train_resume.log" || fail "did not resume from $newest (train_resume.log)"
 say "   watchdog line: $(grep -o "tandem: watchdog: rank [0-9]*: [^(]*" "$scratch/train_cut.log" | head -n 1)"
