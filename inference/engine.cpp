@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <exception>
 
 #include "inference/text_stream.h"
@@ -166,6 +167,8 @@ void Engine::check_config(const EngineConfig& config) {
   require(std::isfinite(config.kv_cache_fraction) && config.kv_cache_fraction >= 0.0 &&
               config.kv_cache_fraction < 1.0,
           "engine: kv_cache_fraction must be in [0, 1), got ", config.kv_cache_fraction);
+  require(std::isfinite(config.idle_interval_s) && config.idle_interval_s >= 0.0,
+          "engine: idle_interval_s must be >= 0, got ", config.idle_interval_s);
 }
 
 InferenceOptions Engine::inference_options(const EngineConfig& config) {
@@ -530,13 +533,42 @@ void Engine::run_until_idle() {
 
 void Engine::loop() {
   if (config_.loop_threads > 0) cpu::set_num_threads(config_.loop_threads);
+  const bool ticks = config_.on_idle && config_.idle_interval_s > 0.0;
+  const auto interval = std::chrono::duration<double>(config_.idle_interval_s);
   while (true) {
+    bool idle = false;
     {
       std::unique_lock<std::mutex> lock(queue_mu_);
-      queue_cv_.wait(lock, [&] { return stopping_ || !incoming_.empty() || has_work_.load(); });
+      const auto ready = [&] { return stopping_ || !incoming_.empty() || has_work_.load(); };
+      if (ticks) {
+        idle = !queue_cv_.wait_for(lock, interval, ready);
+      } else {
+        queue_cv_.wait(lock, ready);
+      }
       if (stopping_) return;
     }
-    step();
+    if (idle) {
+      idle_tick();
+    } else {
+      step();
+    }
+  }
+}
+
+void Engine::idle_tick() {
+  std::lock_guard<std::mutex> lock(step_mu_);
+  if (!stopped_by_failure_.empty()) return;  // out of service: no more collectives either
+  try {
+    config_.on_idle();
+  } catch (const std::exception& e) {
+    const std::string message = cat("the idle tick failed: ", e.what());
+    if (config_.on_step_failure) {
+      stopped_by_failure_ = message;
+      fail_all(message, FinishReason::kAbort);
+      config_.on_step_failure(message);
+    } else {
+      std::fprintf(stderr, "tandem: engine: %s\n", message.c_str());
+    }
   }
 }
 

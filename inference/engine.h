@@ -78,6 +78,13 @@ struct EngineConfig {
   // this is called on the stepping thread (the replica then goes down). Must not call back into
   // the engine. Unset: the failed step's requests end with kError and the engine goes on.
   std::function<void(const std::string&)> on_step_failure;
+  // Set with idle_interval_s > 0: the loop thread calls on_idle whenever it has had no step for
+  // idle_interval_s seconds (and again every idle_interval_s while idle), under the step lock:
+  // where a tensor-parallel leader sends its keepalive, so that its workers can tell an idle
+  // leader from a lost one. A throw is handled like a failed step (on_step_failure when set;
+  // otherwise one line on stderr). Must not call back into the engine.
+  std::function<void()> on_idle;
+  double idle_interval_s = 0.0;
   // Bytes of one token (e.g. BpeTokenizer::decode_token); null = token ids only, no text.
   std::function<std::string(int32_t)> token_text;
   // > 0: a step that runs the model lasts at least this long (it sleeps the rest, holding the
@@ -237,6 +244,7 @@ class Engine {
   void refresh_stats();  // step lock held
   void loop();
   void wake();  // the loop thread looks for work again (a paused request's reader caught up)
+  void idle_tick();  // on_idle, on the loop thread
 
   Transformer& model_;
   EngineConfig config_;

@@ -454,7 +454,8 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
       ->check(CLI::Range(0, 4096));
   add_engine_flags(c, a.engine);
   c->add_option("--collective-timeout", a.collective_timeout_s,
-                "Under mpirun: seconds a step's collective may take before the job is aborted")
+                "Under mpirun: seconds a step's collective may take before the job is aborted "
+                "(an idle worker waits this + 5 s for the leader's keepalive)")
       ->check(finite_in(1.0, 86400.0))
       ->capture_default_str();
   c->add_option("--max-running", a.max_running, "Sequences running at once")

@@ -6,7 +6,7 @@ namespace tandem::serving {
 
 namespace {
 constexpr int32_t kMagic = 0x54535450;  // "TSTP"
-constexpr int32_t kVersion = 1;
+constexpr int32_t kVersion = 2;         // 2: Kind::kKeepalive
 constexpr size_t kHeader = 9;
 
 void check(const StepPlan& p) {
@@ -57,6 +57,13 @@ StepPlan StepPlan::shutdown(int64_t step) {
   return p;
 }
 
+StepPlan StepPlan::keepalive(int64_t step) {
+  StepPlan p;
+  p.kind = Kind::kKeepalive;
+  p.step = step;
+  return p;
+}
+
 AttentionContext StepPlan::context() const {
   AttentionContext c;
   c.num_rows = static_cast<int>(tokens.size());
@@ -94,7 +101,8 @@ StepPlan StepPlan::decode(const int32_t* data, size_t count) {
   require(data[1] == kVersion, "step plan: version ", data[1], ", this build reads ", kVersion);
   StepPlan p;
   require(data[2] == static_cast<int32_t>(Kind::kStep) ||
-              data[2] == static_cast<int32_t>(Kind::kShutdown),
+              data[2] == static_cast<int32_t>(Kind::kShutdown) ||
+              data[2] == static_cast<int32_t>(Kind::kKeepalive),
           "step plan: unknown kind ", data[2]);
   p.kind = static_cast<Kind>(data[2]);
   p.step = static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(data[3])) |

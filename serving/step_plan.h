@@ -5,9 +5,14 @@
 // sequence, slot mapping, block tables, the rows whose logits are needed) plus a header; block
 // ids mean the same slot on every rank because the pool size is agreed at start.
 //
-// Wire form: one int32 buffer [magic, version, kind, step_lo, step_hi, num_rows, num_seqs,
-// max_blocks_per_seq, num_logit_rows, tokens..., positions..., row_seq..., slots...,
-// block_tables..., logit_rows...]; broadcast_step_plan sends its length, then the buffer.
+// Kinds: a step (run it), a keepalive (the leader is idle but alive: every rank then joins one
+// barrier, so the leader learns as much about its workers; see serving/tensor_parallel.h) and
+// shutdown (leave the loop).
+//
+// Wire form (version 2; version 1 had no keepalive): one int32 buffer [magic, version, kind,
+// step_lo, step_hi, num_rows, num_seqs, max_blocks_per_seq, num_logit_rows, tokens...,
+// positions..., row_seq..., slots..., block_tables..., logit_rows...]; broadcast_step_plan sends
+// its length, then the buffer.
 //
 // serving/tensor_parallel.h sends a plan each step from the leader and runs it on the workers.
 #pragma once
@@ -21,7 +26,7 @@
 namespace tandem::serving {
 
 struct StepPlan {
-  enum class Kind : int32_t { kStep = 1, kShutdown = 2 };
+  enum class Kind : int32_t { kStep = 1, kShutdown = 2, kKeepalive = 3 };
   Kind kind = Kind::kStep;
   int64_t step = 0;
   int32_t num_seqs = 0, max_blocks_per_seq = 0;
@@ -30,6 +35,7 @@ struct StepPlan {
   // A copy of `ctx` (validated: sizes and row indices, tandem::Error naming the field).
   static StepPlan from_context(const AttentionContext& ctx, int64_t step);
   static StepPlan shutdown(int64_t step);
+  static StepPlan keepalive(int64_t step);  // no rows: nothing to run
   // Views into this plan, valid while it lives unchanged.
   AttentionContext context() const;
 

@@ -1,7 +1,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -483,6 +486,44 @@ TEST(Engine, AFailedStepEndsItsRequestsAndWithAFailureHookTakesTheEngineOutOfSer
       EXPECT_EQ(after.tokens.size(), 3u);
     }
   }
+}
+
+TEST(Engine, TheIdleHookRunsWhileIdleAndAFailingOneTakesTheEngineOutOfService) {
+  // What a tensor-parallel leader's keepalive relies on: on_idle comes on the loop thread while
+  // nothing runs, and a throw (a lost worker) is a failed step: out of service, the hook told.
+  Transformer model(engine_gpt2());
+  model.init_weights(4);
+  std::atomic<int> ticks{0};
+  std::mutex mu;
+  std::string reported;
+  EngineConfig ec;
+  ec.idle_interval_s = 0.01;
+  ec.on_idle = [&ticks] {
+    if (++ticks == 3) throw Error("the keepalive's barrier failed");
+  };
+  ec.on_step_failure = [&](const std::string& m) {
+    std::lock_guard<std::mutex> lock(mu);
+    reported = m;
+  };
+  Engine engine(model, ec);
+  engine.start();
+  const GenerationDelta served = engine.add_request(greedy({1, 2, 3}, 4))->wait_all();
+  EXPECT_EQ(served.finish, FinishReason::kLength) << served.error;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (ticks.load() < 3 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(ticks.load(), 3);
+  // Out of service: requests end at once with kAbort and no tick comes again.
+  const GenerationDelta later = engine.add_request(greedy({4, 5}, 3))->wait_all();
+  EXPECT_EQ(later.finish, FinishReason::kAbort);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  engine.stop();
+  EXPECT_EQ(ticks.load(), 3);
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_NE(reported.find("the idle tick failed: the keepalive's barrier failed"),
+            std::string::npos)
+      << reported;
 }
 
 TEST(Engine, KvCacheFractionSizesThePoolFromAvailableMemory) {

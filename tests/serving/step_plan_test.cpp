@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -14,6 +15,7 @@
 #include "inference/engine.h"
 #include "runtime/error.h"
 #include "runtime/transformer.h"
+#include "serving/tensor_parallel.h"
 
 namespace tandem::serving {
 namespace {
@@ -62,6 +64,12 @@ TEST(StepPlan, EncodeDecodeReproducesTheContext) {
   expect_same(back.context(), ctx);
   const std::vector<int32_t> stop = StepPlan::shutdown(9).encode();
   EXPECT_EQ(StepPlan::decode(stop.data(), stop.size()).kind, StepPlan::Kind::kShutdown);
+  const std::vector<int32_t> alive = StepPlan::keepalive(4).encode();
+  EXPECT_EQ(alive.size(), 9u);
+  const StepPlan keepalive = StepPlan::decode(alive.data(), alive.size());
+  EXPECT_EQ(keepalive.kind, StepPlan::Kind::kKeepalive);
+  EXPECT_EQ(keepalive.step, 4);
+  EXPECT_EQ(keepalive.context().num_rows, 0);
 }
 
 TEST(StepPlan, MalformedBuffersAreRefused) {
@@ -153,6 +161,41 @@ TEST(StepPlan, BroadcastDeliversTheLeadersPlanToAWorker) {
   worker.join();
   EXPECT_EQ(received.step, 3);
   expect_same(received.context(), ctx);
+}
+
+// An idle leader's keepalives are answered inside the worker's wait, which returns the next real
+// plan; while it waits the worker's watchdog allows the collective timeout plus the keepalive
+// interval, and the timeout is back to the collective timeout afterwards.
+TEST(StepPlan, AWorkerAnswersKeepalivesAndReturnsTheNextStep) {
+  Shared shared;
+  std::vector<std::vector<int32_t>> keep;
+  const AttentionContext ctx = sample_context(keep);
+  Watchdog watchdog(1, 100.0, [](const std::string&) { ADD_FAILURE() << "watchdog fired"; });
+  StepPlan received;
+  std::thread worker([&] {
+    ThreadPairCommunicator group(shared, 1);
+    received = receive_next_plan(group, &watchdog, 7.0);
+  });
+  ThreadPairCommunicator group(shared, 0);
+  TensorParallelLeader leader(group, 7.0);
+  EngineConfig config;
+  leader.attach(config);
+  EXPECT_EQ(config.idle_interval_s, 7.0);
+  ASSERT_TRUE(config.on_idle);
+  // Waiting, the worker's limit is raised to 100 + 7 s, not lifted (0 would wait for ever).
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (watchdog.timeout_s() != 107.0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(watchdog.timeout_s(), 107.0);
+  config.on_idle();  // two keepalives, then a step
+  config.on_idle();
+  config.before_forward(ctx);
+  worker.join();
+  EXPECT_EQ(received.kind, StepPlan::Kind::kStep);
+  expect_same(received.context(), ctx);
+  EXPECT_EQ(watchdog.timeout_s(), 100.0);
+  EXPECT_EQ(watchdog.activity(), "serving step 0");
 }
 
 // The plans are self-contained: a second copy of the model that sees nothing but the encoded
