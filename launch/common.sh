@@ -1,6 +1,7 @@
 # Shared steps of the launch scripts (demo.sh, train-mpi.sh); source it from the repository root.
 #   tandem_build           install packages (idempotent), configure and build; sets $tandem
-#   tandem_prepare_kjv     the King James Bible -> data/kjv (4096-token BPE + shards), once
+#   tandem_prepare_kjv     the King James Bible -> data/kjv (4096-token BPE + shards), once, and
+#                          the next-line task data/kjv/next_line.jsonl from its held-out end
 #   tandem_fresh_run_dir DEFAULT ARGS...
 #                          sets $run_dir (DEFAULT, or --checkpoint.dir=... among ARGS) and, unless
 #                          ARGS hold --checkpoint.resume=true, moves an existing run to
@@ -25,6 +26,12 @@ tandem_prepare_kjv() {
     rm -rf data/kjv  # an interrupted earlier prepare
     bash launch/corpus.sh data/kjv.txt
     "$tandem" prepare --input data/kjv.txt --out data/kjv --train-tokenizer --vocab-size 4096
+  fi
+  if [[ ! -f data/kjv/next_line.jsonl ]]; then
+    # 200 questions from the last 3% of the lines: inside the validation split (the last 5% of
+    # the tokens, prepare's default --val-fraction), so never trained on.
+    "$tandem" make-task --input data/kjv.txt --out data/kjv/next_line.jsonl --questions 200 \
+      --holdout 0.03
   fi
 }
 

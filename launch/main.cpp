@@ -41,6 +41,7 @@
 
 #include "inference/generate.h"
 #include "kernels/cpu/kernels.h"
+#include "launch/eval_command.h"
 #include "launch/generate_command.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
@@ -429,6 +430,66 @@ int run_score(const CLI::App& command, const tandem::ScoreCommandOptions& o) {
   return tandem::run_score_command(o);
 }
 
+// ---- eval, make-task (training/evaluation.h) -----------------------------------------------
+
+CLI::App* add_eval(CLI::App& app, tandem::EvalCommandOptions& o) {
+  CLI::App* c = app.add_subcommand(
+      "eval",
+      "Score a checkpoint on a multiple-choice task (acc, acc_norm, as lm-evaluation-harness)\n"
+      "and continue prompts, through the inference engine: the trainer's in-loop evaluation on\n"
+      "a saved checkpoint. Under `mpirun -np TP` the model is tensor-parallel.");
+  c->add_option("--model", o.model_dir, "Checkpoint directory");
+  c->add_option("--task", o.task,
+                "JSONL task: {\"context\": ..., \"choices\": [...], \"label\": N} per line");
+  c->add_option("--prompts", o.prompts_file, "Prompts to continue, one per line");
+  c->add_option("--limit", o.limit, "Score the first N questions only")->check(CLI::Range(0, 1 << 30));
+  c->add_flag("--json", o.json, "One JSON object (per-question log-likelihoods included)");
+  c->add_option("--threads", o.threads, "CPU threads (0 = OpenMP default)")
+      ->check(CLI::Range(0, 4096));
+  c->add_option("--kv-cache-mb", o.kv_cache_mb, "KV pool of the evaluation engine")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
+  c->add_option("--max-new-tokens", o.max_new_tokens, "Tokens per prompt continuation")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  c->add_flag(
+      "--no-prefix-caching", [&o](int64_t) { o.prefix_caching = false; },
+      "Recompute each choice's context (for comparison: the figures are the same)");
+  return c;
+}
+
+int run_eval(const CLI::App& command, const tandem::EvalCommandOptions& o) {
+  require_no_extras(command);
+  require_flags(command, {"--model"});
+  return tandem::run_eval_command(o);
+}
+
+CLI::App* add_make_task(CLI::App& app, tandem::MakeTaskOptions& o) {
+  CLI::App* c = app.add_subcommand(
+      "make-task",
+      "Build the next-verse multiple-choice task from the held-out end of a corpus (one verse\n"
+      "per line): which of four verses follows the context's verses");
+  c->add_option("--input", o.input, "Corpus text, one passage per line");
+  c->add_option("--out", o.out, "Task file to write (JSONL)");
+  c->add_option("--questions", o.questions, "Questions")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  c->add_option("--holdout", o.holdout_fraction,
+                "Fraction of the corpus's last lines to use (keep it inside prepare's "
+                "--val-fraction)")
+      ->check(finite_in(1e-6, 0.5))
+      ->capture_default_str();
+  c->add_option("--context-lines", o.context_lines, "Verses of context")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
+  c->add_option("--seed", o.seed, "Seed of the distractors' and labels' order")->capture_default_str();
+  return c;
+}
+
+int run_make_task(const CLI::App& command, const tandem::MakeTaskOptions& o) {
+  require_no_extras(command);
+  require_flags(command, {"--input", "--out"});
+  return tandem::run_make_task_command(o);
+}
+
 // ---- serve, router, bench serve ------------------------------------------------------------
 
 CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
@@ -672,6 +733,10 @@ int main(int argc, char** argv) {
   CLI::App* generate = add_generate(app, generate_args, remote_args);
   CLI::App* tokenize = add_tokenize(app, tokenize_args);
   CLI::App* score = add_score(app, score_args);
+  tandem::EvalCommandOptions eval_args;
+  tandem::MakeTaskOptions make_task_args;
+  CLI::App* eval = add_eval(app, eval_args);
+  CLI::App* make_task = add_make_task(app, make_task_args);
   tandem::ServeCommandOptions serve_args;
   RouterArgs router_args;
   tandem::BenchServeOptions bench_args;
@@ -680,7 +745,8 @@ int main(int argc, char** argv) {
   CLI::App* bench_serve = nullptr;
   CLI::App* bench = add_bench(app, bench_args, &bench_serve);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command : {prepare, generate, tokenize, score, info, serve, router, bench_serve}) {
+  for (CLI::App* command :
+       {prepare, generate, tokenize, score, eval, make_task, info, serve, router, bench_serve}) {
     command->allow_extras();
   }
   std::string help_topic;
@@ -693,8 +759,8 @@ int main(int argc, char** argv) {
     if (argc > 1 && argv[1][0] != '-' && !known) {
       throw UsageError(
           cat("unknown command '", argv[1],
-              "' (commands: prepare, train, generate, tokenize, score, serve, router, bench, "
-              "info, help)"));
+              "' (commands: prepare, train, generate, tokenize, score, eval, make-task, serve, "
+              "router, bench, info, help)"));
     }
     try {
       app.parse(argc, argv);
@@ -722,6 +788,8 @@ int main(int argc, char** argv) {
     if (*generate) return run_generate(*generate, generate_args, remote_args);
     if (*tokenize) return run_tokenize(*tokenize, tokenize_args);
     if (*score) return run_score(*score, score_args);
+    if (*eval) return run_eval(*eval, eval_args);
+    if (*make_task) return run_make_task(*make_task, make_task_args);
     if (*serve) return run_serve(*serve, serve_args);
     if (*router) return run_router(*router, router_args);
     if (*bench) return run_bench_serve(*bench_serve, bench_args);

@@ -18,12 +18,15 @@ namespace fs = std::filesystem;
 
 namespace {
 constexpr const char* kPrefix = "step_";
+}  // namespace
 
 std::string step_name(long step) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%s%08ld", kPrefix, step);
   return buf;
 }
+
+namespace {
 
 long step_of(const std::string& dir) {
   return std::stol(fs::path(dir).filename().string().substr(std::string(kPrefix).size()));

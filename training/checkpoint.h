@@ -22,6 +22,9 @@
 
 namespace tandem {
 
+// "step_XXXXXXXX": the name of step's checkpoint directory (and evaluation report).
+std::string step_name(long step);
+
 struct CheckpointSave {
   const Transformer* model = nullptr;
   const AdamW* optimizer = nullptr;

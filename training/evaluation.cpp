@@ -179,6 +179,7 @@ EngineConfig evaluation_engine_config(const EvalOptions& options, const BpeToken
                                       Communicator* tp) {
   EngineConfig ec;
   ec.kv_cache_mb = options.kv_cache_mb;
+  ec.block_size = options.block_size;
   ec.batch_invariant = true;
   ec.prefix_caching = options.prefix_caching;
   ec.eos_token = tokenizer.eot_id();

@@ -92,6 +92,9 @@ struct EvalOptions {
   uint64_t seed = 1234;
   int64_t kv_cache_mb = 64;
   bool prefix_caching = true;
+  // Small blocks: a choice shares every full block of its context, so the part of the context
+  // recomputed per choice (under one block) stays small.
+  int block_size = 8;
 };
 
 // An engine for evaluation on `model` (its weights as they are now): offline (the caller

@@ -92,6 +92,9 @@ class SectionReader {
       type_ok = it->is_number_integer();
     } else if constexpr (std::is_floating_point_v<T>) {
       type_ok = it->is_number();
+    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      type_ok = it->is_array() && std::all_of(it->begin(), it->end(),
+                                              [](const nlohmann::json& e) { return e.is_string(); });
     } else {
       type_ok = it->is_string();
     }
@@ -145,6 +148,8 @@ class SectionReader {
       return "an integer";
     else if constexpr (std::is_floating_point_v<T>)
       return "a number";
+    else if constexpr (std::is_same_v<T, std::vector<std::string>>)
+      return "a list of strings";
     else
       return "a string";
   }
@@ -291,7 +296,13 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<int>("sample_tokens", c.sample_tokens, non_negative<int>(), ">= 0")
         .field<std::string>("sample_prompt", c.sample_prompt)
         .field<float>("sample_temperature", c.sample_temperature, non_negative<float>(), ">= 0")
-        .field<int>("sample_top_k", c.sample_top_k, non_negative<int>(), ">= 0");
+        .field<int>("sample_top_k", c.sample_top_k, non_negative<int>(), ">= 0")
+        .field<std::string>("task", c.eval_task)
+        .field<std::vector<std::string>>("prompts", c.eval_prompts)
+        .field<std::string>("prompts_file", c.eval_prompts_file)
+        .field<int>("limit", c.eval_limit, non_negative<int>(), ">= 0")
+        .field<int>("max_new_tokens", c.eval_max_new_tokens, positive<int>(), "> 0")
+        .field<long>("kv_cache_mb", c.eval_kv_cache_mb, positive<long>(), "> 0");
     r.finish();
   }
   {
@@ -400,7 +411,13 @@ nlohmann::json TrainConfig::to_json() const {
             {"sample_tokens", sample_tokens},
             {"sample_prompt", sample_prompt},
             {"sample_temperature", sample_temperature},
-            {"sample_top_k", sample_top_k}}},
+            {"sample_top_k", sample_top_k},
+            {"task", eval_task},
+            {"prompts", eval_prompts},
+            {"prompts_file", eval_prompts_file},
+            {"limit", eval_limit},
+            {"max_new_tokens", eval_max_new_tokens},
+            {"kv_cache_mb", eval_kv_cache_mb}}},
           {"checkpoint",
            {{"dir", out_dir},
             {"every", checkpoint_every},

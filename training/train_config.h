@@ -51,6 +51,14 @@ struct TrainConfig {
   std::string sample_prompt;
   float sample_temperature = 0.8f;
   int sample_top_k = 40;
+  // Evaluation through the inference engine on the live weights, with the validation loss
+  // (training/evaluation.h): a multiple-choice task file and prompts to continue.
+  std::string eval_task;
+  std::vector<std::string> eval_prompts;
+  std::string eval_prompts_file;
+  int eval_limit = 0;  // > 0: the first N questions
+  int eval_max_new_tokens = 32;
+  long eval_kv_cache_mb = 64;
 
   std::string out_dir = "runs/default";
   long checkpoint_every = 0;  // 0 = only at the end (and on Ctrl-C)

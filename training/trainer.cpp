@@ -213,6 +213,17 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
     tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
   }
+  // Evaluation through the engine: its inputs are read now, so a bad task fails at once.
+  if (!config_.eval_task.empty()) eval_questions_ = load_mc_task(config_.eval_task);
+  eval_prompts_ = config_.eval_prompts;
+  if (!config_.eval_prompts_file.empty()) {
+    for (std::string& p : load_prompts_file(config_.eval_prompts_file)) {
+      eval_prompts_.push_back(std::move(p));
+    }
+  }
+  require((eval_questions_.empty() && eval_prompts_.empty()) || tokenizer_ != nullptr,
+          "eval.task and eval.prompts need the data's tokenizer (encoder.json and vocab.bpe in ",
+          data.string(), ")");
 
   DataLoaderConfig lc;
   lc.batch_size = static_cast<int64_t>(config_.batch_size) * config_.grad_accum;
@@ -473,6 +484,27 @@ std::string Trainer::save(long step, float last_loss) {
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
 
+Trainer::EngineEvaluation Trainer::evaluate_with_engine() {
+  const auto t0 = std::chrono::steady_clock::now();
+  EvalOptions options;
+  options.limit = config_.eval_limit;
+  options.max_new_tokens = config_.eval_max_new_tokens;
+  options.kv_cache_mb = config_.eval_kv_cache_mb;
+  Communicator* tp = model_->tp_size() > 1 ? &parallel_->tp() : nullptr;
+  EngineEvaluation out;
+  {
+    // A snapshot of the weights as they are now (prepare_inference), released after.
+    Engine engine(*model_, evaluation_engine_config(options, *tokenizer_, tp));
+    if (!eval_questions_.empty()) {
+      out.mc = score_mc_task(engine, *tokenizer_, eval_questions_, options, &parallel_->dp());
+    }
+    if (!eval_prompts_.empty()) out.prompts = run_prompts(engine, *tokenizer_, eval_prompts_, options);
+  }
+  model_->release_inference();
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
 std::string Trainer::sample_text(Transformer& model, const std::atomic<int>* stop) {
   if (config_.sample_tokens <= 0) return "";
   GenerateOptions opt;
@@ -576,8 +608,33 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     val_history_.emplace_back(step, v);
     result.val_losses.emplace_back(step, v);
     write_metrics_or_stop({{"step", step}, {"val_loss", v}});
+    std::string engine_figures;
+    if (!eval_questions_.empty() || !eval_prompts_.empty()) {
+      // Through the inference engine on the weights being trained (every rank: the tp group
+      // in lockstep, the dp ranks each on their share of the questions).
+      parallel_->watchdog().set_activity(cat("evaluating through the engine at step ", step));
+      const EngineEvaluation e = evaluate_with_engine();
+      if (!eval_questions_.empty()) {
+        write_metrics_or_stop({{"step", step},
+                               {"acc", e.mc.acc()},
+                               {"acc_norm", e.mc.acc_norm()},
+                               {"eval_count", e.mc.count},
+                               {"eval_seconds", e.seconds}});
+        char figures[160];
+        std::snprintf(figures, sizeof(figures), " | acc_norm %.4f (acc %.4f, %d questions, %.1f s)",
+                      e.mc.acc_norm(), e.mc.acc(), e.mc.count, e.seconds);
+        engine_figures = figures;
+      }
+      if (is_root()) {
+        const fs::path report =
+            fs::path(config_.out_dir) / "eval" / (step_name(step) + ".md");
+        fs::create_directories(report.parent_path());
+        write_file_atomic(report.string(),
+                          evaluation_report(step, eval_questions_, e.mc, e.prompts));
+      }
+    }
     log_ << (tty && step > 0 ? "\n" : "") << "tandem: step " << step << " val loss " << v
-         << std::endl;
+         << engine_figures << std::endl;
     return true;
   };
   write_metrics_or_stop({{"step", step},

@@ -32,6 +32,7 @@
 #include "runtime/transformer.h"
 #include "training/data_loader.h"
 #include "training/data_parallel.h"
+#include "training/evaluation.h"
 #include "training/optimizer.h"
 #include "training/train_config.h"
 
@@ -83,6 +84,13 @@ class Trainer {
   void write_metrics(const nlohmann::json& line);
   std::string save(long step, float last_loss);
   std::string sample_text(Transformer& model, const std::atomic<int>* stop);
+  // eval.task / eval.prompts through the inference engine on the live weights (collective).
+  struct EngineEvaluation {
+    McResult mc;
+    std::vector<PromptResult> prompts;
+    double seconds = 0.0;
+  };
+  EngineEvaluation evaluate_with_engine();
   // Throws when the weights hold a NaN or an infinity (checked before every save).
   void require_finite_weights(long step) const;
 
@@ -100,6 +108,8 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;  // sharded over dp under ZeRO
   std::unique_ptr<DataLoader> train_loader_, val_loader_;
   std::unique_ptr<BpeTokenizer> tokenizer_;
+  std::vector<McQuestion> eval_questions_;
+  std::vector<std::string> eval_prompts_;
   int32_t eot_token_ = -1;
   long start_step_ = 0;
   double unigram_val_loss_ = 0.0;
