@@ -382,5 +382,110 @@ TEST_F(MpiTrainTest, SigusrToMpirunStopsEveryRankWithACheckpoint) {
   expect_checkpoint_of_last_step(o);
 }
 
+// Evaluation through the engine in the training loop equals `tandem eval` (and, single rank,
+// `tandem generate`) on the checkpoint of the same step at the same tensor-parallel degree.
+class InLoopEvaluationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // A small text corpus, its own BPE vocabulary, token shards, and a task from its end.
+    std::string corpus;
+    const std::vector<std::string> lines = {
+        "In the beginning God created the heaven and the earth.",
+        "And the earth was without form, and void; and darkness was upon the face of the deep.",
+        "And the Spirit of God moved upon the face of the waters.",
+        "And God said, Let there be light: and there was light.",
+        "And God saw the light, that it was good: and God divided the light from the darkness.",
+        "And God called the light Day, and the darkness he called Night."};
+    for (int i = 0; i < 300; ++i) corpus += lines[(i * 7 + i / 6) % lines.size()] + "\n";
+    write_file_atomic((dir_ / "corpus.txt").string(), corpus);
+    ASSERT_EQ(run(kTandem + " prepare --input " + (dir_ / "corpus.txt").string() + " --out " +
+                      (dir_ / "data").string() + " --train-tokenizer --vocab-size 300",
+                  (dir_ / "prepare.log").string())
+                  .status,
+              0);
+    ASSERT_EQ(run(kTandem + " make-task --input " + (dir_ / "corpus.txt").string() + " --out " +
+                      task() + " --questions 12 --holdout 0.4 --context-lines 1",
+                  (dir_ / "task.log").string())
+                  .status,
+              0)
+        << read_file((dir_ / "task.log").string());
+    write_file_atomic(prompts(), "In the beginning\nAnd God said\n");
+  }
+  std::string task() const { return (dir_ / "task.jsonl").string(); }
+  std::string prompts() const { return (dir_ / "prompts.txt").string(); }
+  Outcome train(const std::string& run_name, int ranks, int tp) {
+    const std::string args =
+        " train --data.dir=" + (dir_ / "data").string() +
+        " --checkpoint.dir=" + (dir_ / run_name).string() + " --data.batch_size=" +
+        std::to_string(8 / (ranks / tp)) +
+        " --train.steps=4 --train.threads=1 --data.seq_len=16 --model.max_seq_len=64"
+        " --model.n_layer=2 --model.n_embd=32 --model.n_head=4 --model.ffn_hidden=64"
+        " --optim.lr=3e-3 --optim.warmup_steps=0 --eval.every=2 --eval.batches=1"
+        " --eval.sample_tokens=0 --checkpoint.every=2 --checkpoint.keep_last=5"
+        " --eval.max_new_tokens=12 --eval.task=" + task() +
+        " --eval.prompts_file=" + prompts() + " --parallel.tp=" + std::to_string(tp);
+    const std::string cmd =
+        ranks == 1 ? kTandem + args : kMpirun + " -np " + std::to_string(ranks) + " " + kTandem + args;
+    return run(cmd, (dir_ / (run_name + ".log")).string());
+  }
+  nlohmann::json eval(const std::string& checkpoint, int ranks) {
+    const std::string cmd = (ranks == 1 ? "" : kMpirun + " -np " + std::to_string(ranks) + " ") +
+                            kTandem + " eval --model " + checkpoint + " --task " + task() +
+                            " --prompts " + prompts() + " --max-new-tokens 12 --threads 1 --json";
+    const Outcome o = run(cmd, (dir_ / "eval.log").string());
+    EXPECT_EQ(o.status, 0) << o.output;
+    const size_t brace = o.output.find("{\"");
+    return brace == std::string::npos ? nlohmann::json() : nlohmann::json::parse(o.output.substr(brace, o.output.find('\n', brace) - brace));
+  }
+  // The in-loop figures of `step`, and the greedy continuation of each prompt from its report.
+  void expect_same_as_checkpoint(const std::string& run_name, long step, int tp) {
+    const fs::path run_dir = dir_ / run_name;
+    nlohmann::json in_loop;
+    std::ifstream in(run_dir / "metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j["step"] == step && j.contains("acc")) in_loop = j;
+    }
+    ASSERT_FALSE(in_loop.is_null()) << "no evaluation at step " << step;
+    const std::string ckpt = (run_dir / "checkpoints" / step_name(step)).string();
+    const nlohmann::json saved = eval(ckpt, tp);
+    ASSERT_TRUE(saved.contains("acc")) << saved.dump();
+    EXPECT_EQ(in_loop["acc"].get<double>(), saved["acc"].get<double>()) << run_name;
+    EXPECT_EQ(in_loop["acc_norm"].get<double>(), saved["acc_norm"].get<double>()) << run_name;
+    EXPECT_EQ(in_loop["eval_count"].get<int>(), 12);
+    const std::string report = read_file((run_dir / "eval" / (step_name(step) + ".md")).string());
+    ASSERT_EQ(saved["prompts"].size(), 2u) << saved.dump();
+    for (const auto& p : saved["prompts"]) {
+      const std::string line = "- greedy: " + p["prompt"].get<std::string>() +
+                               p["greedy"].get<std::string>() + "\n- sampled: ";
+      EXPECT_NE(report.find(line), std::string::npos) << run_name << ": " << line << "\n" << report;
+      if (tp == 1) {
+        // And `tandem generate` on the checkpoint, byte for byte.
+        const Outcome g = run(kTandem + " generate --model " + ckpt + " --prompt '" +
+                                  p["prompt"].get<std::string>() +
+                                  "' --temperature 0 --max-new-tokens 12 --threads 1 2>/dev/null",
+                              (dir_ / "generate.log").string());
+        EXPECT_EQ(g.output, p["prompt"].get<std::string>() + p["greedy"].get<std::string>() + "\n");
+      }
+    }
+  }
+  testing::ScratchDir scratch_{"in_loop_eval"};
+  const fs::path dir_ = scratch_.path();
+};
+
+TEST_F(InLoopEvaluationTest, OneRankEqualsTandemEvalAndGenerateOnTheCheckpoint) {
+  const Outcome o = train("one", 1, 1);
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("acc_norm"), std::string::npos) << o.output;
+  expect_same_as_checkpoint("one", 2, 1);
+  expect_same_as_checkpoint("one", 4, 1);
+}
+
+TEST_F(InLoopEvaluationTest, DataTimesTensorParallelEqualsTandemEvalAtTheSameTp) {
+  const Outcome o = train("dp2tp2", 4, 2);
+  ASSERT_EQ(o.status, 0) << o.output;
+  expect_same_as_checkpoint("dp2tp2", 4, 2);
+}
+
 }  // namespace
 }  // namespace tandem
