@@ -704,8 +704,8 @@ int main(int argc, char** argv) {
   tandem::PlotCommandOptions plot_args;
   CLI::App* plot = add_plot(app, plot_args);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command : {prepare, generate, tokenize, score, plot, info, serve, router,
-                            bench_serve}) {
+  for (CLI::App* command :
+       {prepare, generate, tokenize, score, plot, info, serve, router, bench_serve}) {
     command->allow_extras();
   }
   std::string help_topic;

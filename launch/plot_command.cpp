@@ -43,8 +43,8 @@ PlotPaths resolve_paths(const PlotCommandOptions& o) {
   fs::path dir = o.run_dir;
   if (fs::is_directory(run)) {
     p.metrics = (dir / "metrics.jsonl").string();
-    require(fs::exists(fs::status(p.metrics, ec)), p.metrics,
-            ": no such file (is ", o.run_dir, " a training run directory?)");
+    require(fs::exists(fs::status(p.metrics, ec)), p.metrics, ": no such file (is ", o.run_dir,
+            " a training run directory?)");
   } else {
     p.metrics = o.run_dir;  // the metrics file itself
     dir = dir.parent_path().empty() ? fs::path(".") : dir.parent_path();
@@ -65,7 +65,7 @@ std::string find_gnuplot() {
   std::string dir;
   while (std::getline(dirs, dir, ':')) {
     const std::string candidate = (fs::path(dir.empty() ? "." : dir) / "gnuplot").string();
-    struct stat st{};
+    struct stat st {};
     if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
         ::access(candidate.c_str(), X_OK) == 0) {
       return candidate;
@@ -119,6 +119,12 @@ std::string number(double v) {
   return buffer;
 }
 
+std::string short_number(double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.4f", v);
+  return buffer;
+}
+
 // The steps an exponential moving average spans: about 1/25 of the run, within [1, 200].
 int smoothing_span(size_t points) {
   return static_cast<int>(std::clamp<size_t>(points / 25, 1, 200));
@@ -157,10 +163,9 @@ std::string plot_command(const std::vector<Curve>& curves) {
   bool first = true;
   for (const Curve& c : curves) {
     if (c.series->empty()) continue;
-    const std::string style =
-        c.series->size() == 1 ? "points pt 7 ps 1.2" : c.style;
-    command += cat(first ? "" : ", \\\n     ", "$", c.block, " using 1:2 with ", style,
-                   " title ", quoted(c.title));
+    const std::string style = c.series->size() == 1 ? "points pt 7 ps 1.2" : c.style;
+    command += cat(first ? "" : ", \\\n     ", "$", c.block, " using 1:2 with ", style, " title ",
+                   quoted(c.title));
     first = false;
   }
   return command + "\n";
@@ -176,15 +181,18 @@ std::string panel(const std::string& title, const std::string& settings,
                   const std::vector<Curve>& curves, const std::string& no_data_message) {
   std::string s = cat("set title ", quoted(title), "\n");
   if (!any_points(curves)) {
-    return s + "unset border; unset xtics; unset ytics; unset key; unset grid\n"
-               "unset xlabel; unset ylabel\n"
-               "set label 1 " + quoted(no_data_message) +
+    return s +
+           "unset border; unset xtics; unset ytics; unset key; unset grid\n"
+           "unset xlabel; unset ylabel\n"
+           "set label 1 " +
+           quoted(no_data_message) +
            " at graph 0.5, graph 0.5 center font ',13'\n"
            "plot [0:1] [0:1] NaN notitle\n"
            "unset label 1; set border; set xtics; set ytics; set key; set grid\n"
            "set xlabel 'step'\n";
   }
-  return s + "set autoscale y; unset format y\n" + settings + plot_command(curves);
+  return s + "set autoscale y; unset format y; set key top right\n" + settings +
+         plot_command(curves);
 }
 
 struct Figure {
@@ -208,15 +216,16 @@ Figure build_figure(const MetricsHistory& h, const std::string& run_name) {
   add_datablock(f.datablocks, "tokens_per_s_ema", tps_ema);
 
   // The figure's title: what the run reached.
-  std::string summary = cat("tandem run ", run_name);
+  std::string summary = run_name;
   if (!h.loss.empty()) {
-    summary += cat(": ", h.loss.size(), " steps, last train loss ", number(h.loss.back().value));
+    summary +=
+        cat(": ", h.loss.size(), " steps, last train loss ", short_number(h.loss.back().value));
   }
   if (!h.val_loss.empty()) {
     const auto best = std::min_element(
         h.val_loss.begin(), h.val_loss.end(),
         [](const MetricPoint& a, const MetricPoint& b) { return a.value < b.value; });
-    summary += cat(h.loss.empty() ? ": " : ", ", "best val loss ", number(best->value),
+    summary += cat(h.loss.empty() ? ": " : ", ", "best val loss ", short_number(best->value),
                    " (step ", best->step, ")");
   }
 
@@ -233,7 +242,7 @@ Figure build_figure(const MetricsHistory& h, const std::string& run_name) {
 
   std::string& b = f.body;
   b += cat("set multiplot layout 2,2 title ", quoted(summary), " font ',13'\n");
-  b += "set grid; set key top right; set xlabel 'step'; set mxtics\n";
+  b += "set grid; set key top right opaque; set xlabel 'step'; set mxtics\n";
   if (any && first_step < last_step) {
     b += cat("set xrange [", first_step, ":", last_step, "]\n");
   } else {
@@ -247,14 +256,14 @@ Figure build_figure(const MetricsHistory& h, const std::string& run_name) {
               {"val_loss", &h.val_loss, "validation loss",
                "linespoints lc rgb '#d62728' lw 2 pt 7 ps 0.8"}},
              "no training steps or evaluations");
-  b += panel("eval accuracy", "set ylabel 'accuracy'\n",
-             {{"acc", &h.acc, "acc", "linespoints lc rgb '#2ca02c' lw 2 pt 7 ps 0.8"},
-              {"acc_norm", &h.acc_norm, "acc_norm",
-               "linespoints lc rgb '#9467bd' lw 2 pt 5 ps 0.8"}},
-             "no accuracy evaluations (acc, acc_norm) in this run");
+  b += panel(
+      "eval accuracy", "set ylabel 'accuracy'; set key bottom right\n",
+      {{"acc", &h.acc, "acc", "linespoints lc rgb '#2ca02c' lw 2 pt 7 ps 0.8"},
+       {"acc_norm", &h.acc_norm, "acc_norm", "linespoints lc rgb '#9467bd' lw 2 pt 5 ps 0.8"}},
+      "no accuracy evaluations (acc, acc_norm) in this run");
   b += panel("learning rate", "set ylabel 'lr'; set format y '%.1e'\n",
-             {{"lr", &h.lr, "lr", "lines lc rgb '#ff7f0e' lw 2"}}, "no training steps");
-  b += panel("throughput", "set ylabel 'tokens/s'\n",
+             {{"lr", &h.lr, "", "lines lc rgb '#ff7f0e' lw 2"}}, "no training steps");
+  b += panel("throughput", "set ylabel 'tokens/s'; set key bottom right\n",
              {{"tokens_per_s", &h.tokens_per_s, "tokens/s", "lines lc rgb '#c7e9c0' lw 1"},
               {"tokens_per_s_ema", &tps_ema, cat("tokens/s, EMA over ", tps_span, " steps"),
                "lines lc rgb '#006d2c' lw 2"}},
@@ -288,7 +297,8 @@ void run_gnuplot(const std::string& gnuplot, const std::string& script, const st
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   pid_t pid = -1;
-  const int spawn_error = ::posix_spawn(&pid, gnuplot.c_str(), &actions, nullptr, argv.data(), environ);
+  const int spawn_error =
+      ::posix_spawn(&pid, gnuplot.c_str(), &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
   require(spawn_error == 0, "plot: cannot run ", gnuplot, ": ", std::strerror(spawn_error));
   int status = 0;
@@ -321,8 +331,8 @@ int run_plot_command(const PlotCommandOptions& options) {
   const std::string run_name = fs::path(paths.metrics).parent_path().string();
   const Figure figure = build_figure(history, run_name.empty() ? "." : run_name);
   std::string script = figure.datablocks;
-  script += cat("set terminal pngcairo noenhanced size 1600,1000 font 'sans,10'\n",
-                "set output ", quoted(png), "\n", figure.body);
+  script += cat("set terminal pngcairo noenhanced size 1600,1000 font 'sans,10'\n", "set output ",
+                quoted(png), "\n", figure.body);
   script += cat("set terminal svg noenhanced size 1600,1000 dynamic font 'sans,10' ",
                 "background '#ffffff'\n", "set output ", quoted(svg), "\n", figure.body,
                 "unset output\n");
@@ -340,10 +350,11 @@ int run_plot_command(const PlotCommandOptions& options) {
     std::fprintf(stderr, "tandem: plot: %s: left out its unfinished last line\n",
                  paths.metrics.c_str());
   }
-  std::printf("tandem: plotted %s (%zu training steps, %zu validation losses, %zu accuracy "
-              "evaluations)\n",
-              paths.metrics.c_str(), history.loss.size(), history.val_loss.size(),
-              std::max(history.acc.size(), history.acc_norm.size()));
+  std::printf(
+      "tandem: plotted %s (%zu training steps, %zu validation losses, %zu accuracy "
+      "evaluations)\n",
+      paths.metrics.c_str(), history.loss.size(), history.val_loss.size(),
+      std::max(history.acc.size(), history.acc_norm.size()));
   std::printf("tandem: wrote %s\ntandem: wrote %s\n", paths.png.c_str(), paths.svg.c_str());
   return 0;
 }

@@ -56,8 +56,7 @@ MetricsHistory read_metrics_history(const std::string& path) {
     require(line.is_object(), where, ": not a JSON object");
     const auto step = line.find("step");
     require(step != line.end(), where, ": no \"step\"");
-    require(step->is_number_integer(), where, ": \"step\" is not an integer (", step->dump(),
-            ")");
+    require(step->is_number_integer(), where, ": \"step\" is not an integer (", step->dump(), ")");
     const long s = step->get<long>();
     take(line, "loss", s, where, h.loss);
     take(line, "lr", s, where, h.lr);

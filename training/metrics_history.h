@@ -23,14 +23,14 @@ struct MetricPoint {
 
 struct MetricsHistory {
   std::vector<MetricPoint> loss, lr, grad_norm, tokens_per_s;  // training steps
-  std::vector<MetricPoint> val_loss;                             // evaluations
-  std::vector<MetricPoint> acc, acc_norm;                        // accuracy evaluations
-  long lines = 0;                 // non-empty lines read (the unfinished one included)
+  std::vector<MetricPoint> val_loss;                           // evaluations
+  std::vector<MetricPoint> acc, acc_norm;                      // accuracy evaluations
+  long lines = 0;  // non-empty lines read (the unfinished one included)
   bool skipped_unfinished_last_line = false;
 };
 
-// Throws tandem::Error: the file missing or unreadable, empty, or a damaged line ("FILE:LINE: ...").
-// Each series is sorted by step (stable, so a repeated step keeps the file's order).
+// Throws tandem::Error: the file missing or unreadable, empty, or a damaged line ("FILE:LINE:
+// ..."). Each series is sorted by step (stable, so a repeated step keeps the file's order).
 MetricsHistory read_metrics_history(const std::string& path);
 
 }  // namespace tandem

@@ -52,9 +52,13 @@ void expect_one_line_error(const Result& r, const std::string& needle) {
       << "stderr '" << r.err << "' should name '" << needle << "'";
 }
 
-bool gnuplot_installed() { return std::system("command -v gnuplot >/dev/null 2>&1") == 0; }
+bool gnuplot_installed() {
+  return std::system("command -v gnuplot >/dev/null 2>&1") == 0;
+}
 
-std::string read_text(const fs::path& path) { return read_file(path.string()); }
+std::string read_text(const fs::path& path) {
+  return read_file(path.string());
+}
 
 // Files whose names say they are temporary (ours: ".NAME.tmpXXXXXX"), in `dir`.
 std::vector<std::string> temporary_files(const fs::path& dir) {
@@ -67,15 +71,14 @@ std::vector<std::string> temporary_files(const fs::path& dir) {
 }
 
 // Tests that render call this first (bad input is reported before gnuplot is looked for).
-#define SKIP_WITHOUT_GNUPLOT()                                                                 \
-  do {                                                                                         \
-    if (!gnuplot_installed())                                                                  \
+#define SKIP_WITHOUT_GNUPLOT()                                                                  \
+  do {                                                                                          \
+    if (!gnuplot_installed())                                                                   \
       GTEST_SKIP() << "gnuplot is not installed (launch/install-deps.sh installs gnuplot-nox)"; \
   } while (0)
 
 class PlotTest : public ::testing::Test {
  protected:
-
   // A run directory trained by `tandem train` on a 31-token corpus: `steps` steps, the
   // validation loss evaluated after every step.
   fs::path train_run(int steps) {
@@ -87,13 +90,13 @@ class PlotTest : public ::testing::Test {
     write_token_shard((data / "val_000000.bin").string(), tokens, 32);
     write_file_atomic((data / "prepare.json").string(), testing::prepare_summary_json(32, 31));
     const fs::path run_dir = dir_ / "run";
-    const Result r = run(
-        "train --data.dir=" + data.string() + " --checkpoint.dir=" + run_dir.string() +
-            " --train.steps=" + std::to_string(steps) +
-            " --eval.every=1 --eval.batches=1 --data.batch_size=2 --data.seq_len=8"
-            " --model.max_seq_len=8 --model.n_layer=1 --model.n_embd=16 --model.n_head=2"
-            " --model.ffn_hidden=32 --eval.sample_tokens=0 --train.threads=1",
-        "OMP_NUM_THREADS=1");
+    const Result r =
+        run("train --data.dir=" + data.string() + " --checkpoint.dir=" + run_dir.string() +
+                " --train.steps=" + std::to_string(steps) +
+                " --eval.every=1 --eval.batches=1 --data.batch_size=2 --data.seq_len=8"
+                " --model.max_seq_len=8 --model.n_layer=1 --model.n_embd=16 --model.n_head=2"
+                " --model.ffn_hidden=32 --eval.sample_tokens=0 --train.threads=1",
+            "OMP_NUM_THREADS=1");
     EXPECT_EQ(r.status, 0) << r.err;
     return run_dir;
   }
@@ -115,7 +118,8 @@ void expect_png_and_svg(const fs::path& png, const fs::path& svg) {
   const std::string png_bytes = read_text(png), svg_text = read_text(svg);
   EXPECT_EQ(png_bytes.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
   EXPECT_GT(png_bytes.size(), 5000u);
-  EXPECT_TRUE(svg_text.starts_with("<?xml") || svg_text.starts_with("<svg")) << svg_text.substr(0, 80);
+  EXPECT_TRUE(svg_text.starts_with("<?xml") || svg_text.starts_with("<svg"))
+      << svg_text.substr(0, 80);
   EXPECT_GT(svg_text.size(), 5000u);
   EXPECT_NE(svg_text.find("</svg>"), std::string::npos);
 }
@@ -162,19 +166,23 @@ TEST_F(PlotTest, RunWithoutEvaluationsStillPlots) {
 
 TEST_F(PlotTest, AccuracyAndUnknownKeysPlot) {
   SKIP_WITHOUT_GNUPLOT();
-  std::string lines = R"({"step":0,"memory":{"total":1}})" "\n";
+  std::string lines = R"({"step":0,"memory":{"total":1}})"
+                      "\n";
   for (int step = 1; step <= 40; ++step) {
-    lines += "{\"step\":" + std::to_string(step) + ",\"loss\":" + std::to_string(5.0 - step * 0.05) +
+    lines += "{\"step\":" + std::to_string(step) +
+             ",\"loss\":" + std::to_string(5.0 - step * 0.05) +
              ",\"lr\":0.001,\"grad_norm\":1.5,\"tokens_per_s\":" + std::to_string(1000 + step) +
              ",\"mfu\":0.1,\"step_ms\":12,\"future_key\":[1,2]}\n";
     if (step % 10 == 0) {
-      lines += "{\"step\":" + std::to_string(step) + ",\"val_loss\":" +
-               std::to_string(5.1 - step * 0.04) + "}\n";
-      lines += "{\"step\":" + std::to_string(step) + ",\"acc\":" + std::to_string(0.2 + step * 0.005) +
-               ",\"acc_norm\":" + std::to_string(0.25 + step * 0.005) + ",\"task\":\"hellaswag\"}\n";
+      lines += "{\"step\":" + std::to_string(step) +
+               ",\"val_loss\":" + std::to_string(5.1 - step * 0.04) + "}\n";
+      lines +=
+          "{\"step\":" + std::to_string(step) + ",\"acc\":" + std::to_string(0.2 + step * 0.005) +
+          ",\"acc_norm\":" + std::to_string(0.25 + step * 0.005) + ",\"task\":\"hellaswag\"}\n";
     }
   }
-  lines += R"({"step":40,"val_loss":null})" "\n";  // a NaN, as nlohmann::json writes it
+  lines += R"({"step":40,"val_loss":null})"
+           "\n";  // a NaN, as nlohmann::json writes it
   const std::string run_dir = metrics_with(lines);
   const Result r = run("plot " + run_dir);
   ASSERT_EQ(r.status, 0) << r.err;
@@ -187,9 +195,8 @@ TEST_F(PlotTest, AccuracyAndUnknownKeysPlot) {
 TEST_F(PlotTest, MissingMetricsFileIsNamed) {
   fs::create_directories(dir_ / "empty_run");
   const std::string run_dir = (dir_ / "empty_run").string();
-  expect_one_line_error(run("plot " + run_dir),
-                        run_dir + "/metrics.jsonl: no such file (is " + run_dir +
-                            " a training run directory?)");
+  expect_one_line_error(run("plot " + run_dir), run_dir + "/metrics.jsonl: no such file (is " +
+                                                    run_dir + " a training run directory?)");
   expect_one_line_error(run("plot " + (dir_ / "nowhere").string()), "nowhere: no such directory");
   EXPECT_FALSE(fs::exists(dir_ / "empty_run" / "plot.png"));
 }
@@ -201,12 +208,16 @@ TEST_F(PlotTest, EmptyMetricsFileIsAnError) {
 }
 
 TEST_F(PlotTest, DamagedLineNamesFileAndLine) {
-  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})" "\n";
+  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})"
+                           "\n";
   std::string run_dir = metrics_with(good + "this is not json\n" + good);
   expect_one_line_error(run("plot " + run_dir), "metrics.jsonl:2: not a JSON line");
-  run_dir = metrics_with(good + good + R"({"step":"three","loss":4.0})" "\n");
+  run_dir = metrics_with(good + good +
+                         R"({"step":"three","loss":4.0})"
+                         "\n");
   expect_one_line_error(run("plot " + run_dir), "metrics.jsonl:3: \"step\" is not an integer");
-  run_dir = metrics_with(good + R"({"step":2,"loss":"low"})" "\n");
+  run_dir = metrics_with(good + R"({"step":2,"loss":"low"})"
+                                "\n");
   expect_one_line_error(run("plot " + run_dir), "metrics.jsonl:2: \"loss\" is not a number");
   EXPECT_FALSE(fs::exists(fs::path(run_dir) / "plot.png"));
   EXPECT_TRUE(temporary_files(run_dir).empty());
@@ -214,7 +225,8 @@ TEST_F(PlotTest, DamagedLineNamesFileAndLine) {
 
 TEST_F(PlotTest, UnfinishedLastLineIsLeftOut) {
   SKIP_WITHOUT_GNUPLOT();
-  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})" "\n";
+  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})"
+                           "\n";
   const std::string run_dir = metrics_with(good + R"({"step":2,"loss":4.)");  // being written
   const Result r = run("plot " + run_dir);
   ASSERT_EQ(r.status, 0) << r.err;
@@ -223,7 +235,8 @@ TEST_F(PlotTest, UnfinishedLastLineIsLeftOut) {
 }
 
 TEST_F(PlotTest, UnwritableOutIsNamed) {
-  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})" "\n";
+  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})"
+                           "\n";
   const std::string run_dir = metrics_with(good);
   const std::string out = (dir_ / "no_such_dir" / "plot.png").string();
   expect_one_line_error(run("plot " + run_dir + " --out " + out), out);
@@ -239,7 +252,8 @@ TEST_F(PlotTest, UnwritableOutIsNamed) {
 }
 
 TEST_F(PlotTest, MissingGnuplotIsNamed) {
-  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})" "\n";
+  const std::string good = R"({"step":1,"loss":4.5,"lr":0.001,"tokens_per_s":100})"
+                           "\n";
   const std::string run_dir = metrics_with(good);
   expect_one_line_error(run("plot " + run_dir, "PATH=/nonexistent"),
                         "gnuplot not found; install the gnuplot-nox package");

@@ -61,13 +61,15 @@ TEST_F(MetricsHistoryTest, DamagedLinesNameFileAndLine) {
               std::string::npos)
         << text;
   }
-  EXPECT_NE(testing::error_message_of([&] { read_metrics_history(scratch_ / "none.jsonl"); })
-                .find("none.jsonl"),
+  EXPECT_NE(testing::error_message_of([&] {
+              read_metrics_history(scratch_ / "none.jsonl");
+            }).find("none.jsonl"),
             std::string::npos);
 }
 
 TEST_F(MetricsHistoryTest, UnfinishedLastLineIsSkipped) {
-  const MetricsHistory h = read_metrics_history(write("{\"step\":1,\"loss\":4.5}\n{\"step\":2,\"lo"));
+  const MetricsHistory h =
+      read_metrics_history(write("{\"step\":1,\"loss\":4.5}\n{\"step\":2,\"lo"));
   EXPECT_EQ(h.loss.size(), 1u);
   EXPECT_TRUE(h.skipped_unfinished_last_line);
   // A damaged line that ends with a newline is not unfinished.
