@@ -626,7 +626,7 @@ CLI::App* add_plot(CLI::App& app, tandem::PlotCommandOptions& o) {
       "plot",
       "Plot a training run's metrics.jsonl with gnuplot: one PNG (train loss raw and smoothed\n"
       "with the validation loss, eval accuracy, learning rate, tokens/s) and an SVG beside it");
-  c->add_option("run_dir", o.run_dir, "Training run directory (holding metrics.jsonl)");
+  c->add_option("RUN_DIR", o.run_dir, "Training run directory (holding metrics.jsonl)");
   c->add_option("--out", o.out, "PNG to write (default RUN_DIR/plot.png); the SVG goes beside it");
   return c;
 }
@@ -637,7 +637,16 @@ int run_plot(const CLI::App& command, const tandem::PlotCommandOptions& o) {
   if (!o.out.empty() && !o.out.ends_with(".png")) {
     throw UsageError(cat("plot: --out ", o.out, " must end in .png (the SVG goes beside it)"));
   }
-  return tandem::run_plot_command(o);
+  // A stop signal ends gnuplot (it shares the terminal's process group) and this unwinds: the
+  // temporary files go with it.
+  install_stop_signals();
+  try {
+    return tandem::run_plot_command(o);
+  } catch (const Error&) {
+    if (g_stop_signal.load() == 0) throw;
+    std::fprintf(stderr, "tandem: plot: interrupted; nothing written\n");
+    return 128 + g_stop_signal.load();
+  }
 }
 
 // ---- info -----------------------------------------------------------------------------------

@@ -261,5 +261,21 @@ TEST_F(PlotTest, MissingGnuplotIsNamed) {
   EXPECT_TRUE(temporary_files(run_dir).empty());
 }
 
+TEST_F(PlotTest, UsageErrorsAndHelp) {
+  const Result help = run("plot --help");
+  EXPECT_EQ(help.status, 0);
+  EXPECT_NE(help.out.find("RUN_DIR"), std::string::npos) << help.out;
+  for (const auto& [args, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"plot", "give the run directory"},
+           {"plot a b", "unexpected argument 'b'"},
+           {"plot a --smooth 3", "unknown flag '--smooth'"},
+       }) {
+    const Result r = run(args);
+    EXPECT_EQ(r.status, 2) << args;
+    EXPECT_EQ(r.err.rfind("tandem: usage error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  }
+}
+
 }  // namespace
 }  // namespace tandem
