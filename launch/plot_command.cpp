@@ -125,9 +125,24 @@ std::string short_number(double v) {
   return buffer;
 }
 
-// The steps an exponential moving average spans: about 1/25 of the run, within [1, 200].
+// The steps an exponential moving average spans: about 1/25 of the run, within [5, 200]. A run
+// of fewer than 10 steps gets no average (its raw curve says it all).
 int smoothing_span(size_t points) {
-  return static_cast<int>(std::clamp<size_t>(points / 25, 1, 200));
+  return static_cast<int>(std::clamp<size_t>(points / 25, 5, 200));
+}
+constexpr size_t kMinPointsToSmooth = 10;
+
+// At most about `max_points` of a series, evenly spaced, the last one kept: a curve of a long run
+// (a million steps) would otherwise make gnuplot slow and the SVG huge for no visible gain.
+// Averages are computed on the whole series before this.
+constexpr size_t kMaxPointsPerCurve = 5000;
+std::vector<MetricPoint> thinned(const std::vector<MetricPoint>& series) {
+  if (series.size() <= kMaxPointsPerCurve) return series;
+  const size_t stride = (series.size() + kMaxPointsPerCurve - 1) / kMaxPointsPerCurve;
+  std::vector<MetricPoint> out;
+  for (size_t i = 0; i < series.size(); i += stride) out.push_back(series[i]);
+  if ((series.size() - 1) % stride != 0) out.push_back(series.back());
+  return out;
 }
 
 // An exponential moving average with alpha = 2 / (span + 1), started at the first value (no
@@ -135,6 +150,7 @@ int smoothing_span(size_t points) {
 std::vector<MetricPoint> moving_average(const std::vector<MetricPoint>& series, int span) {
   const double alpha = 2.0 / (span + 1.0);
   std::vector<MetricPoint> out;
+  if (series.size() < kMinPointsToSmooth) return out;
   out.reserve(series.size());
   double average = 0.0;
   for (size_t i = 0; i < series.size(); ++i) {
@@ -146,7 +162,7 @@ std::vector<MetricPoint> moving_average(const std::vector<MetricPoint>& series, 
 
 void add_datablock(std::string& script, const char* name, const std::vector<MetricPoint>& series) {
   script += cat("$", name, " << EOD\n");
-  for (const MetricPoint& p : series) script += cat(p.step, " ", number(p.value), "\n");
+  for (const MetricPoint& p : thinned(series)) script += cat(p.step, " ", number(p.value), "\n");
   script += "EOD\n";
 }
 
@@ -191,8 +207,8 @@ std::string panel(const std::string& title, const std::string& settings,
            "unset label 1; set border; set xtics; set ytics; set key; set grid\n"
            "set xlabel 'step'\n";
   }
-  return s + "set autoscale y; unset format y; set key top right\n" + settings +
-         plot_command(curves);
+  return s + "set autoscale y; set offsets 0, 0, 0, 0; unset format y; set key top right\n" +
+         settings + plot_command(curves);
 }
 
 struct Figure {
@@ -261,7 +277,9 @@ Figure build_figure(const MetricsHistory& h, const std::string& run_name) {
       {{"acc", &h.acc, "acc", "linespoints lc rgb '#2ca02c' lw 2 pt 7 ps 0.8"},
        {"acc_norm", &h.acc_norm, "acc_norm", "linespoints lc rgb '#9467bd' lw 2 pt 5 ps 0.8"}},
       "no accuracy evaluations (acc, acc_norm) in this run");
-  b += panel("learning rate", "set ylabel 'lr'; set format y '%.1e'\n",
+  b += panel("learning rate",
+             "set ylabel 'lr'; set format y '%.1e'\n"
+             "set yrange [0:*]; set offsets 0, 0, graph 0.05, 0\n",
              {{"lr", &h.lr, "", "lines lc rgb '#ff7f0e' lw 2"}}, "no training steps");
   b += panel("throughput", "set ylabel 'tokens/s'; set key bottom right\n",
              {{"tokens_per_s", &h.tokens_per_s, "tokens/s", "lines lc rgb '#c7e9c0' lw 1"},
