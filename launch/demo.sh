@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine: install packages (idempotent), build, then train a
 # small GPT on the bundled corpus (the King James Bible from Debian's bible-kjv) with the
-# validation loss evaluated in the loop, answer a generation request from the checkpoint, then
-# serve it over gRPC as a 2-rank tensor-parallel replica (mpirun) behind a router, answer a
-# request through the router and shut down.
+# validation loss evaluated in the loop, plot its curves (runs/demo/plot.png), answer a
+# generation request from the checkpoint, then serve it over gRPC as a 2-rank tensor-parallel
+# replica (mpirun) behind a router, answer a request through the router and shut down.
 #   launch/demo.sh [--section.key=value ...]   (overrides for launch/configs/demo.json)
 # A fresh run moves the previous runs/demo aside to runs/demo.previous (replacing an older one);
 # --checkpoint.resume=true continues it instead.
@@ -20,6 +20,7 @@ tandem_prepare_kjv
 # 2. Train with in-loop validation.
 tandem_fresh_run_dir runs/demo "$@"
 "$tandem" train --config launch/configs/demo.json "$@"
+"$tandem" plot "$run_dir"   # the loss curves: $run_dir/plot.png (+ plot.svg)
 
 # 3. A generation request answered from the final checkpoint.
 ckpt="$(ls -d "$run_dir"/checkpoints/step_* | grep -E "/step_[0-9]+$" | sort -V | tail -n 1)"

@@ -12,6 +12,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
   nlohmann-json3-dev libxxhash-dev libssl-dev
   bible-kjv-text bible-kjv
+  gnuplot-nox
 )
 
 missing=()

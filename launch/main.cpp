@@ -9,6 +9,7 @@
 //   tandem serve    --model DIR --port P [--metrics-port M] ...   (a gRPC replica)
 //   tandem router   --replicas HOST:PORT,... --port P              (in front of replicas)
 //   tandem bench serve --target HOST:PORT --rate R --num-requests N
+//   tandem plot     RUN_DIR [--out FILE.png]                    (metrics.jsonl -> PNG + SVG)
 //   tandem info
 //   tandem help [COMMAND]      tandem COMMAND --help      tandem --version
 //
@@ -43,6 +44,7 @@
 #include "kernels/cpu/kernels.h"
 #include "launch/eval_command.h"
 #include "launch/generate_command.h"
+#include "launch/plot_command.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
 #include "parallel/mpi_communicator.h"
@@ -679,6 +681,36 @@ int run_bench_serve(const CLI::App& command, const tandem::BenchServeOptions& a)
   return tandem::run_bench_serve_command(a, g_stop_signal);
 }
 
+// ---- plot -----------------------------------------------------------------------------------
+
+CLI::App* add_plot(CLI::App& app, tandem::PlotCommandOptions& o) {
+  CLI::App* c = app.add_subcommand(
+      "plot",
+      "Plot a training run's metrics.jsonl with gnuplot: one PNG (train loss raw and smoothed\n"
+      "with the validation loss, eval accuracy, learning rate, tokens/s) and an SVG beside it");
+  c->add_option("RUN_DIR", o.run_dir, "Training run directory (holding metrics.jsonl)");
+  c->add_option("--out", o.out, "PNG to write (default RUN_DIR/plot.png); the SVG goes beside it");
+  return c;
+}
+
+int run_plot(const CLI::App& command, const tandem::PlotCommandOptions& o) {
+  require_no_extras(command);
+  if (o.run_dir.empty()) throw UsageError("plot: give the run directory (tandem plot RUN_DIR)");
+  if (!o.out.empty() && !o.out.ends_with(".png")) {
+    throw UsageError(cat("plot: --out ", o.out, " must end in .png (the SVG goes beside it)"));
+  }
+  // A stop signal ends gnuplot (it shares the terminal's process group) and this unwinds: the
+  // temporary files go with it.
+  install_stop_signals();
+  try {
+    return tandem::run_plot_command(o);
+  } catch (const Error&) {
+    if (g_stop_signal.load() == 0) throw;
+    std::fprintf(stderr, "tandem: plot: interrupted; nothing written\n");
+    return 128 + g_stop_signal.load();
+  }
+}
+
 // ---- info -----------------------------------------------------------------------------------
 
 int run_info() {
@@ -744,9 +776,12 @@ int main(int argc, char** argv) {
   CLI::App* router = add_router(app, router_args);
   CLI::App* bench_serve = nullptr;
   CLI::App* bench = add_bench(app, bench_args, &bench_serve);
+  tandem::PlotCommandOptions plot_args;
+  CLI::App* plot = add_plot(app, plot_args);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
   for (CLI::App* command :
-       {prepare, generate, tokenize, score, eval, make_task, info, serve, router, bench_serve}) {
+       {prepare, generate, tokenize, score, eval, make_task, plot, info, serve, router,
+        bench_serve}) {
     command->allow_extras();
   }
   std::string help_topic;
@@ -759,8 +794,8 @@ int main(int argc, char** argv) {
     if (argc > 1 && argv[1][0] != '-' && !known) {
       throw UsageError(
           cat("unknown command '", argv[1],
-              "' (commands: prepare, train, generate, tokenize, score, eval, make-task, serve, "
-              "router, bench, info, help)"));
+              "' (commands: prepare, train, generate, tokenize, score, eval, make-task, plot, "
+              "serve, router, bench, info, help)"));
     }
     try {
       app.parse(argc, argv);
@@ -793,6 +828,7 @@ int main(int argc, char** argv) {
     if (*serve) return run_serve(*serve, serve_args);
     if (*router) return run_router(*router, router_args);
     if (*bench) return run_bench_serve(*bench_serve, bench_args);
+    if (*plot) return run_plot(*plot, plot_args);
     if (*info) {
       require_no_extras(*info);
       return run_info();
