@@ -25,17 +25,22 @@ int main(int argc, char** argv) {
   int threads = 2, repeats = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
-    if (flag == "--model") model_dir = argv[i + 1];
-    else if (flag == "--task") task = argv[i + 1];
-    else if (flag == "--threads") threads = std::atoi(argv[i + 1]);
-    else if (flag == "--repeats") repeats = std::max(1, std::atoi(argv[i + 1]));
+    if (flag == "--model")
+      model_dir = argv[i + 1];
+    else if (flag == "--task")
+      task = argv[i + 1];
+    else if (flag == "--threads")
+      threads = std::atoi(argv[i + 1]);
+    else if (flag == "--repeats")
+      repeats = std::max(1, std::atoi(argv[i + 1]));
     else {
       std::fprintf(stderr, "bench_eval: unknown flag %s\n", argv[i]);
       return 2;
     }
   }
   if (model_dir.empty() || task.empty()) {
-    std::fprintf(stderr, "usage: bench_eval --model CKPT --task TASK.jsonl [--threads N] [--repeats N]\n");
+    std::fprintf(stderr,
+                 "usage: bench_eval --model CKPT --task TASK.jsonl [--threads N] [--repeats N]\n");
     return 2;
   }
   try {
@@ -85,9 +90,10 @@ int main(int argc, char** argv) {
     };
     const double a = median(with), b = median(without);
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
-    std::printf("task %s: %d questions, %.1f choices each; mean context C = %.1f tokens, choice "
-                "X = %.1f tokens\n",
-                task.c_str(), static_cast<int>(n), k, C, X);
+    std::printf(
+        "task %s: %d questions, %.1f choices each; mean context C = %.1f tokens, choice "
+        "X = %.1f tokens\n",
+        task.c_str(), static_cast<int>(n), k, C, X);
     std::printf("scoring (median of %d, %d threads, OPENBLAS_CORETYPE=%s):\n", repeats, threads,
                 coretype != nullptr ? coretype : "unset");
     std::printf("  with prefix caching     %8.3f s   (acc %.4f, acc_norm %.4f)\n", a, cached.acc(),

@@ -83,8 +83,8 @@ void RequestStream::set_on_drained(std::function<void()> callback) {
 }
 
 std::function<void()> RequestStream::took(int tokens_before) {
-  const bool resumed = backlog_limit_ > 0 && tokens_before >= backlog_limit_ &&
-                       queued_tokens_ < backlog_limit_;
+  const bool resumed =
+      backlog_limit_ > 0 && tokens_before >= backlog_limit_ && queued_tokens_ < backlog_limit_;
   return resumed ? on_drained_ : nullptr;
 }
 

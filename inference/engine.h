@@ -243,7 +243,7 @@ class Engine {
   void fail_all(const std::string& message, FinishReason reason);
   void refresh_stats();  // step lock held
   void loop();
-  void wake();  // the loop thread looks for work again (a paused request's reader caught up)
+  void wake();       // the loop thread looks for work again (a paused request's reader caught up)
   void idle_tick();  // on_idle, on the loop thread
 
   Transformer& model_;

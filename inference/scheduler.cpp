@@ -61,8 +61,8 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
       ++i;
       continue;
     }
-    const int n = fit_logits(seq, seq->num_computed,
-                             std::min(seq->num_tokens() - seq->num_computed, budget));
+    const int n =
+        fit_logits(seq, seq->num_computed, std::min(seq->num_tokens() - seq->num_computed, budget));
     if (n == 0) {  // no logit rows left this step for its prompt
       ++i;
       continue;
@@ -90,8 +90,8 @@ std::vector<ScheduledSequence> Scheduler::schedule() {
     if (next == waiting_.end()) break;
     Sequence* seq = *next;
     const int cached = blocks_.allocate_cached_prefix(*seq);
-    const int n = fit_logits(seq, seq->num_computed,
-                             std::min(seq->num_tokens() - seq->num_computed, budget));
+    const int n =
+        fit_logits(seq, seq->num_computed, std::min(seq->num_tokens() - seq->num_computed, budget));
     if (n == 0 || !blocks_.ensure_capacity(*seq, seq->num_computed + n)) {
       blocks_.free(*seq);  // give back the prefix hits; retry in a later step
       break;

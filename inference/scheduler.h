@@ -9,7 +9,8 @@
 // waiting queue, to be recomputed later (its cached full blocks often survive in the prefix
 // cache). No sequence is lost or duplicated; a sequence alone always fits (the engine caps each
 // request to the pool). A paused sequence (its reader is behind) gets no rows and is not
-// admitted; a running one keeps its blocks (it may still be preempted). Not thread-safe: the engine's step lock guards it.
+// admitted; a running one keeps its blocks (it may still be preempted). Not thread-safe: the
+// engine's step lock guards it.
 #pragma once
 
 #include <cstdint>

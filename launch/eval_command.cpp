@@ -18,7 +18,8 @@ namespace tandem {
 namespace fs = std::filesystem;
 
 int run_eval_command(const EvalCommandOptions& o) {
-  require(!o.task.empty() || !o.prompts_file.empty(), "eval: give --task FILE, --prompts FILE or both");
+  require(!o.task.empty() || !o.prompts_file.empty(),
+          "eval: give --task FILE, --prompts FILE or both");
   // Under mpirun: one tensor-parallel model over every rank.
   std::unique_ptr<ParallelContext> parallel;
   if (launched_under_mpi()) {
@@ -51,7 +52,8 @@ int run_eval_command(const EvalCommandOptions& o) {
   McResult result;
   if (!questions.empty()) result = score_mc_task(engine, tokenizer, questions, options, nullptr);
   const std::vector<PromptResult> generations =
-      prompts.empty() ? std::vector<PromptResult>{} : run_prompts(engine, tokenizer, prompts, options);
+      prompts.empty() ? std::vector<PromptResult>{}
+                      : run_prompts(engine, tokenizer, prompts, options);
   if (!root) return 0;
   if (o.json) {
     nlohmann::json j;
@@ -64,8 +66,8 @@ int run_eval_command(const EvalCommandOptions& o) {
       j["seconds"] = result.seconds;
       nlohmann::json per = nlohmann::json::array();
       for (const QuestionScore& s : result.questions) {
-        nlohmann::json q = {{"index", s.index}, {"label", s.label}, {"pred", s.pred},
-                            {"pred_norm", s.pred_norm}};
+        nlohmann::json q = {
+            {"index", s.index}, {"label", s.label}, {"pred", s.pred}, {"pred_norm", s.pred_norm}};
         for (const ChoiceScore& c : s.choices) {
           q["loglik"].push_back(c.loglik);
           q["tokens"].push_back(c.tokens);
@@ -81,8 +83,8 @@ int run_eval_command(const EvalCommandOptions& o) {
     return 0;
   }
   for (const PromptResult& p : generations) {
-    std::printf("prompt: %s\n  greedy:  %s%s\n  sampled: %s%s\n", p.prompt.c_str(), p.prompt.c_str(),
-                p.greedy.c_str(), p.prompt.c_str(), p.sampled.c_str());
+    std::printf("prompt: %s\n  greedy:  %s%s\n  sampled: %s%s\n", p.prompt.c_str(),
+                p.prompt.c_str(), p.greedy.c_str(), p.prompt.c_str(), p.sampled.c_str());
   }
   if (!questions.empty()) {
     std::printf("acc %.4f  acc_norm %.4f  count %d  (%s, %.2f s)\n", result.acc(),

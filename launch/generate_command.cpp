@@ -74,9 +74,8 @@ GenerationRequest base_request(const GenerateCommandOptions& o) {
 int64_t line_integer(const json& value, const std::string& where, const std::string& key,
                      int64_t lo, int64_t hi) {
   const bool integral =
-      value.is_number_integer() ||
-      (value.is_number_float() && std::isfinite(value.get<double>()) &&
-       std::floor(value.get<double>()) == value.get<double>());
+      value.is_number_integer() || (value.is_number_float() && std::isfinite(value.get<double>()) &&
+                                    std::floor(value.get<double>()) == value.get<double>());
   require(integral, where, ": \"", key, "\" must be an integer, got ", value.dump());
   const double v = value.get<double>();
   require(v >= static_cast<double>(lo) && v <= static_cast<double>(hi) &&
@@ -88,8 +87,8 @@ int64_t line_integer(const json& value, const std::string& where, const std::str
 float line_float(const json& value, const std::string& where, const std::string& key) {
   require(value.is_number(), where, ": \"", key, "\" must be a number, got ", value.dump());
   const double v = value.get<double>();
-  require(std::isfinite(v) && std::fabs(v) <= std::numeric_limits<float>::max(), where, ": \"",
-          key, "\" = ", value.dump(), " is out of range");
+  require(std::isfinite(v) && std::fabs(v) <= std::numeric_limits<float>::max(), where, ": \"", key,
+          "\" = ", value.dump(), " is out of range");
   return static_cast<float>(v);
 }
 
@@ -116,9 +115,9 @@ void apply_line_overrides(GenerationRequest& r, const json& j, const std::string
       else if (key == "frequency_penalty")
         r.sampling.frequency_penalty = line_float(value, where, key);
       else if (key == "seed") {
-        require(value.is_number_unsigned() ||
-                    (value.is_number_integer() && value.get<int64_t>() >= 0),
-                where, ": \"seed\" must be an integer in [0, 2^64), got ", value.dump());
+        require(
+            value.is_number_unsigned() || (value.is_number_integer() && value.get<int64_t>() >= 0),
+            where, ": \"seed\" must be an integer in [0, 2^64), got ", value.dump());
         r.seed = value.get<uint64_t>();
       } else if (key == "stop")
         r.stop = value.get<std::vector<std::string>>();
@@ -126,7 +125,8 @@ void apply_line_overrides(GenerationRequest& r, const json& j, const std::string
         r.stop_token_ids.clear();
         require(value.is_array(), where, ": \"stop_token_ids\" must be a list of token ids");
         for (const json& id : value) {
-          r.stop_token_ids.push_back(static_cast<int32_t>(line_integer(id, where, key, 0, kIntMax)));
+          r.stop_token_ids.push_back(
+              static_cast<int32_t>(line_integer(id, where, key, 0, kIntMax)));
         }
       } else if (key == "ignore_eos")
         r.ignore_eos = value.get<bool>();
@@ -199,9 +199,8 @@ int generate_file(const GenerateCommandOptions& o, Engine& engine, const BpeToke
       try {
         j = json::parse(line);
       } catch (const json::exception& e) {
-        throw Error(cat(where,
-                        ": not JSON (a line is \"text\" or {\"prompt\": \"text\", ...}): ",
-                        e.what()));
+        throw Error(cat(
+            where, ": not JSON (a line is \"text\" or {\"prompt\": \"text\", ...}): ", e.what()));
       }
       GenerationRequest r = base_request(o);
       if (j.is_string()) {

@@ -444,7 +444,8 @@ CLI::App* add_eval(CLI::App& app, tandem::EvalCommandOptions& o) {
   c->add_option("--task", o.task,
                 "JSONL task: {\"context\": ..., \"choices\": [...], \"label\": N} per line");
   c->add_option("--prompts", o.prompts_file, "Prompts to continue, one per line");
-  c->add_option("--limit", o.limit, "Score the first N questions only")->check(CLI::Range(0, 1 << 30));
+  c->add_option("--limit", o.limit, "Score the first N questions only")
+      ->check(CLI::Range(0, 1 << 30));
   c->add_flag("--json", o.json, "One JSON object (per-question log-likelihoods included)");
   c->add_option("--threads", o.threads, "CPU threads (0 = OpenMP default)")
       ->check(CLI::Range(0, 4096));
@@ -473,7 +474,9 @@ CLI::App* add_make_task(CLI::App& app, tandem::MakeTaskOptions& o) {
       "per line): which of four verses follows the context's verses");
   c->add_option("--input", o.input, "Corpus text, one passage per line");
   c->add_option("--out", o.out, "Task file to write (JSONL)");
-  c->add_option("--questions", o.questions, "Questions")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  c->add_option("--questions", o.questions, "Questions")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   c->add_option("--holdout", o.holdout_fraction,
                 "Fraction of the corpus's last lines to use (keep it inside prepare's "
                 "--val-fraction)")
@@ -482,7 +485,8 @@ CLI::App* add_make_task(CLI::App& app, tandem::MakeTaskOptions& o) {
   c->add_option("--context-lines", o.context_lines, "Verses of context")
       ->check(CLI::Range(1, 16))
       ->capture_default_str();
-  c->add_option("--seed", o.seed, "Seed of the distractors' and labels' order")->capture_default_str();
+  c->add_option("--seed", o.seed, "Seed of the distractors' and labels' order")
+      ->capture_default_str();
   return c;
 }
 
@@ -779,9 +783,8 @@ int main(int argc, char** argv) {
   tandem::PlotCommandOptions plot_args;
   CLI::App* plot = add_plot(app, plot_args);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command :
-       {prepare, generate, tokenize, score, eval, make_task, plot, info, serve, router,
-        bench_serve}) {
+  for (CLI::App* command : {prepare, generate, tokenize, score, eval, make_task, plot, info, serve,
+                            router, bench_serve}) {
     command->allow_extras();
   }
   std::string help_topic;

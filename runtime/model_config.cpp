@@ -127,10 +127,9 @@ T get(const nlohmann::json& j, const char* key, const std::string& source, T fal
   if constexpr (std::is_same_v<T, int>) {
     // An integer that fits: 4.5 is not silently 4, 1e30 or 2^40 do not wrap. A float with an
     // integral value (4.0) is taken.
-    const bool integral =
-        it->is_number_integer() ||
-        (it->is_number_float() && std::isfinite(it->template get<double>()) &&
-         std::floor(it->template get<double>()) == it->template get<double>());
+    const bool integral = it->is_number_integer() ||
+                          (it->is_number_float() && std::isfinite(it->template get<double>()) &&
+                           std::floor(it->template get<double>()) == it->template get<double>());
     require(integral, source, ": key '", key, "' must be an integer, got ", it->dump());
     const double v = it->template get<double>();
     require(v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max() &&

@@ -81,8 +81,7 @@ long long layer_of(const std::string& name) {
 
 // Our name of each tensor in the file -> its name there (GPT-2 names without the
 // "transformer." prefix, as in the original gpt2 upload, are accepted).
-std::unordered_map<std::string, std::string> names_in_file(const SafetensorsFile& file,
-                                                           bool gpt2) {
+std::unordered_map<std::string, std::string> names_in_file(const SafetensorsFile& file, bool gpt2) {
   std::unordered_map<std::string, std::string> file_name_of;
   for (const auto& e : file.entries()) {
     std::string ours = e.name;
@@ -120,7 +119,8 @@ std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device devi
   const std::string config_path = (fs::path(dir) / "config.json").string();
   require(fs::exists(config_path), "model directory ", dir, " has no config.json");
   const ModelConfig config = load_config(config_path);
-  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
+  const SafetensorsFile file =
+      SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
   // Before any model memory is allocated: a config.json that describes a larger model than its
   // weights (n_layer: 10000000 beside a 2-layer file) fails here in one line. The layer count
   // first (the parameter table grows with it), then every tensor's name, dtype and shape.

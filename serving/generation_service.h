@@ -15,11 +15,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <mutex>
-#include <condition_variable>
 #include <set>
 #include <string>
 #include <thread>

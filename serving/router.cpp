@@ -30,8 +30,8 @@ struct Router::Replica {
   std::atomic<int> kv_free{0}, kv_total{0};
   std::atomic<int64_t> last_answer_ns{0};  // steady clock: the last health poll it answered
   std::atomic<bool> stall_reported{false};
-  mutable std::mutex mu;  // calls, last_error
-  std::set<Call*> calls;  // the calls this router has on it now
+  mutable std::mutex mu;   // calls, last_error
+  std::set<Call*> calls;   // the calls this router has on it now
   std::string last_error;  // why the last health poll failed ("" when it did not)
   int load() const { return reported_load.load() + std::max(0, sent_since_poll.load()); }
 };
@@ -66,10 +66,10 @@ class Router::Tracked {
   grpc::Status status(grpc::Status status) const {
     switch (call_.cut.load()) {
       case Call::kStalled:
-        return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                            cat("replica ", replica_.address, " stopped answering (no health ",
-                                "answer for ", router_.options_.replica_stall_timeout_s,
-                                " s); the call was ended"));
+        return grpc::Status(
+            grpc::StatusCode::UNAVAILABLE,
+            cat("replica ", replica_.address, " stopped answering (no health ", "answer for ",
+                router_.options_.replica_stall_timeout_s, " s); the call was ended"));
       case Call::kShutdown:
         return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                             "the router shut down before the request finished");

@@ -203,7 +203,8 @@ McResult score_mc_task(Engine& engine, const BpeTokenizer& tokenizer,
                                   : static_cast<int>(questions.size());
   // Where each question's choices sit in the flat arrays every rank reduces.
   std::vector<int> offset(n + 1, 0);
-  for (int q = 0; q < n; ++q) offset[q + 1] = offset[q] + static_cast<int>(questions[q].choices.size());
+  for (int q = 0; q < n; ++q)
+    offset[q + 1] = offset[q] + static_cast<int>(questions[q].choices.size());
   std::vector<float> loglik(offset[n], 0.0f), tokens(offset[n], 0.0f);
   const int ranks = dp != nullptr ? dp->size() : 1, rank = dp != nullptr ? dp->rank() : 0;
   const int begin = static_cast<int>(static_cast<int64_t>(n) * rank / ranks);
@@ -305,8 +306,8 @@ std::vector<PromptResult> run_prompts(Engine& engine, const BpeTokenizer& tokeni
   std::vector<PromptResult> out;
   for (size_t i = 0; i < prompts.size(); ++i) {
     for (const GenerationDelta* d : {&done[2 * i], &done[2 * i + 1]}) {
-      require(d->finish != FinishReason::kError, "evaluation: prompt ", i + 1, " (\"",
-              prompts[i], "\"): ", d->error);
+      require(d->finish != FinishReason::kError, "evaluation: prompt ", i + 1, " (\"", prompts[i],
+              "\"): ", d->error);
     }
     out.push_back({prompts[i], done[2 * i].text, done[2 * i + 1].text});
   }
@@ -375,8 +376,8 @@ std::string evaluation_report(long step, const std::vector<McQuestion>& question
     for (int i = 0; i < worst && i < static_cast<int>(margins.size()); ++i) {
       const QuestionScore& s = result.questions[margins[i].second];
       const McQuestion& q = questions[s.index];
-      md << i + 1 << ". (question " << s.index + 1 << ", margin " << margins[i].first
-         << " nats) " << q.context << "\n";
+      md << i + 1 << ". (question " << s.index + 1 << ", margin " << margins[i].first << " nats) "
+         << q.context << "\n";
       for (size_t k = 0; k < q.choices.size(); ++k) {
         md << "   - " << (static_cast<int>(k) == s.label ? "[right] " : "")
            << (static_cast<int>(k) == s.pred ? "[chosen] " : "") << q.choices[k] << " ("

@@ -53,8 +53,8 @@ void write_mc_task(const std::string& path, const std::vector<McQuestion>& quest
 // own), in a seeded order; the label's position is seeded too. Only questions whose context is
 // longer than every choice are kept. Throws when fewer than `count` questions can be made.
 std::vector<McQuestion> build_next_verse_task(const std::string& corpus_text, int count,
-                                              double holdout_fraction = 0.03,
-                                              int context_lines = 2, uint64_t seed = 1);
+                                              double holdout_fraction = 0.03, int context_lines = 2,
+                                              uint64_t seed = 1);
 
 struct ChoiceScore {
   float loglik = 0.0f;  // sum of the choice tokens' log-probabilities
@@ -84,9 +84,9 @@ struct PromptResult {
 };
 
 struct EvalOptions {
-  int limit = 0;            // > 0: the first `limit` questions only
-  int wave = 64;            // questions whose choices are in the engine at once
-  int max_new_tokens = 32;  // per prompt continuation
+  int limit = 0;             // > 0: the first `limit` questions only
+  int wave = 64;             // questions whose choices are in the engine at once
+  int max_new_tokens = 32;   // per prompt continuation
   float temperature = 0.8f;  // the sampled continuation (seeded)
   int top_k = 40;
   uint64_t seed = 1234;

@@ -93,8 +93,9 @@ class SectionReader {
     } else if constexpr (std::is_floating_point_v<T>) {
       type_ok = it->is_number();
     } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
-      type_ok = it->is_array() && std::all_of(it->begin(), it->end(),
-                                              [](const nlohmann::json& e) { return e.is_string(); });
+      type_ok = it->is_array() && std::all_of(it->begin(), it->end(), [](const nlohmann::json& e) {
+                  return e.is_string();
+                });
     } else {
       type_ok = it->is_string();
     }

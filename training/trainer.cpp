@@ -498,7 +498,8 @@ Trainer::EngineEvaluation Trainer::evaluate_with_engine() {
     if (!eval_questions_.empty()) {
       out.mc = score_mc_task(engine, *tokenizer_, eval_questions_, options, &parallel_->dp());
     }
-    if (!eval_prompts_.empty()) out.prompts = run_prompts(engine, *tokenizer_, eval_prompts_, options);
+    if (!eval_prompts_.empty())
+      out.prompts = run_prompts(engine, *tokenizer_, eval_prompts_, options);
   }
   model_->release_inference();
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -626,8 +627,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
         engine_figures = figures;
       }
       if (is_root()) {
-        const fs::path report =
-            fs::path(config_.out_dir) / "eval" / (step_name(step) + ".md");
+        const fs::path report = fs::path(config_.out_dir) / "eval" / (step_name(step) + ".md");
         fs::create_directories(report.parent_path());
         write_file_atomic(report.string(),
                           evaluation_report(step, eval_questions_, e.mc, e.prompts));

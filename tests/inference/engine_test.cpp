@@ -319,8 +319,7 @@ TEST(Engine, AStreamWhoseReaderIsBehindPausesKeepingItsBlocksAndResumesWithTheSa
   while (auto d = stream->next()) {
     all.tokens.insert(all.tokens.end(), d->tokens.begin(), d->tokens.end());
     all.logprobs.insert(all.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
-    all.top_logprobs.insert(all.top_logprobs.end(), d->top_logprobs.begin(),
-                            d->top_logprobs.end());
+    all.top_logprobs.insert(all.top_logprobs.end(), d->top_logprobs.begin(), d->top_logprobs.end());
     if (d->finished()) all.finish = d->finish;
   }
   engine.stop();
@@ -378,7 +377,8 @@ TEST(Engine, PromptLogprobsEqualADenseForwardAndChoicesShareTheContextsBlocks) {
     ASSERT_EQ(got[k].prompt_logprobs.size(), choices[k].size());
     double sum = 0.0, expected_sum = 0.0;
     for (size_t i = 0; i < choices[k].size(); ++i) {
-      EXPECT_NEAR(got[k].prompt_logprobs[i], expected[k][i], 1e-5 * std::fabs(expected[k][i]) + 1e-6)
+      EXPECT_NEAR(got[k].prompt_logprobs[i], expected[k][i],
+                  1e-5 * std::fabs(expected[k][i]) + 1e-6)
           << "choice " << k << " token " << i;
       sum += got[k].prompt_logprobs[i];
       expected_sum += expected[k][i];

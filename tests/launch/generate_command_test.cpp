@@ -185,8 +185,9 @@ TEST_F(GenerateCommandTest, HostileConfigFailsInOneLineBeforeAnyModelMemory) {
       {{{"n_head", 4.5}}, "'n_head' must be an integer, got 4.5"},
       {{{"n_positions", 99999999999}}, "'n_positions' = 99999999999 is out of range"},
       {{{"n_embd", 256}, {"n_inner", 1024}}, "'transformer.wte.weight' has shape"},
-      {{{"n_positions", 1000000}}, "'transformer.wpe.weight' has shape [64, 128], expected "
-                                   "[1000000, 128]"},
+      {{{"n_positions", 1000000}},
+       "'transformer.wpe.weight' has shape [64, 128], expected "
+       "[1000000, 128]"},
   };
   int k = 0;
   for (const auto& [change, needle] : cases) {
@@ -197,11 +198,12 @@ TEST_F(GenerateCommandTest, HostileConfigFailsInOneLineBeforeAnyModelMemory) {
     write_file_atomic(hostile + "/config.json", config.dump());
     for (const std::string command :
          {"score --model " + hostile + " --text 'hello world' --threads 1",
-          "generate --model " + hostile + " --prompt hi --max-new-tokens 1 --threads 1 --kv-cache-mb 8"}) {
+          "generate --model " + hostile +
+              " --prompt hi --max-new-tokens 1 --threads 1 --kv-cache-mb 8"}) {
       const std::string base = out("hostile_" + std::to_string(k) + command.substr(0, 5));
-      const std::string cmd = "bash -c \"ulimit -v " + std::to_string(limit_kb) + "; exec timeout 60 " +
-                              std::string(TANDEM_BINARY_DIR) + "/tandem " + command + "\" >" +
-                              base + ".out 2>" + base + ".err";
+      const std::string cmd = "bash -c \"ulimit -v " + std::to_string(limit_kb) +
+                              "; exec timeout 60 " + std::string(TANDEM_BINARY_DIR) + "/tandem " +
+                              command + "\" >" + base + ".out 2>" + base + ".err";
       const auto t0 = std::chrono::steady_clock::now();
       const int raw = std::system(cmd.c_str());
       const double seconds =

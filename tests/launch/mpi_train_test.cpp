@@ -416,16 +416,17 @@ class InLoopEvaluationTest : public ::testing::Test {
   Outcome train(const std::string& run_name, int ranks, int tp) {
     const std::string args =
         " train --data.dir=" + (dir_ / "data").string() +
-        " --checkpoint.dir=" + (dir_ / run_name).string() + " --data.batch_size=" +
-        std::to_string(8 / (ranks / tp)) +
+        " --checkpoint.dir=" + (dir_ / run_name).string() +
+        " --data.batch_size=" + std::to_string(8 / (ranks / tp)) +
         " --train.steps=4 --train.threads=1 --data.seq_len=16 --model.max_seq_len=64"
         " --model.n_layer=2 --model.n_embd=32 --model.n_head=4 --model.ffn_hidden=64"
         " --optim.lr=3e-3 --optim.warmup_steps=0 --eval.every=2 --eval.batches=1"
         " --eval.sample_tokens=0 --checkpoint.every=2 --checkpoint.keep_last=5"
-        " --eval.max_new_tokens=12 --eval.task=" + task() +
-        " --eval.prompts_file=" + prompts() + " --parallel.tp=" + std::to_string(tp);
-    const std::string cmd =
-        ranks == 1 ? kTandem + args : kMpirun + " -np " + std::to_string(ranks) + " " + kTandem + args;
+        " --eval.max_new_tokens=12 --eval.task=" +
+        task() + " --eval.prompts_file=" + prompts() + " --parallel.tp=" + std::to_string(tp);
+    const std::string cmd = ranks == 1
+                                ? kTandem + args
+                                : kMpirun + " -np " + std::to_string(ranks) + " " + kTandem + args;
     return run(cmd, (dir_ / (run_name + ".log")).string());
   }
   nlohmann::json eval(const std::string& checkpoint, int ranks) {
@@ -435,7 +436,9 @@ class InLoopEvaluationTest : public ::testing::Test {
     const Outcome o = run(cmd, (dir_ / "eval.log").string());
     EXPECT_EQ(o.status, 0) << o.output;
     const size_t brace = o.output.find("{\"");
-    return brace == std::string::npos ? nlohmann::json() : nlohmann::json::parse(o.output.substr(brace, o.output.find('\n', brace) - brace));
+    return brace == std::string::npos
+               ? nlohmann::json()
+               : nlohmann::json::parse(o.output.substr(brace, o.output.find('\n', brace) - brace));
   }
   // The in-loop figures of `step`, and the greedy continuation of each prompt from its report.
   void expect_same_as_checkpoint(const std::string& run_name, long step, int tp) {

@@ -216,7 +216,6 @@ EOF
 
 # ---- 2. a TP=2 replica across the nodes answers like a one-process replica ---------------------
 "$make_tiny_checkpoint" "$scratch/tiny" >/dev/null || fail "make_tiny_checkpoint"
-"$make_tiny_checkpoint" "$scratch/slow" --slow >/dev/null || fail "make_tiny_checkpoint --slow"
 
 # Prints the port of a server's "listening on 127.0.0.1:PORT" line in LOG once it shows (60 s).
 wait_for_port() {
@@ -236,7 +235,9 @@ wait_for_port() {
 # is also written by its own node (--output-filename) to ranks_NAME/1/rank.R/: what node 2
 # says after the cut reaches no mpirun.
 start_tp_replica() {
-  "${on_node1[@]}" "${mpi[@]}" --output-filename "$scratch/ranks_${2%.log}" "$tandem" serve --model "$1" --port 0 --metrics-port 0 --threads 1 \
+  local floor=()
+  [[ -n "${TANDEM_TEST_MIN_STEP_MS:-}" ]] && floor=(-x "TANDEM_TEST_MIN_STEP_MS=$TANDEM_TEST_MIN_STEP_MS")
+  "${on_node1[@]}" "${mpi[@]}" "${floor[@]}" --output-filename "$scratch/ranks_${2%.log}" "$tandem" serve --model "$1" --port 0 --metrics-port 0 --threads 1 \
     --collective-timeout "$timeout_s" --no-request-log --drain-grace 5 >"$scratch/$2" 2>&1 &
   job=$!
   port=$(wait_for_port "$scratch/$2") || fail "the TP=2 replica did not start ($2)"
@@ -332,7 +333,9 @@ say "   exit status $status; $(grep -o "tandem: watchdog: rank 0: [^(]*" "$scrat
 
 # ---- 3c. a partition in the middle of streams --------------------------------------------------
 say "3c. a TP=2 replica with streams running when the link is cut"
-start_tp_replica "$scratch/slow" serve_busy.log
+# Steps of 5 ms or more (the engine's test hook), so the streams are still running at the cut
+# however fast the CPU.
+TANDEM_TEST_MIN_STEP_MS=5 start_tp_replica "$scratch/tiny" serve_busy.log
 clients=()
 for i in 1 2 3; do
   ask "$port" "request $i" 1000 --ignore-eos >"$scratch/stream_$i.out" 2>"$scratch/stream_$i.log" &

@@ -45,16 +45,10 @@ class ServingE2E : public ::testing::Test {
   };
   std::unique_ptr<ServerProcess> serve(std::vector<std::string> extra, const std::string& name,
                                        bool slow = false) {
-    std::vector<std::string> args = {"serve",
-                                     "--model",
-                                     model_dir_,
-                                     "--metrics-port",
+    std::vector<std::string> args = {"serve",     "--model", model_dir_,      "--metrics-port",
                                      "0",
 
-                                     "--threads",
-                                     "1",
-                                     "--drain-grace",
-                                     "10"};
+                                     "--threads", "1",       "--drain-grace", "10"};
     args.insert(args.end(), extra.begin(), extra.end());
     SlowEnv env(slow);
     return std::make_unique<ServerProcess>(args, log(name));
@@ -71,9 +65,9 @@ class ServingE2E : public ::testing::Test {
   std::unique_ptr<ServerProcess> serve_tp(int ranks, std::vector<std::string> extra,
                                           const std::string& name, bool slow = false) {
     allow_mpirun();
-    std::vector<std::string> args = {
-        "serve",     "--model", model_dir_, "--metrics-port", "0",
-        "--threads", "1",       "--drain-grace", "10"};
+    std::vector<std::string> args = {"serve", "--model",   model_dir_, "--metrics-port",
+                                     "0",     "--threads", "1",        "--drain-grace",
+                                     "10"};
     args.insert(args.end(), extra.begin(), extra.end());
     SlowEnv env(slow);  // mpirun's ranks on this machine inherit its environment
     return std::make_unique<ServerProcess>(
@@ -820,8 +814,8 @@ TEST_F(ServingE2E, ARequestArrivingDuringShutdownGetsUnavailableNeverCancelled) 
   {
     ScopedEnv hold("TANDEM_TEST_HOLD_ADMISSION_MS", "2500");
     router = std::make_unique<ServerProcess>(
-        std::vector<std::string>{"router", "--replicas", replica->address(), "--metrics-port",
-                                 "0", "--health-interval-ms", "100", "--drain-grace", "10",
+        std::vector<std::string>{"router", "--replicas", replica->address(), "--metrics-port", "0",
+                                 "--health-interval-ms", "100", "--drain-grace", "10",
                                  "--no-request-log"},
         log("held_router.log"));
   }
@@ -850,16 +844,13 @@ TEST_F(ServingE2E, ARequestArrivingDuringShutdownGetsUnavailableNeverCancelled) 
                                "--no-request-log"},
       log("short_grace_router.log"));
   ASSERT_TRUE(eventually(
-      [&] {
-        return scrape(short_grace->metrics_port(), "tandem_router_replicas_healthy") == 1.0;
-      },
+      [&] { return scrape(short_grace->metrics_port(), "tandem_router_replicas_healthy") == 1.0; },
       10.0));
   auto via = connect(short_grace->address());
   StreamResult result;
   std::thread streaming([&] { result = stream(*via, long_request(1000)); });
   ASSERT_TRUE(eventually(
-      [&] { return scrape(replica->metrics_port(), "tandem_num_requests_running") == 1.0; },
-      10.0));
+      [&] { return scrape(replica->metrics_port(), "tandem_num_requests_running") == 1.0; }, 10.0));
   ::kill(short_grace->process().pid(), SIGTERM);
   streaming.join();
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE)
@@ -875,8 +866,8 @@ TEST_F(ServingE2E, DrainGraceIsKeptWithManyLongStreams) {
   // time (one engine lock for all of them, not one per stream: 50 x 200 ms before).
   ScopedEnv floor("TANDEM_TEST_MIN_STEP_MS", "200");
   auto server = std::make_unique<ServerProcess>(
-      std::vector<std::string>{"serve", "--model", model_dir_, "--metrics-port",
-                               "0", "--threads", "1", "--drain-grace", "1", "--no-request-log"},
+      std::vector<std::string>{"serve", "--model", model_dir_, "--metrics-port", "0", "--threads",
+                               "1", "--drain-grace", "1", "--no-request-log"},
       log("serve.log"));
   auto stub = connect(server->address());
   const int n = 50;
@@ -981,8 +972,8 @@ TEST_F(ServingE2E, AClientThatStopsReadingIsPausedThenCancelledAndItsBlocksFreed
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8192);
-  auto stalled_stub = pb::Generation::NewStub(grpc::CreateCustomChannel(
-      server->address(), grpc::InsecureChannelCredentials(), args));
+  auto stalled_stub = pb::Generation::NewStub(
+      grpc::CreateCustomChannel(server->address(), grpc::InsecureChannelCredentials(), args));
   grpc::ClientContext c;
   c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
   pb::GenerateRequest r = long_request(1000);
@@ -1022,7 +1013,9 @@ TEST_F(ServingE2E, IdleConnectionsOnTheMetricsPortNeitherStarveItNorTheProcessFd
   const pid_t pid = server->process().pid();
   auto open_fds = [pid] {
     int n = 0;
-    for ([[maybe_unused]] const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) ++n;
+    for ([[maybe_unused]] const auto& e :
+         fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd"))
+      ++n;
     return n;
   };
   const int fds_before = open_fds();
@@ -1031,7 +1024,8 @@ TEST_F(ServingE2E, IdleConnectionsOnTheMetricsPortNeitherStarveItNorTheProcessFd
   ::getrlimit(RLIMIT_NOFILE, &limit);
   limit.rlim_cur = limit.rlim_max;
   ::setrlimit(RLIMIT_NOFILE, &limit);
-  const int n = static_cast<int>(std::min<rlim_t>(2000, limit.rlim_cur > 100 ? limit.rlim_cur - 100 : 0));
+  const int n =
+      static_cast<int>(std::min<rlim_t>(2000, limit.rlim_cur > 100 ? limit.rlim_cur - 100 : 0));
   ASSERT_GE(n, 200) << "the test needs a few hundred file descriptors";
   std::vector<int> idle;
   sockaddr_in address{};

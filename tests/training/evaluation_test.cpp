@@ -37,13 +37,12 @@ class EvaluationTest : public ::testing::Test {
     c.ffn_hidden = 64;
     model_ = std::make_unique<Transformer>(c);
     model_->init_weights(5);
-    questions_ = {
-        {"And the earth was without form, ", {"and void", "and light", "of the deep"}, 0},
-        {"And God said,", {" Let there be light", " the waters", " and darkness was"}, 0},
-        {"", {"In the beginning", "The heaven"}, 1},
-        {"darkness was upon the face of the deep. And the Spirit of God moved upon",
-         {" the face of the waters.", " the earth.", " God."},
-         2}};
+    questions_ = {{"And the earth was without form, ", {"and void", "and light", "of the deep"}, 0},
+                  {"And God said,", {" Let there be light", " the waters", " and darkness was"}, 0},
+                  {"", {"In the beginning", "The heaven"}, 1},
+                  {"darkness was upon the face of the deep. And the Spirit of God moved upon",
+                   {" the face of the waters.", " the earth.", " God."},
+                   2}};
   }
   // The log-likelihood of `choice` after `context` by a dense forward over the whole text
   // (the harness's encoding: trailing whitespace of the context moves to the choice).
@@ -51,7 +50,8 @@ class EvaluationTest : public ::testing::Test {
     size_t cut = context.size();
     while (cut > 0 && context[cut - 1] == ' ') --cut;
     std::vector<int32_t> ctx = tokenizer_->encode(context.substr(0, cut));
-    std::vector<int32_t> all = tokenizer_->encode(context.substr(0, cut) + context.substr(cut) + choice);
+    std::vector<int32_t> all =
+        tokenizer_->encode(context.substr(0, cut) + context.substr(cut) + choice);
     if (ctx.empty()) {
       all.insert(all.begin(), tokenizer_->eot_id());
       ctx = {tokenizer_->eot_id()};
@@ -175,9 +175,9 @@ TEST_F(EvaluationTest, TheNextLineTaskUsesOnlyTheHeldOutEndAndIsDeterministic) {
     EXPECT_EQ(std::stoi(a[q].choices[a[q].label].substr(6)), last + 1);
   }
   for (int n : labels) EXPECT_GT(n, 0) << "labels spread over the positions";
-  EXPECT_NE(testing::error_message_of([&] { build_next_verse_task(corpus, 5000, 0.1); })
-                .find("only"),
-            std::string::npos);
+  EXPECT_NE(
+      testing::error_message_of([&] { build_next_verse_task(corpus, 5000, 0.1); }).find("only"),
+      std::string::npos);
 }
 
 }  // namespace
