@@ -5,6 +5,7 @@
 // k(C + X) / (C + kX). Prints both times, the measured and ideal speed-ups and their ratio.
 //
 //   build/bench/bench_eval --model CKPT --task TASK.jsonl [--threads 2] [--repeats 3]
+//                          [--block-size 8]
 // (e.g. the demo's checkpoint and data/kjv/next_line.jsonl). The figures of both runs are
 // checked to be equal: caching changes no log-likelihood.
 #include <algorithm>
@@ -22,7 +23,7 @@
 
 int main(int argc, char** argv) {
   std::string model_dir, task;
-  int threads = 2, repeats = 3;
+  int threads = 2, repeats = 3, block_size = tandem::EvalOptions().block_size;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--model")
@@ -33,6 +34,8 @@ int main(int argc, char** argv) {
       threads = std::atoi(argv[i + 1]);
     else if (flag == "--repeats")
       repeats = std::max(1, std::atoi(argv[i + 1]));
+    else if (flag == "--block-size")
+      block_size = std::max(1, std::atoi(argv[i + 1]));
     else {
       std::fprintf(stderr, "bench_eval: unknown flag %s\n", argv[i]);
       return 2;
@@ -67,6 +70,7 @@ int main(int argc, char** argv) {
       for (bool prefix : {true, false}) {
         tandem::EvalOptions options;
         options.prefix_caching = prefix;
+        options.block_size = block_size;
         tandem::Engine engine(*model, tandem::evaluation_engine_config(options, tok, nullptr));
         const auto t0 = std::chrono::steady_clock::now();
         tandem::McResult result = tandem::score_mc_task(engine, tok, questions, options, nullptr);
@@ -94,8 +98,8 @@ int main(int argc, char** argv) {
         "task %s: %d questions, %.1f choices each; mean context C = %.1f tokens, choice "
         "X = %.1f tokens\n",
         task.c_str(), static_cast<int>(n), k, C, X);
-    std::printf("scoring (median of %d, %d threads, OPENBLAS_CORETYPE=%s):\n", repeats, threads,
-                coretype != nullptr ? coretype : "unset");
+    std::printf("scoring (median of %d, %d threads, KV blocks of %d tokens, OPENBLAS_CORETYPE=%s):\n",
+                repeats, threads, block_size, coretype != nullptr ? coretype : "unset");
     std::printf("  with prefix caching     %8.3f s   (acc %.4f, acc_norm %.4f)\n", a, cached.acc(),
                 cached.acc_norm());
     std::printf("  without prefix caching  %8.3f s   (the same log-likelihoods, bit for bit)\n", b);
