@@ -518,6 +518,21 @@ bool Engine::step() {
   return has_work_;
 }
 
+void Engine::refresh_weights() {
+  std::lock_guard<std::mutex> lock(step_mu_);
+  admit_incoming();
+  require(requests_.empty(), "engine: refresh_weights with ", requests_.size(),
+          " request(s) live; the weights may change only between uses");
+  model_.refresh_inference();
+  // A new block manager: every block free, nothing cached (same pool, same KV memory).
+  const int num_blocks = blocks_->num_blocks();
+  blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
+  scheduler_ = std::make_unique<Scheduler>(
+      SchedulerConfig{config_.max_batched_tokens, config_.max_seqs, config_.max_prompt_logit_rows},
+      *blocks_);
+  refresh_stats();
+}
+
 void Engine::wake() {
   {
     std::lock_guard<std::mutex> lock(queue_mu_);

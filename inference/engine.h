@@ -223,6 +223,10 @@ class Engine {
 
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
+  // The model's weights changed (an optimizer step): rebuilds its inference copies in place
+  // (Transformer::refresh_inference) and empties the prefix cache, whose K/V were computed
+  // with the old weights. Only between uses: no request may be live (tandem::Error otherwise).
+  void refresh_weights();
   const Transformer& model() const { return model_; }
 
   // The pieces of construction, for a tensor-parallel worker rank that runs the model without

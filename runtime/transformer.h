@@ -152,6 +152,10 @@ class Transformer {
   // Builds the inference weights and buffers (see the top of this header).
   void prepare_inference(const InferenceOptions& options);
   bool inference_ready() const { return infer_ != nullptr; }
+  // Rebuilds the inference copies of the weights (packed panels, bf16) from the current
+  // parameters in place, into the buffers prepare_inference allocated: for a model whose
+  // weights change between uses of one engine (evaluation in the training loop).
+  void refresh_inference();
   // Frees what prepare_inference built (the weight snapshot and buffers).
   void release_inference() { infer_.reset(); }
   const InferenceOptions& inference_options() const;
@@ -181,6 +185,7 @@ class Transformer {
   struct InferenceState;
 
   void build_layout();
+  void build_inference_weights(InferenceState& state, bool refresh);
   void tp_all_reduce(float* buffer, size_t count) const;
   void tp_embedding_forward(float* out, const int32_t* tokens, const int32_t* positions, int N);
   void tp_embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,

@@ -40,29 +40,22 @@ struct Transformer::InferenceState {
   Tensor block_tables;  // grown on demand
 };
 
-void Transformer::prepare_inference(const InferenceOptions& options) {
-  require(options.max_batched_tokens > 0, "inference: max_batched_tokens must be > 0, got ",
-          options.max_batched_tokens);
-  require(options.max_logit_rows > 0, "inference: max_logit_rows must be > 0, got ",
-          options.max_logit_rows);
+void Transformer::build_inference_weights(InferenceState& s, bool refresh) {
+  const InferenceOptions& options = s.options;
   const ModelConfig& c = config_;
-  // This rank's share under tensor parallelism (the same layout as the training forward's).
   const detail::Dims d(c, tp_size_);
   const int64_t C = d.C, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP, V = vocab_local_;
-  const int64_t cap = options.max_batched_tokens, R = options.max_logit_rows;
-  infer_.reset();
-  auto s = std::make_shared<InferenceState>();
-  s->options = options;
-
   const Tensor host_params = params_.to(Device::cpu());
   const float* hp = host_params.data<float>();
-  // The out x in matrix at `offset`, stored [in, out] (GPT-2's Conv1D) or [out, in].
+  // The out x in matrix at `offset`, stored [in, out] (GPT-2's Conv1D) or [out, in], in the
+  // form the options ask for. A refresh writes into the storage built before (same shapes, no
+  // allocation of the weights' copies).
   const bool packed = device_.is_cpu() && (options.bf16_weights || options.batch_invariant);
-  auto matrix = [&](int64_t offset, int64_t out, int64_t in, bool stored_in_out) {
-    InferenceMatrix m;
+  auto matrix = [&](InferenceMatrix& m, int64_t offset, int64_t out, int64_t in,
+                    bool stored_in_out) {
     if (!stored_in_out && !packed && device_.is_cpu()) {
       m.f32 = params_.data<float>() + offset;  // already [out, in]: read in place
-      return m;
+      return;
     }
     Tensor t = Tensor::empty({out, in});
     float* dst = t.data<float>();
@@ -77,33 +70,64 @@ void Transformer::prepare_inference(const InferenceOptions& options) {
     if (options.bf16_weights) {
       // CPU: panels for cpu::linear_rows_bf16; CUDA: plain [out, in] bf16.
       const int64_t n = packed ? static_cast<int64_t>(cpu::packed_linear_size(N, K)) : out * in;
-      Tensor b = Tensor::empty({n}, DType::kBF16);
+      Tensor b = refresh && packed ? m.storage : Tensor::empty({n}, DType::kBF16);
       if (packed) {
         cpu::pack_linear_bf16(static_cast<uint16_t*>(b.raw_data()), dst, N, K);
       } else {
         convert_from_f32(dst, static_cast<size_t>(n), b.raw_data(), DType::kBF16);
       }
-      m.storage = b.to(device_);
+      if (refresh && !packed) {
+        m.storage.copy_from(b);
+      } else if (!refresh) {
+        m.storage = b.to(device_);
+      }
       m.bf16 = static_cast<const uint16_t*>(m.storage.raw_data());
     } else if (packed) {
-      Tensor p = Tensor::empty({static_cast<int64_t>(cpu::packed_linear_size(N, K))});
-      cpu::pack_linear_f32(p.data<float>(), dst, N, K);
-      m.storage = p;
-      m.packed = p.data<float>();
+      if (!refresh) m.storage = Tensor::empty({static_cast<int64_t>(cpu::packed_linear_size(N, K))});
+      cpu::pack_linear_f32(m.storage.data<float>(), dst, N, K);
+      m.packed = m.storage.data<float>();
     } else {
-      m.storage = t.to(device_);
+      if (refresh) {
+        m.storage.copy_from(t);
+      } else {
+        m.storage = t.to(device_);
+      }
       m.f32 = m.storage.data<float>();
     }
-    return m;
   };
   const bool in_out = !c.is_llama();  // GPT-2's Conv1D matrices
-  s->layers.resize(c.n_layer);
+  s.layers.resize(c.n_layer);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerOffsets& o = layers_[l];
-    s->layers[l] = {matrix(o.qkv_w, QKV, C, in_out), matrix(o.attn_out_w, C, HD, in_out),
-                    matrix(o.up_w, UP, C, in_out), matrix(o.down_w, C, F, in_out)};
+    InferenceState::Layer& layer = s.layers[l];
+    matrix(layer.qkv, o.qkv_w, QKV, C, in_out);
+    matrix(layer.attn_out, o.attn_out_w, C, HD, in_out);
+    matrix(layer.up, o.up_w, UP, C, in_out);
+    matrix(layer.down, o.down_w, C, F, in_out);
   }
-  s->lm_head = matrix(lm_head_, V, C, false);
+  matrix(s.lm_head, lm_head_, V, C, false);
+}
+
+void Transformer::refresh_inference() {
+  require(infer_ != nullptr, "inference: call prepare_inference before refresh_inference");
+  build_inference_weights(*infer_, /*refresh=*/true);
+}
+
+void Transformer::prepare_inference(const InferenceOptions& options) {
+  require(options.max_batched_tokens > 0, "inference: max_batched_tokens must be > 0, got ",
+          options.max_batched_tokens);
+  require(options.max_logit_rows > 0, "inference: max_logit_rows must be > 0, got ",
+          options.max_logit_rows);
+  const ModelConfig& c = config_;
+  // This rank's share under tensor parallelism (the same layout as the training forward's).
+  const detail::Dims d(c, tp_size_);
+  const int64_t C = d.C, QKV = d.QKV, HD = d.HD, F = d.F, UP = d.UP, V = vocab_local_;
+  const int64_t cap = options.max_batched_tokens, R = options.max_logit_rows;
+  infer_.reset();
+  auto s = std::make_shared<InferenceState>();
+  s->options = options;
+
+  build_inference_weights(*s, /*refresh=*/false);
 
   auto f32 = [&](std::initializer_list<int64_t> shape) {
     return Tensor::empty(Shape(shape), DType::kF32, device_);

@@ -29,9 +29,13 @@ std::string dry_run_report(const TrainConfig& config, int ranks) {
     model.vocab_size = summary["vocab_size"].get<int>();
   }
   model.validate();
-  const TrainingMemory m = estimate_training_memory(
-      model, config.batch_size, config.seq_len, config.grad_accum, mesh.dp, config.parallel_zero,
-      mesh.tp);
+  TrainingMemory m = estimate_training_memory(model, config.batch_size, config.seq_len,
+                                              config.grad_accum, mesh.dp, config.parallel_zero,
+                                              mesh.tp);
+  if (!config.eval_task.empty() || !config.eval_prompts.empty() ||
+      !config.eval_prompts_file.empty()) {
+    m.evaluation = evaluation_memory(model, config.eval_kv_cache_mb, mesh.tp);
+  }
   std::string out = cat("tandem: dry run: ", family_name(model.family), " model, ",
                         Transformer::parameter_count(model) / 1e6, "M parameters, vocab ",
                         model.vocab_size, "; ", ranks, " rank(s) = dp ", mesh.dp, " x tp ", mesh.tp,
@@ -48,6 +52,7 @@ std::string dry_run_report(const TrainConfig& config, int ranks) {
   row("optimizer state", m.optimizer_state);
   row("activations", m.activations);
   row("other", m.other);
+  if (m.evaluation > 0) row("evaluation", m.evaluation);
   row("total", m.total());
   return out;
 }

@@ -69,6 +69,11 @@ std::string format_bytes(uint64_t bytes) {
   return buf;
 }
 
+uint64_t evaluation_memory(const ModelConfig& model, int64_t kv_cache_mb, int tp) {
+  return (static_cast<uint64_t>(kv_cache_mb) << 20) +
+         static_cast<uint64_t>(Transformer::parameter_count(model, tp)) * sizeof(float);
+}
+
 void require_training_memory_fits(const TrainingMemory& memory, Device device) {
   const uint64_t available = available_memory_bytes(device);
   // Headroom for the allocator, the kernels' scratch, the BLAS library and the rest of us.
@@ -77,7 +82,9 @@ void require_training_memory_fits(const TrainingMemory& memory, Device device) {
           " (parameters ", format_bytes(memory.parameters), ", gradients ",
           format_bytes(memory.gradients), ", optimizer state ",
           format_bytes(memory.optimizer_state), ", activations ", format_bytes(memory.activations),
-          ", other ", format_bytes(memory.other), ") but only ", format_bytes(available),
+          ", other ", format_bytes(memory.other),
+          memory.evaluation > 0 ? cat(", evaluation ", format_bytes(memory.evaluation)) : "",
+          ") but only ", format_bytes(available),
           " is available; make the model (model.*) or the batch (data.batch_size, data.seq_len) "
           "smaller");
 }

@@ -17,7 +17,12 @@ struct TrainingMemory {
   uint64_t optimizer_state = 0;  // AdamW first and second moments, F32
   uint64_t activations = 0;      // one micro-batch's forward + backward buffers
   uint64_t other = 0;            // RoPE tables, host staging of batches
-  uint64_t total() const { return parameters + gradients + optimizer_state + activations + other; }
+  // Evaluation through the engine (eval.task / eval.prompts): its KV pool and the copy of the
+  // weights in the inference layout, held for the whole run (one engine, refreshed in place).
+  uint64_t evaluation = 0;
+  uint64_t total() const {
+    return parameters + gradients + optimizer_state + activations + other + evaluation;
+  }
 };
 
 // Bytes of a forward+backward with AdamW over micro-batches of [batch_size, seq_len].
@@ -31,6 +36,9 @@ TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size
 TrainingMemory estimate_training_memory(const ModelConfig& model, int batch_size, int seq_len,
                                         int grad_accum, int dp, int zero, int tp = 1);
 
+// The evaluation engine's memory per rank: its KV pool and the inference copy of this rank's
+// weights (at most their F32 size).
+uint64_t evaluation_memory(const ModelConfig& model, int64_t kv_cache_mb, int tp = 1);
 // "1.23 GiB"-style text.
 std::string format_bytes(uint64_t bytes);
 

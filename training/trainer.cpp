@@ -205,11 +205,7 @@ Trainer::Trainer(const TrainConfig& config, std::ostream& log)
   config_.model.validate();
   // Before any allocation: a model or batch that cannot fit is an error now, not an OOM kill
   // after minutes of paging.
-  require_training_memory_fits(
-      estimate_training_memory(config_.model, config_.batch_size, config_.seq_len,
-                               config_.grad_accum, parallel_->mesh().dp, config_.parallel_zero,
-                               parallel_->mesh().tp),
-      device_);
+  require_training_memory_fits(memory_estimate(), device_);
   if (fs::exists(data / "encoder.json") && fs::exists(data / "vocab.bpe")) {
     tokenizer_ = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(data.string()));
   }
@@ -484,6 +480,18 @@ std::string Trainer::save(long step, float last_loss) {
   return save_checkpoint(config_.out_dir, step, save, config_.keep_last);
 }
 
+TrainingMemory Trainer::memory_estimate() const {
+  TrainingMemory m = estimate_training_memory(config_.model, config_.batch_size, config_.seq_len,
+                                              config_.grad_accum, parallel_->mesh().dp,
+                                              config_.parallel_zero, parallel_->mesh().tp);
+  if (!config_.eval_task.empty() || !config_.eval_prompts.empty() ||
+      !config_.eval_prompts_file.empty()) {
+    m.evaluation =
+        evaluation_memory(config_.model, config_.eval_kv_cache_mb, parallel_->mesh().tp);
+  }
+  return m;
+}
+
 Trainer::EngineEvaluation Trainer::evaluate_with_engine() {
   const auto t0 = std::chrono::steady_clock::now();
   EvalOptions options;
@@ -547,9 +555,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   const int dp = parallel_->mesh().dp;
   const double global_tokens_per_step = static_cast<double>(tokens_per_step) * dp;
 
-  const TrainingMemory memory =
-      estimate_training_memory(config_.model, B, T, K, dp, config_.parallel_zero,
-                               parallel_->mesh().tp);
+  const TrainingMemory memory = memory_estimate();
   log_ << "tandem: " << family_name(config_.model.family) << " model, "
        << model_->num_parameters() / 1e6 << "M parameters, vocab " << config_.model.vocab_size
        << "; batch " << B << " x " << K << " x " << T << " tokens; " << cpu::num_threads()
@@ -557,7 +563,9 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
   log_ << "tandem: memory: parameters " << format_bytes(memory.parameters) << ", gradients "
        << format_bytes(memory.gradients) << ", optimizer state "
        << format_bytes(memory.optimizer_state) << ", activations "
-       << format_bytes(memory.activations) << ", total " << format_bytes(memory.total())
+       << format_bytes(memory.activations)
+       << (memory.evaluation > 0 ? ", evaluation engine " + format_bytes(memory.evaluation) : "")
+       << ", total " << format_bytes(memory.total())
        << (distributed ? " per rank" : "") << std::endl;
   if (model_->tp_size() > 1) {
     log_ << "tandem: tensor parallel over " << model_->tp_size() << " ranks ("
@@ -644,6 +652,7 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
                            {"optimizer_state", memory.optimizer_state},
                            {"activations", memory.activations},
                            {"other", memory.other},
+                           {"evaluation", memory.evaluation},
                            {"total", memory.total()},
                            {"dp", dp},
                            {"tp", parallel_->mesh().tp},
@@ -709,6 +718,8 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.last_step = step;
   result.tokens_per_second = compute_seconds > 0 ? tokens_done / compute_seconds : 0.0;
+  // The evaluation engine goes first: the sample builds an engine of its own on the model.
+  eval_engine_.reset();
   // Only rank 0 samples and no collective follows, so its own stop flag may cut the sample short
   // in a distributed run too.
   if (!stopping() && model_->tp_size() > 1 && config_.sample_tokens > 0) {

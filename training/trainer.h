@@ -33,6 +33,7 @@
 #include "training/data_loader.h"
 #include "training/data_parallel.h"
 #include "training/evaluation.h"
+#include "training/memory_estimate.h"
 #include "training/optimizer.h"
 #include "training/train_config.h"
 
@@ -91,6 +92,8 @@ class Trainer {
     double seconds = 0.0;
   };
   EngineEvaluation evaluate_with_engine();
+  // The memory the run needs per rank (the evaluation engine's included when configured).
+  TrainingMemory memory_estimate() const;
   // Throws when the weights hold a NaN or an infinity (checked before every save).
   void require_finite_weights(long step) const;
 
@@ -110,6 +113,7 @@ class Trainer {
   std::unique_ptr<BpeTokenizer> tokenizer_;
   std::vector<McQuestion> eval_questions_;
   std::vector<std::string> eval_prompts_;
+  std::unique_ptr<Engine> eval_engine_;  // built at the first evaluation, kept for the run
   int32_t eot_token_ = -1;
   long start_step_ = 0;
   double unigram_val_loss_ = 0.0;

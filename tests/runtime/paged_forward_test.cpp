@@ -155,6 +155,43 @@ TEST(PagedForward, RowsDoNotDependOnTheRestOfTheBatch) {
   EXPECT_EQ(alone, together);
 }
 
+TEST(PagedForward, RefreshInferenceFollowsChangedWeightsInPlace) {
+  // The in-loop evaluation keeps one engine: after the weights change, refresh_inference makes
+  // the inference copies (packed f32, bf16) equal to a fresh prepare_inference's, bit for bit.
+  for (const ModelConfig& base : {testing::tiny_gpt2(), testing::tiny_llama()}) {
+    for (bool bf16 : {false, true}) {
+      const ModelConfig config = with_context(base, 16);
+      Transformer model(config), fresh(config);
+      model.init_weights(3);
+      InferenceOptions opt;
+      opt.max_batched_tokens = 16;
+      opt.max_logit_rows = 16;
+      opt.bf16_weights = bf16;
+      model.prepare_inference(opt);
+      model.init_weights(4);  // new weights, as an optimizer step would write them
+      model.refresh_inference();
+      fresh.init_weights(4);
+      fresh.prepare_inference(opt);
+      const int T = 7;
+      const auto tokens = random_tokens(T, config.vocab_size, 9);
+      auto logits = [&](Transformer& m) {
+        KvCache cache(config, 4, 4);
+        std::vector<int32_t> pos(T), seq(T, 0), slots(T), rows(T), table = {2, 0};
+        for (int t = 0; t < T; ++t) {
+          pos[t] = t;
+          slots[t] = table[t / 4] * 4 + t % 4;
+          rows[t] = t;
+        }
+        AttentionContext ctx{T, tokens.data(), pos.data(), seq.data(), slots.data(), 1, 2,
+                             table.data(), T, rows.data()};
+        const Tensor l = m.forward_paged(ctx, cache);
+        return std::vector<float>(l.data<float>(), l.data<float>() + T * config.vocab_size);
+      };
+      EXPECT_EQ(logits(model), logits(fresh)) << (bf16 ? "bf16" : "f32");
+    }
+  }
+}
+
 TEST(PagedForward, RejectsBadContexts) {
   const ModelConfig config = testing::tiny_gpt2();
   Transformer model(config);
