@@ -51,6 +51,20 @@ void BlockManager::release(int id) {
   }
 }
 
+void BlockManager::drop_prefix_cache() {
+  for (const auto& [hash, id] : cached_) {
+    blocks_[id].hashed = false;
+    blocks_[id].tokens.clear();
+  }
+  cached_.clear();
+  for (int id : evictable_) {
+    blocks_[id].hashed = false;
+    blocks_[id].tokens.clear();
+    free_.push_back(id);
+  }
+  evictable_.clear();
+}
+
 int BlockManager::allocate_cached_prefix(Sequence& seq) {
   require(seq.block_table.empty(), "block manager: sequence ", seq.id, " already holds blocks");
   seq.num_computed = 0;

@@ -44,6 +44,10 @@ class BlockManager {
   // Releases all of seq's blocks (last block first, so the tail is evicted first) and resets
   // its computed count.
   void free(Sequence& seq);
+  // Forgets every cached prefix (the model's weights changed, so the cached K/V are stale):
+  // unreferenced cached blocks become free, blocks a sequence still holds are no longer found
+  // and are freed when it releases them. The hit-rate counters are kept.
+  void drop_prefix_cache();
 
   // Counts one admitted sequence's lookup (a lookup undone by free() is not counted).
   void record_prefix_lookup(int tokens, int hit_tokens);

@@ -131,6 +131,7 @@ GenerationDelta RequestStream::wait_all() {
     all.text += d->text;
     all.logprobs.insert(all.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
     all.top_logprobs.insert(all.top_logprobs.end(), d->top_logprobs.begin(), d->top_logprobs.end());
+    all.weights_version = d->weights_version;  // the same in every delta of a request
     if (d->finished()) {
       all.finish = d->finish;
       all.error = d->error;
@@ -157,6 +158,7 @@ struct Engine::Request {
   std::shared_ptr<RequestStream> stream;
   GenerationDelta pending;  // this step's delta
   std::vector<float> prompt_logprobs;  // by position from prompt_logprobs_start
+  std::string weights_version;  // set at admission
 };
 
 void Engine::check_config(const EngineConfig& config) {
@@ -226,6 +228,7 @@ Engine::Engine(Transformer& model, EngineConfig config)
   stats_.kv_blocks_total = stats_.kv_blocks_free = num_blocks;
   waker_ = std::make_shared<Waker>();
   waker_->engine = this;
+  weights_version_ = config_.weights_version;
 }
 
 Engine::~Engine() {
@@ -235,6 +238,10 @@ Engine::~Engine() {
   }
   stop();
   std::lock_guard<std::mutex> lock(step_mu_);
+  {
+    std::lock_guard<std::mutex> queue_lock(queue_mu_);
+    admission_held_ = false;
+  }
   admit_incoming();
   std::vector<Request*> live;
   for (auto& [id, r] : requests_) live.push_back(r.get());
@@ -288,6 +295,7 @@ std::shared_ptr<RequestStream> Engine::add_request(GenerationRequest request) {
     d.finish = FinishReason::kError;
     d.error = cat("request ", id, ": ", error);
     d.usage.prompt_tokens = static_cast<int>(request.prompt.size());
+    d.weights_version = weights_version();
     stream->push(std::move(d));
     return stream;
   }
@@ -323,9 +331,12 @@ void Engine::admit_incoming() {
   std::vector<std::unique_ptr<Request>> incoming;
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
+    if (admission_held_) return;  // swap_weights: they wait for the new weights
     incoming.swap(incoming_);
   }
+  const std::string version = weights_version();
   for (auto& r : incoming) {
+    r->weights_version = version;
     scheduler_->add(&r->seq);
     const uint64_t id = r->seq.id;
     requests_.emplace(id, std::move(r));
@@ -342,12 +353,14 @@ void Engine::finish(Request& r, FinishReason reason, std::string error) {
   d.usage.prompt_tokens = r.seq.prompt_len;
   d.usage.completion_tokens = r.seq.num_generated();
   d.usage.cached_prompt_tokens = std::max(0, r.seq.cached_prompt_tokens);
+  d.weights_version = r.weights_version;
   if (reason == FinishReason::kLength || reason == FinishReason::kStop) {
     d.prompt_logprobs = std::move(r.prompt_logprobs);
   }
   scheduler_->remove(&r.seq);
   r.stream->push(std::move(d));
   requests_.erase(r.seq.id);  // r is gone from here on
+  if (requests_.empty()) requests_ended_cv_.notify_all();
 }
 
 void Engine::abort(uint64_t request_id) {
@@ -357,9 +370,36 @@ void Engine::abort(uint64_t request_id) {
 void Engine::abort(const std::vector<uint64_t>& request_ids) {
   std::lock_guard<std::mutex> lock(step_mu_);
   admit_incoming();
+  std::vector<uint64_t> not_admitted;
   for (uint64_t id : request_ids) {
     auto it = requests_.find(id);
-    if (it != requests_.end()) finish(*it->second, FinishReason::kAbort);
+    if (it != requests_.end()) {
+      finish(*it->second, FinishReason::kAbort);
+    } else {
+      not_admitted.push_back(id);
+    }
+  }
+  if (!not_admitted.empty()) {
+    // Requests held back by a weight swap end where they wait.
+    std::vector<std::unique_ptr<Request>> held;
+    {
+      std::lock_guard<std::mutex> queue_lock(queue_mu_);
+      auto wanted = [&](const std::unique_ptr<Request>& r) {
+        return std::find(not_admitted.begin(), not_admitted.end(), r->seq.id) != not_admitted.end();
+      };
+      for (auto& r : incoming_) {
+        if (wanted(r)) held.push_back(std::move(r));
+      }
+      std::erase(incoming_, nullptr);
+    }
+    for (auto& r : held) {
+      GenerationDelta d;
+      d.request_id = r->seq.id;
+      d.finish = FinishReason::kAbort;
+      d.usage.prompt_tokens = r->seq.prompt_len;
+      d.weights_version = weights_version();
+      r->stream->push(std::move(d));
+    }
   }
   refresh_stats();
 }
@@ -495,6 +535,7 @@ bool Engine::step() {
         GenerationDelta d = std::move(r.pending);
         r.pending = {};
         d.request_id = r.seq.id;
+        d.weights_version = r.weights_version;
         r.stream->push(std::move(d));
       }
     }
@@ -524,12 +565,7 @@ void Engine::refresh_weights() {
   require(requests_.empty(), "engine: refresh_weights with ", requests_.size(),
           " request(s) live; the weights may change only between uses");
   model_.refresh_inference();
-  // A new block manager: every block free, nothing cached (same pool, same KV memory).
-  const int num_blocks = blocks_->num_blocks();
-  blocks_ = std::make_unique<BlockManager>(num_blocks, config_.block_size, config_.prefix_caching);
-  scheduler_ = std::make_unique<Scheduler>(
-      SchedulerConfig{config_.max_batched_tokens, config_.max_seqs, config_.max_prompt_logit_rows},
-      *blocks_);
+  blocks_->drop_prefix_cache();
   refresh_stats();
 }
 
@@ -554,7 +590,9 @@ void Engine::loop() {
     bool idle = false;
     {
       std::unique_lock<std::mutex> lock(queue_mu_);
-      const auto ready = [&] { return stopping_ || !incoming_.empty() || has_work_.load(); };
+      const auto ready = [&] {
+        return stopping_ || (!incoming_.empty() && !admission_held_) || has_work_.load();
+      };
       if (ticks) {
         idle = !queue_cv_.wait_for(lock, interval, ready);
       } else {
@@ -618,6 +656,55 @@ std::vector<GenerationDelta> Engine::generate(std::vector<GenerationRequest> req
   out.reserve(streams.size());
   for (auto& s : streams) out.push_back(s->wait_all());
   return out;
+}
+
+bool Engine::swap_weights(const std::function<void()>& swap, const std::string& version,
+                          std::chrono::milliseconds timeout) {
+  std::lock_guard<std::mutex> swap_lock(swap_mu_);
+  bool looping;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    admission_held_ = true;
+    looping = loop_thread_.joinable();
+  }
+  struct ResumeAdmission {
+    Engine& e;
+    ~ResumeAdmission() {
+      {
+        std::lock_guard<std::mutex> lock(e.queue_mu_);
+        e.admission_held_ = false;
+      }
+      e.queue_cv_.notify_all();  // the loop admits what waited
+    }
+  } resume{*this};
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto none_left = [&] { return requests_.empty(); };
+  if (!looping) {
+    // Nobody else steps: finish the admitted requests here (the held ones stay out).
+    while (std::chrono::steady_clock::now() < deadline) {
+      {
+        std::lock_guard<std::mutex> lock(step_mu_);
+        if (none_left()) break;
+      }
+      if (!step()) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // paused ones
+    }
+  }
+  std::unique_lock<std::mutex> lock(step_mu_);
+  if (!requests_ended_cv_.wait_until(lock, deadline, none_left)) return false;
+  swap();
+  model_.refresh_inference();  // the inference copies rebuilt in place: no second set of them
+  blocks_->drop_prefix_cache();
+  {
+    std::lock_guard<std::mutex> stats_lock(stats_mu_);
+    weights_version_ = version;
+  }
+  refresh_stats();
+  return true;
+}
+
+std::string Engine::weights_version() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  return weights_version_;
 }
 
 EngineStats Engine::stats() const {

@@ -14,7 +14,10 @@
 //
 // Threads: add_request, abort and stats may be called from any thread at any time. Steps run
 // either on the engine's own loop thread (start/stop) or by calling step() yourself, not both.
-// abort() waits for a step in flight, then frees the request's blocks at once. The model and
+// abort() waits for a step in flight, then frees the request's blocks at once.
+//
+// Weight updates: swap_weights() changes the model's weights between two steps; no request ever
+// mixes two versions of the weights, and every delta names the version it was made with. The model and
 // the tokenizer function must outlive the engine; the engine owns the KV pool. The engine calls
 // model.prepare_inference, whose buffers it then uses: one live engine per model.
 #pragma once
@@ -92,6 +95,9 @@ struct EngineConfig {
   // tests that act on a running request set it (TANDEM_TEST_MIN_STEP_MS in the environment
   // sets it for `tandem serve`), so they never depend on a model being slow.
   double min_step_ms = 0.0;
+  // The name of the weights the engine starts with (e.g. the checkpoint directory's name):
+  // GenerationDelta::weights_version until swap_weights() names new ones.
+  std::string weights_version;
 };
 
 struct GenerationRequest {
@@ -134,6 +140,7 @@ struct GenerationDelta {
   FinishReason finish = FinishReason::kNone;
   std::string error;  // with kError
   Usage usage;        // in the final delta
+  std::string weights_version;  // the weights that made every token of the request
   bool finished() const { return finish != FinishReason::kNone; }
 };
 
@@ -221,6 +228,19 @@ class Engine {
   // Offline batch generation: submits all, runs to the end, returns one merged delta each.
   std::vector<GenerationDelta> generate(std::vector<GenerationRequest> requests);
 
+  // Swaps the model's weights between steps. Holds the admission of requests that have not
+  // started (they wait), lets the admitted ones finish on the old weights, and once none is left
+  // (within `timeout`) runs `swap` under the step lock: it writes the new weights into
+  // model.params(). Then rebuilds the model's inference copies in place
+  // (Transformer::refresh_inference), drops the prefix cache (its K/V came from the old weights), names the
+  // weights `version` and resumes admission. Returns false, having changed nothing, when requests
+  // were still running at the timeout (requests are never cut for an update). Without the loop
+  // thread this call steps the engine itself while it waits. A throw from `swap` or from
+  // prepare_inference is rethrown after admission resumes. One swap at a time; thread-safe.
+  bool swap_weights(const std::function<void()>& swap, const std::string& version,
+                    std::chrono::milliseconds timeout);
+  std::string weights_version() const;
+
   EngineStats stats() const;
   const EngineConfig& config() const { return config_; }
   // The model's weights changed (an optimizer step): rebuilds its inference copies in place
@@ -260,11 +280,14 @@ class Engine {
   mutable std::mutex step_mu_;  // scheduler, block manager, live requests
   std::string stopped_by_failure_;  // step lock held; non-empty: out of service (on_step_failure)
   std::unordered_map<uint64_t, std::unique_ptr<Request>> requests_;
+  std::condition_variable requests_ended_cv_;  // with step_mu_: requests_ became empty
+  std::mutex swap_mu_;                         // one swap_weights at a time
 
   std::mutex queue_mu_;  // incoming requests, loop control
   std::condition_variable queue_cv_;
   std::vector<std::unique_ptr<Request>> incoming_;
   bool stopping_ = false;
+  bool admission_held_ = false;  // swap_weights: incoming requests wait in incoming_
   std::atomic<bool> has_work_{false};
   std::thread loop_thread_;
   std::atomic<uint64_t> next_id_{1};
@@ -277,6 +300,7 @@ class Engine {
 
   mutable std::mutex stats_mu_;
   EngineStats stats_;
+  std::string weights_version_;  // stats_mu_; written under the step lock too
 };
 
 }  // namespace tandem

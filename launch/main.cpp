@@ -45,6 +45,7 @@
 #include "launch/eval_command.h"
 #include "launch/generate_command.h"
 #include "launch/plot_command.h"
+#include "launch/publish_command.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
 #include "parallel/mpi_communicator.h"
@@ -551,6 +552,14 @@ CLI::App* add_serve(CLI::App& app, tandem::ServeCommandOptions& a) {
   c->add_option("--tls-key", a.tls_key, "PEM private key");
   c->add_option("--auth-token-file", a.auth_token_file,
                 "File whose first line is the bearer token clients must send");
+  c->add_option("--update-token-file", a.update_token_file,
+                "File whose first line is the token `tandem publish` (UpdateWeights) must send; "
+                "off (no weight updates) if unset");
+  c->add_option("--update-timeout", a.update_timeout_s,
+                "Seconds the running requests get to finish on the old weights before a weight "
+                "update is refused")
+      ->check(finite_in(0.1, 86400.0))
+      ->capture_default_str();
   c->add_option("--drain-grace", a.drain_grace_s, "Seconds in-flight requests get on SIGTERM")
       ->check(finite_in(0.0, 3600.0))
       ->capture_default_str();
@@ -685,6 +694,37 @@ int run_bench_serve(const CLI::App& command, const tandem::BenchServeOptions& a)
   return tandem::run_bench_serve_command(a, g_stop_signal);
 }
 
+// ---- publish --------------------------------------------------------------------------------
+
+CLI::App* add_publish(CLI::App& app, tandem::PublishCommandOptions& o) {
+  CLI::App* c = app.add_subcommand(
+      "publish",
+      "Push a checkpoint's weights to a running replica (started with --update-token-file):\n"
+      "it swaps them in between engine steps (running requests finish on the old weights).");
+  c->add_option("--model", o.model_dir, "Checkpoint directory (config.json, model.safetensors)");
+  c->add_option("--to", o.to, "The replica's HOST:PORT");
+  c->add_option("--update-token-file", o.update_token_file,
+                "File whose first line is the replica's update token");
+  c->add_option("--version", o.version, "The weights' name (default: the checkpoint's directory)");
+  c->add_option("--chunk-mb", o.chunk_mb,
+                "MiB per message (within the replica's --max-message-mb)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  c->add_option("--timeout", o.timeout_s,
+                "Seconds the whole push may take (the replica's wait for its running requests "
+                "included)")
+      ->check(finite_in(1.0, 86400.0))
+      ->capture_default_str();
+  return c;
+}
+
+int run_publish(const CLI::App& command, const tandem::PublishCommandOptions& o) {
+  require_no_extras(command);
+  require_flags(command, {"--model", "--to", "--update-token-file"});
+  install_stop_signals();
+  return tandem::run_publish_command(o, g_stop_signal);
+}
+
 // ---- plot -----------------------------------------------------------------------------------
 
 CLI::App* add_plot(CLI::App& app, tandem::PlotCommandOptions& o) {
@@ -782,9 +822,12 @@ int main(int argc, char** argv) {
   CLI::App* bench = add_bench(app, bench_args, &bench_serve);
   tandem::PlotCommandOptions plot_args;
   CLI::App* plot = add_plot(app, plot_args);
+  tandem::PublishCommandOptions publish_args;
+  CLI::App* publish = add_publish(app, publish_args);
   CLI::App* info = app.add_subcommand("info", "Build and machine facts (CUDA, BLAS, threads)");
-  for (CLI::App* command : {prepare, generate, tokenize, score, eval, make_task, plot, info, serve,
-                            router, bench_serve}) {
+  for (CLI::App* command :
+       {prepare, generate, tokenize, score, eval, make_task, plot, info, serve, router,
+        bench_serve, publish}) {
     command->allow_extras();
   }
   std::string help_topic;
@@ -798,7 +841,7 @@ int main(int argc, char** argv) {
       throw UsageError(
           cat("unknown command '", argv[1],
               "' (commands: prepare, train, generate, tokenize, score, eval, make-task, plot, "
-              "serve, router, bench, info, help)"));
+              "serve, router, publish, bench, info, help)"));
     }
     try {
       app.parse(argc, argv);
@@ -832,6 +875,7 @@ int main(int argc, char** argv) {
     if (*router) return run_router(*router, router_args);
     if (*bench) return run_bench_serve(*bench_serve, bench_args);
     if (*plot) return run_plot(*plot, plot_args);
+    if (*publish) return run_publish(*publish, publish_args);
     if (*info) {
       require_no_extras(*info);
       return run_info();

@@ -66,6 +66,9 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   if (parallel && opts.threads == 0) opts.threads = default_threads_per_rank();
   if (opts.threads > 0) cpu::set_num_threads(opts.threads);
   const Device device = Device::parse(opts.device);
+  require(!parallel || o.update_token_file.empty(), "serve: --update-token-file is for "
+          "one-process replicas; a tensor-parallel one (", parallel ? parallel->world_size() : 1,
+          " ranks under mpirun) takes no weight updates");
   require(!parallel || device.is_cpu(), "serve: a tensor-parallel replica (", parallel ? parallel->world_size() : 1,
           " ranks under mpirun) runs on the CPU for now; --device ", device.str(),
           " is for one-process replicas");
@@ -134,6 +137,16 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
     r.server.model_name = fs::path(o.model_dir).lexically_normal().parent_path().filename();
   }
   r.server.request_log = o.request_log ? stdout : nullptr;
+  if (!o.update_token_file.empty()) {
+    serving::WeightUpdateOptions updates;
+    updates.token = read_auth_token(o.update_token_file);
+    updates.timeout_s = o.update_timeout_s;
+    require(updates.token != r.server.auth_token, "serve: --update-token-file holds the same "
+            "token as --auth-token-file; a client that may generate must not be able to swap "
+            "the model");
+    r.weight_updates = updates;
+  }
+  engine.weights_version = r.server.model_name;
   r.engine = engine;
   r.metrics_port = o.metrics_port;
   r.tp = parallel ? &parallel->tp() : nullptr;
@@ -141,10 +154,11 @@ int run_serve_command(const ServeCommandOptions& o, const std::atomic<int>& stop
   if (parallel) parallel->watchdog().set_activity("serving");
 
   serving::Replica replica(*model, tokenizer, r);
-  std::fprintf(stderr, "tandem: serve: %s listening on %s:%d%s%s (metrics %s)%s\n",
+  std::fprintf(stderr, "tandem: serve: %s listening on %s:%d%s%s%s (metrics %s)%s\n",
                r.server.model_name.c_str(), o.host.c_str(), replica.port(),
                o.tls_cert.empty() ? "" : " with TLS",
                r.server.auth_token.empty() ? "" : ", bearer token required",
+               r.weight_updates ? ", weight updates accepted" : "",
                replica.metrics_port() > 0
                    ? cat("http://", o.host, ":", replica.metrics_port(), "/metrics").c_str()
                    : "off",

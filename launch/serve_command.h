@@ -35,9 +35,17 @@ struct ServeCommandOptions {
   int stream_interval = 1;  // new tokens per GenerateStream message
   double client_stall_timeout_s = 10.0;  // a stream whose client accepts nothing this long ends
   std::string tls_cert, tls_key, auth_token_file;
+  // Non-empty: UpdateWeights is accepted with this file's token (one-process replicas only);
+  // the running requests get update_timeout_s to finish before an update is refused.
+  std::string update_token_file;
+  double update_timeout_s = 30.0;
   double drain_grace_s = 30.0;
   bool request_log = true;  // one JSON line per finished request on stdout
 };
+
+// The token in a --*-token-file (its first line, trimmed; an empty one is an error); "" for an
+// empty path.
+std::string read_auth_token(const std::string& path);
 
 struct RouterCommandOptions {
   std::vector<std::string> replicas;  // host:port

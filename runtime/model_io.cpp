@@ -114,6 +114,36 @@ void check_tensors(const ModelConfig& config, const ParamLayout& full, const Saf
 }
 }  // namespace
 
+namespace {
+// load_pretrained's checks before any model memory: config.json present, its layer count that of
+// the file (the parameter table grows with it), every tensor's name, dtype and shape.
+ModelConfig check_checkpoint(const std::string& dir, const SafetensorsFile& file) {
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  require(fs::exists(config_path), "model directory ", dir, " has no config.json");
+  const ModelConfig config = load_config(config_path);
+  long long layers = 0;
+  for (const SafetensorsEntry& e : file.entries()) layers = std::max(layers, layer_of(e.name) + 1);
+  require(layers == config.n_layer, config_path, ": ",
+          config.is_llama() ? "num_hidden_layers" : "n_layer", " = ", config.n_layer, " but ",
+          file.path(), " holds ", layers, " layers");
+  check_tensors(config, Transformer::hf_layout(config), file,
+                names_in_file(file, !config.is_llama()));
+  return config;
+}
+}  // namespace
+
+Tensor load_full_weights(const std::string& dir, ModelConfig& config) {
+  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
+  config = check_checkpoint(dir, file);
+  const ParamLayout layout = Transformer::hf_layout(config);
+  const auto file_name_of = names_in_file(file, !config.is_llama());
+  Tensor host = Tensor::empty({layout.total_numel()});
+  for (const ParamSpec& s : layout.specs()) {
+    file.read_f32(file_name_of.at(s.name), s.shape, host.data<float>() + s.offset);
+  }
+  return host;
+}
+
 std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device,
                                              Communicator* tp) {
   const std::string config_path = (fs::path(dir) / "config.json").string();

@@ -30,5 +30,9 @@ ModelConfig load_config(const std::string& config_json_path);
 // keeps its slice (not collective), so a checkpoint of any tp loads at any other.
 void load_weights(Transformer& model, const std::string& safetensors_path);
 void load_weights(Transformer& model, const SafetensorsFile& file);
+// The weights of checkpoint directory `dir` without a model: one host F32 tensor in
+// Transformer::hf_layout(config) (BF16/F16 converted), checked as load_pretrained checks them;
+// `config` is set from dir/config.json. What `tandem publish` sends to a replica.
+Tensor load_full_weights(const std::string& dir, ModelConfig& config);
 
 }  // namespace tandem

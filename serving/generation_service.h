@@ -36,6 +36,8 @@ class Server;
 
 namespace tandem::serving {
 
+class WeightUpdater;
+
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 0;              // 0: any free port (GenerationServer::port() tells which)
@@ -75,8 +77,10 @@ struct RequestMetrics {
 
 class GenerationService final : public tandem::v1::Generation::Service {
  public:
+  // `updater` (may be null: UpdateWeights is then PERMISSION_DENIED) must outlive the service.
   GenerationService(Engine& engine, const BpeTokenizer& tokenizer, const ModelConfig& model,
-                    ServerOptions options, MetricsRegistry& registry);
+                    ServerOptions options, MetricsRegistry& registry,
+                    WeightUpdater* updater = nullptr);
   ~GenerationService() override;
 
   grpc::Status Generate(grpc::ServerContext* context, const tandem::v1::GenerateRequest* request,
@@ -90,6 +94,9 @@ class GenerationService final : public tandem::v1::Generation::Service {
                          tandem::v1::ModelInfoResponse* response) override;
   grpc::Status Load(grpc::ServerContext* context, const tandem::v1::LoadRequest* request,
                     tandem::v1::LoadResponse* response) override;
+  grpc::Status UpdateWeights(grpc::ServerContext* context,
+                             grpc::ServerReader<tandem::v1::UpdateWeightsRequest>* reader,
+                             tandem::v1::UpdateWeightsResponse* response) override;
 
   // Refuse new requests (UNAVAILABLE) from now on.
   void start_draining() { draining_ = true; }
@@ -113,6 +120,7 @@ class GenerationService final : public tandem::v1::Generation::Service {
   ModelConfig model_;
   ServerOptions options_;
   RequestMetrics metrics_;
+  WeightUpdater* updater_ = nullptr;
   size_t max_prompt_bytes_ = 0;  // longer text is certainly longer than the context
   std::atomic<bool> draining_{false};
   std::atomic<int> in_flight_{0};

@@ -74,6 +74,8 @@ struct MetricsRegistry::Family {
   std::vector<std::pair<std::string, std::unique_ptr<Counter>>> counters;  // by label
   std::unique_ptr<Histogram> histogram;
   std::function<double()> gauge;
+  std::string info_label;                  // an info gauge: its label's name
+  std::function<std::string()> info_value;  // and value
 };
 
 MetricsRegistry::MetricsRegistry() = default;
@@ -119,6 +121,31 @@ void MetricsRegistry::gauge(const std::string& name, const std::string& help,
   f.gauge = std::move(read);
 }
 
+void MetricsRegistry::info(const std::string& name, const std::string& help,
+                           const std::string& label_name, std::function<std::string()> read_value) {
+  Family& f = family(name, help, "gauge");
+  f.info_label = label_name;
+  f.info_value = std::move(read_value);
+}
+
+namespace {
+// A label value in the exposition format: backslash, double quote and newline escaped.
+std::string escape_label_value(const std::string& value) {
+  std::string out;
+  for (char c : value) {
+    if (c == '\\' || c == '"') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+}  // namespace
+
 std::string MetricsRegistry::render() const {
   std::ostringstream os;
   for (const auto& f : families_) {
@@ -130,6 +157,9 @@ std::string MetricsRegistry::render() const {
         if (!label.empty()) os << '{' << label << '}';
         os << ' ' << number(c->value()) << '\n';
       }
+    } else if (f->type == "gauge" && f->info_value) {
+      os << f->name << '{' << f->info_label << "=\"" << escape_label_value(f->info_value())
+         << "\"} 1\n";
     } else if (f->type == "gauge") {
       os << f->name << ' ' << number(f->gauge ? f->gauge() : 0.0) << '\n';
     } else {

@@ -55,6 +55,10 @@ class MetricsRegistry {
   Histogram& histogram(const std::string& name, const std::string& help,
                        std::vector<double> upper_bounds);
   void gauge(const std::string& name, const std::string& help, std::function<double()> read);
+  // An info gauge whose one label's value changes (read at scrape time, escaped), e.g.
+  // tandem_weights_version_info{version="step_1000"} 1.
+  void info(const std::string& name, const std::string& help, const std::string& label_name,
+            std::function<std::string()> read_value);
   std::string render() const;  // the text exposition format
 
  private:

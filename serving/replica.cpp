@@ -24,10 +24,16 @@ Replica::Replica(Transformer& model, const BpeTokenizer& tokenizer, ReplicaOptio
       failed_ = true;  // serve_until drains (health turns NOT_SERVING)
     };
   }
+  if (options_.engine.weights_version.empty()) {
+    options_.engine.weights_version = options_.server.model_name;
+  }
   engine_ = std::make_unique<Engine>(model, options_.engine);
+  if (options_.weight_updates) {
+    updater_ = std::make_unique<WeightUpdater>(*engine_, model, *options_.weight_updates);
+  }
   engine_->start();
   service_ = std::make_unique<GenerationService>(*engine_, tokenizer, model.config(),
-                                                 options_.server, registry_);
+                                                 options_.server, registry_, updater_.get());
   grpc_ = std::make_unique<GrpcServer>(*service_, options_.server);
   if (options_.metrics_port >= 0) {
     metrics_http_ =

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "inference/engine.h"
@@ -22,6 +23,7 @@
 #include "serving/generation_service.h"
 #include "serving/metrics.h"
 #include "serving/tensor_parallel.h"
+#include "serving/weight_update.h"
 
 namespace tandem::serving {
 
@@ -31,6 +33,9 @@ struct ReplicaOptions {
   int metrics_port = -1;  // -1: no /metrics; 0: any free port
   // The tp group of a tensor-parallel replica (this process is its rank 0), or null.
   Communicator* tp = nullptr;
+  // Set: the replica accepts UpdateWeights (one-process replicas only). The weights' first
+  // version is engine.weights_version, or server.model_name when that is empty.
+  std::optional<WeightUpdateOptions> weight_updates;
 };
 
 class Replica {
@@ -64,6 +69,7 @@ class Replica {
   mutable std::mutex failure_mu_;
   std::string failure_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<WeightUpdater> updater_;
   std::unique_ptr<GenerationService> service_;
   std::unique_ptr<GrpcServer> grpc_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;

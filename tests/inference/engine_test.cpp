@@ -558,6 +558,126 @@ GenerationDelta token_delta(int32_t token, bool final = false) {
   return d;
 }
 
+// swap_weights: a request running when the swap is asked for finishes on the old weights (its
+// tokens equal a run on the old model alone), one arriving meanwhile waits and runs entirely on
+// the new weights (the prefix cache of the old weights' K/V is dropped: its prompt is the same),
+// and each names its version.
+TEST(Engine, SwapWeightsLetsRunningRequestsFinishOnTheOldWeightsAndNewOnesWaitForTheNew) {
+  const ModelConfig config = engine_llama();
+  Transformer old_model(config), new_model(config);
+  old_model.init_weights(21);
+  new_model.init_weights(22);
+  const auto prompt = random_tokens(40, config.vocab_size, 5);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 200;
+  ec.block_size = 16;
+  GenerationDelta on_old, on_new;
+  {
+    Engine engine(old_model, ec);
+    on_old = engine.generate({greedy(prompt, 12)})[0];
+  }
+  {
+    Engine engine(new_model, ec);
+    on_new = engine.generate({greedy(prompt, 12)})[0];
+  }
+  ASSERT_NE(on_old.tokens, on_new.tokens) << "the two weights must differ in their output";
+
+  Transformer model(config);
+  model.init_weights(21);
+  ec.weights_version = "old";
+  ec.min_step_ms = 20;  // the running request is still running when the swap is asked for
+  Engine engine(model, ec);
+  engine.start();
+  auto running = engine.add_request(greedy(prompt, 12));
+  GenerationDelta first;
+  ASSERT_EQ(running->next_for(std::chrono::seconds(30), first), RequestStream::Wait::kDelta);
+  std::atomic<bool> swapped{false};
+  std::atomic<bool> running_done_at_swap{false};
+  std::thread swapper([&] {
+    const bool ok = engine.swap_weights(
+        [&] {
+          running_done_at_swap = running->finished();
+          model.params().copy_from(new_model.params());
+        },
+        "new", std::chrono::seconds(60));
+    swapped = ok;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  auto waiting = engine.add_request(greedy(prompt, 12));
+  GenerationDelta rest = running->wait_all();
+  const GenerationDelta after = waiting->wait_all();
+  swapper.join();
+  engine.stop();
+  ASSERT_TRUE(swapped.load());
+  EXPECT_TRUE(running_done_at_swap.load()) << "the swap ran while a request was running";
+  std::vector<int32_t> running_tokens = first.tokens;
+  running_tokens.insert(running_tokens.end(), rest.tokens.begin(), rest.tokens.end());
+  EXPECT_EQ(running_tokens, on_old.tokens);
+  EXPECT_EQ(first.weights_version, "old");
+  EXPECT_EQ(rest.weights_version, "old");
+  EXPECT_EQ(after.tokens, on_new.tokens) << "the request that waited ran on the new weights";
+  EXPECT_EQ(after.logprobs, on_new.logprobs);
+  EXPECT_EQ(after.weights_version, "new");
+  EXPECT_EQ(engine.weights_version(), "new");
+}
+
+// A swap asked for while a request runs longer than the timeout is refused: nothing changes,
+// the request finishes on the old weights, and a request that waited meanwhile runs afterwards.
+TEST(Engine, SwapWeightsPastItsTimeoutChangesNothingAndCutsNoRequest) {
+  const ModelConfig config = engine_llama();
+  Transformer model(config);
+  model.init_weights(21);
+  const auto prompt = random_tokens(20, config.vocab_size, 6);
+  EngineConfig ec;
+  ec.batch_invariant = true;
+  ec.num_blocks = 200;
+  ec.weights_version = "old";
+  GenerationDelta expected;
+  {
+    Engine engine(model, ec);
+    expected = engine.generate({greedy(prompt, 30)})[0];
+  }
+  ec.min_step_ms = 20;  // 30 tokens take >= 600 ms; the swap waits 100 ms
+  Engine engine(model, ec);
+  engine.start();
+  auto running = engine.add_request(greedy(prompt, 30));
+  GenerationDelta first;
+  ASSERT_EQ(running->next_for(std::chrono::seconds(30), first), RequestStream::Wait::kDelta);
+  bool called = false;
+  EXPECT_FALSE(engine.swap_weights([&] { called = true; }, "new", std::chrono::milliseconds(100)));
+  EXPECT_FALSE(called);
+  EXPECT_EQ(engine.weights_version(), "old");
+  const GenerationDelta later = engine.add_request(greedy(prompt, 3))->wait_all();
+  EXPECT_EQ(later.finish, FinishReason::kLength);
+  EXPECT_EQ(later.weights_version, "old");
+  GenerationDelta rest = running->wait_all();
+  engine.stop();
+  std::vector<int32_t> tokens = first.tokens;
+  tokens.insert(tokens.end(), rest.tokens.begin(), rest.tokens.end());
+  EXPECT_EQ(tokens, expected.tokens);
+  EXPECT_EQ(rest.finish, FinishReason::kLength);
+}
+
+// Without the loop thread, swap_weights steps the admitted requests to their end itself.
+TEST(Engine, SwapWeightsWithoutTheLoopThreadFinishesTheAdmittedRequestsFirst) {
+  const ModelConfig config = engine_gpt2();
+  Transformer model(config);
+  model.init_weights(3);
+  EngineConfig ec;
+  ec.num_blocks = 100;
+  Engine engine(model, ec);
+  auto stream = engine.add_request(greedy(random_tokens(10, config.vocab_size, 1), 5));
+  engine.step();  // admitted
+  bool ran = false;
+  ASSERT_TRUE(engine.swap_weights([&] { ran = stream->finished(); }, "v2",
+                                  std::chrono::seconds(60)));
+  EXPECT_TRUE(ran);
+  EXPECT_EQ(stream->wait_all().tokens.size(), 5u);
+  const GenerationDelta d = engine.generate({greedy({1, 2, 3}, 2)})[0];
+  EXPECT_EQ(d.weights_version, "v2");
+}
+
 TEST(RequestStream, WakesForTheFirstTokenThenEveryNTokensAndTheEnd) {
   using std::chrono::milliseconds;
   RequestStream s(1);

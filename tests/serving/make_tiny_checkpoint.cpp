@@ -1,6 +1,7 @@
 // Writes a tiny GPT-2 checkpoint (random weights, a BPE vocabulary
 // learned from a few sentences) into the directory given as argv[1]: what the serving tests serve.
-// Deterministic.
+// Deterministic; argv[2], when given, is the weights' seed (the same vocabulary and shapes, other
+// weights: what the weight-update tests push).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -10,8 +11,8 @@
 #include "runtime/transformer.h"
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: make_tiny_checkpoint DIR\n");
+  if (argc != 2 && argc != 3) {
+    std::fprintf(stderr, "usage: make_tiny_checkpoint DIR [SEED]\n");
     return 2;
   }
   try {
@@ -33,7 +34,7 @@ int main(int argc, char** argv) {
     c.n_kv_head = 4;
     c.ffn_hidden = 64;
     tandem::Transformer model(c);
-    model.init_weights(1234);
+    model.init_weights(argc == 3 ? std::stoull(argv[2]) : 1234);
     tandem::save_pretrained(model, argv[1]);
     tokenizer.save_dir(argv[1]);
     return 0;
