@@ -46,6 +46,8 @@
 #include "launch/generate_command.h"
 #include "launch/plot_command.h"
 #include "launch/publish_command.h"
+#include "serving/weight_publisher.h"
+#include "training/checkpoint.h"
 #include "launch/serve_command.h"
 #include "launch/version.h"
 #include "parallel/mpi_communicator.h"
@@ -264,6 +266,8 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   return c;
 }
 
+std::vector<std::string> split_list(const std::string& text);  // "a,b,c" -> {a, b, c}
+
 int run_train(const CLI::App& command, const TrainArgs& a) {
   std::vector<std::string> overrides;  // repeatable: a later one for the same key wins
   for (const std::string& extra : command.remaining()) {
@@ -289,6 +293,21 @@ int run_train(const CLI::App& command, const TrainArgs& a) {
   }
   if (a.ranks > 0) throw UsageError("train: --ranks goes with --dry-run");
   tandem::Trainer trainer(config, std::cout);
+  // eval.publish_to: rank 0 pushes the weights after each evaluation from a background thread
+  // (the publisher outlives the run so the last push finishes).
+  std::unique_ptr<tandem::serving::WeightPublisher> publisher;
+  if (!config.eval_publish_to.empty()) {
+    publisher = std::make_unique<tandem::serving::WeightPublisher>(
+        split_list(config.eval_publish_to), tandem::read_auth_token(config.eval_publish_token_file),
+        [](const std::string& line) { std::fprintf(stderr, "tandem: %s\n", line.c_str()); });
+    const std::string run_name =
+        std::filesystem::path(config.out_dir).lexically_normal().filename().string();
+    trainer.set_weights_hook([&publisher, run_name](long step,
+                                                    std::shared_ptr<const std::vector<float>> w,
+                                                    const tandem::ParamLayout& layout) {
+      publisher->publish(std::move(w), layout, run_name + "/" + tandem::step_name(step));
+    });
+  }
   install_stop_signals();
   const tandem::TrainResult r = trainer.run(&g_stop_signal);
   if (r.interrupted) return 128 + r.stop_signal;  // under mpirun, the signal any rank received

@@ -303,8 +303,14 @@ TrainConfig parse_train_config(const nlohmann::json& j, const std::string& sourc
         .field<std::string>("prompts_file", c.eval_prompts_file)
         .field<int>("limit", c.eval_limit, non_negative<int>(), ">= 0")
         .field<int>("max_new_tokens", c.eval_max_new_tokens, positive<int>(), "> 0")
-        .field<long>("kv_cache_mb", c.eval_kv_cache_mb, positive<long>(), "> 0");
+        .field<long>("kv_cache_mb", c.eval_kv_cache_mb, positive<long>(), "> 0")
+        .field<std::string>("publish_to", c.eval_publish_to)
+        .field<std::string>("publish_token_file", c.eval_publish_token_file);
     r.finish();
+    require(c.eval_publish_to.empty() == c.eval_publish_token_file.empty(),
+            sources.of_any({{"eval", "publish_to"}, {"eval", "publish_token_file"}}),
+            ": eval.publish_to and eval.publish_token_file go together (the replicas' "
+            "--update-token-file)");
   }
   {
     SectionReader r(section(j, "checkpoint"), "checkpoint", sources);
@@ -418,7 +424,9 @@ nlohmann::json TrainConfig::to_json() const {
             {"prompts_file", eval_prompts_file},
             {"limit", eval_limit},
             {"max_new_tokens", eval_max_new_tokens},
-            {"kv_cache_mb", eval_kv_cache_mb}}},
+            {"kv_cache_mb", eval_kv_cache_mb},
+            {"publish_to", eval_publish_to},
+            {"publish_token_file", eval_publish_token_file}}},
           {"checkpoint",
            {{"dir", out_dir},
             {"every", checkpoint_every},

@@ -59,6 +59,10 @@ struct TrainConfig {
   int eval_limit = 0;  // > 0: the first N questions
   int eval_max_new_tokens = 32;
   long eval_kv_cache_mb = 64;
+  // Weight updates for running replicas: after each evaluation and at the end, rank 0 pushes
+  // the weights to these HOST:PORT replicas (comma-separated), authorised by the token file.
+  std::string eval_publish_to;
+  std::string eval_publish_token_file;
 
   std::string out_dir = "runs/default";
   long checkpoint_every = 0;  // 0 = only at the end (and on Ctrl-C)

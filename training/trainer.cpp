@@ -643,6 +643,15 @@ TrainResult Trainer::run(const std::atomic<int>* stop) {
     }
     log_ << (tty && step > 0 ? "\n" : "") << "tandem: step " << step << " val loss " << v
          << engine_figures << std::endl;
+    if (!config_.eval_publish_to.empty()) {
+      // Every rank takes part in the gather (tp); rank 0 hands the snapshot on and goes on.
+      const Tensor whole = model_->gather_full(model_->params());
+      if (is_root() && weights_hook_) {
+        auto snapshot = std::make_shared<std::vector<float>>(
+            whole.data<float>(), whole.data<float>() + whole.numel());
+        weights_hook_(step, std::move(snapshot), model_->full_layout());
+      }
+    }
     return true;
   };
   write_metrics_or_stop({{"step", step},

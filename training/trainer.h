@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <iosfwd>
 #include <memory>
 #include <string>
@@ -64,6 +65,13 @@ class Trainer {
   // the newest valid checkpoint when config.resume is set. Throws tandem::Error on bad input.
   Trainer(const TrainConfig& config, std::ostream& log);
   ~Trainer();
+
+  // eval.publish_to: called on rank 0 after each evaluation (and so at the end) with the whole
+  // weights (gathered over tp, a collective of every rank) in full_layout(); it must return at
+  // once (launch/ hands the snapshot to serving::WeightPublisher's background thread).
+  using WeightsHook = std::function<void(long step, std::shared_ptr<const std::vector<float>>,
+                                         const ParamLayout& layout)>;
+  void set_weights_hook(WeightsHook hook) { weights_hook_ = std::move(hook); }
 
   // Trains until config.steps or until *stop becomes non-zero.
   TrainResult run(const std::atomic<int>* stop = nullptr);
@@ -113,7 +121,8 @@ class Trainer {
   std::unique_ptr<BpeTokenizer> tokenizer_;
   std::vector<McQuestion> eval_questions_;
   std::vector<std::string> eval_prompts_;
-  std::unique_ptr<Engine> eval_engine_;  // built at the first evaluation, kept for the run
+  std::unique_ptr<Engine> eval_engine_;
+  WeightsHook weights_hook_;  // built at the first evaluation, kept for the run
   int32_t eot_token_ = -1;
   long start_step_ = 0;
   double unigram_val_loss_ = 0.0;

@@ -1,12 +1,15 @@
 // End-to-end tests of weight updates (UpdateWeights, `tandem publish`): a real `tandem serve`
 // on a loopback port, a second tiny checkpoint with other weights, gRPC clients in the test.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
+#include "runtime/file_io.h"
 #include "runtime/model_io.h"
 #include "runtime/tokenizer.h"
 #include "runtime/transformer.h"
@@ -336,6 +339,81 @@ TEST_F(ServingE2EWeightUpdates, AReplicaWithoutAnUpdateTokenRefusesUpdates) {
   EXPECT_EQ(publish(server->address(), update_token_, "publish.log", &out), 1) << out;
   EXPECT_NE(out.find("PERMISSION_DENIED"), std::string::npos) << out;
   EXPECT_EQ(server->process().stop(SIGTERM, 30), 0);
+}
+
+TEST_F(ServingE2EWeightUpdates, TrainingPushesItsWeightsAfterEachEvaluationToARunningReplica) {
+  // A small corpus and a run that checkpoints at step 2; a replica serves that checkpoint; the
+  // run then goes on to step 6 with eval.publish_to pointing at the replica (and at a port where
+  // nothing listens: that push fails, is logged, and training goes on).
+  std::string corpus;
+  for (int i = 0; i < 200; ++i) {
+    corpus += "In the beginning God created the heaven and the earth. And God said, Let there be "
+              "light: and there was light. " + std::to_string(i % 7) + "\n";
+  }
+  write_file_atomic(log("corpus.txt"), corpus);
+  const std::string tandem = tandem_binary();
+  ASSERT_EQ(std::system((tandem + " prepare --input " + log("corpus.txt") + " --out " +
+                         log("data") + " --train-tokenizer --vocab-size 300 >/dev/null 2>&1")
+                            .c_str()),
+            0);
+  const std::string run = log("run");
+  const std::string train = tandem + " train --data.dir=" + log("data") + " --checkpoint.dir=" +
+                            run +
+                            " --data.batch_size=4 --data.seq_len=16 --model.max_seq_len=64"
+                            " --model.n_layer=2 --model.n_embd=32 --model.n_head=4"
+                            " --model.ffn_hidden=64 --train.threads=1 --eval.every=2"
+                            " --eval.batches=1 --eval.sample_tokens=0 --checkpoint.every=2"
+                            " --checkpoint.keep_last=10 ";
+  ASSERT_EQ(std::system((train + "--train.steps=2 >" + log("train1.log") + " 2>&1").c_str()), 0)
+      << read_text(log("train1.log"));
+  const std::string step2 = run + "/checkpoints/step_00000002";
+  auto server = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"serve", "--model", step2, "--metrics-port", "0", "--threads", "1",
+                               "--update-token-file", update_token_},
+      log("serve.log"));
+  ASSERT_GT(server->port(), 0) << server->process().log();
+  // A port nothing listens on: bind one, note it, close it.
+  int unused_port = 0;
+  {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    socklen_t n = sizeof(a);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
+    unused_port = ntohs(a.sin_port);
+    ::close(fd);
+  }
+  ASSERT_EQ(std::system((train + "--train.steps=6 --checkpoint.resume=true --eval.publish_to=" +
+                         server->address() + ",127.0.0.1:" + std::to_string(unused_port) +
+                         " --eval.publish_token_file=" + update_token_ + " >" + log("train2.log") +
+                         " 2>&1")
+                            .c_str()),
+            0)
+      << read_text(log("train2.log"));
+  const std::string train_log = read_text(log("train2.log"));
+  EXPECT_NE(train_log.find("published run/step_00000006 to " + server->address()),
+            std::string::npos)
+      << train_log;
+  EXPECT_NE(train_log.find("failed (training goes on)"), std::string::npos) << train_log;
+  // The replica now serves the step-6 weights: its version, and tandem generate's greedy text on
+  // the step-6 checkpoint.
+  auto stub = connect(server->address());
+  grpc::ClientContext ic;
+  pb::ModelInfoResponse info;
+  ASSERT_TRUE(stub->ModelInfo(&ic, pb::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.weights_version(), "run/step_00000006");
+  const Answer served = generate(*stub, greedy("In the beginning", 12));
+  ASSERT_TRUE(served.status.ok()) << served.status.error_message();
+  const std::string expected_file = log("expected.txt");
+  ASSERT_EQ(std::system((tandem + " generate --model " + run +
+                         "/checkpoints/step_00000006 --prompt 'In the beginning' --temperature 0"
+                         " --max-new-tokens 12 --ignore-eos --threads 1 >" + expected_file +
+                         " 2>/dev/null")
+                            .c_str()),
+            0);
+  EXPECT_EQ("In the beginning" + served.text + "\n", read_text(expected_file));
 }
 
 }  // namespace
