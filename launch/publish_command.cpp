@@ -59,8 +59,8 @@ int run_publish_command(const PublishCommandOptions& o, const std::atomic<int>& 
   std::string version = o.version;
   if (version.empty()) {
     const fs::path dir = fs::path(o.model_dir).lexically_normal();
-    version = dir.filename().empty() ? dir.parent_path().filename().string()
-                                     : dir.filename().string();
+    version =
+        dir.filename().empty() ? dir.parent_path().filename().string() : dir.filename().string();
   }
   require(!version.empty(), "publish: give --version (the checkpoint path names none)");
   const std::string token = read_auth_token(o.update_token_file);
@@ -70,7 +70,8 @@ int run_publish_command(const PublishCommandOptions& o, const std::atomic<int>& 
   const ParamLayout layout = Transformer::hf_layout(config);
   const float* all = weights.data<float>();
 
-  auto stub = pb::Generation::NewStub(grpc::CreateChannel(o.to, grpc::InsecureChannelCredentials()));
+  auto stub =
+      pb::Generation::NewStub(grpc::CreateChannel(o.to, grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.AddMetadata("authorization", "Bearer " + token);
   context.set_deadline(std::chrono::system_clock::now() +
@@ -113,15 +114,17 @@ int run_publish_command(const PublishCommandOptions& o, const std::atomic<int>& 
   }
   const grpc::Status status = writer->Finish();
   if (stop_signal.load() != 0) return 128 + stop_signal.load();
-  require(status.ok(), "publish: ", o.to, " refused the update: ",
-          status_code_name(status.error_code()), ": ", status.error_message());
+  require(status.ok(), "publish: ", o.to,
+          " did not take the update: ", status_code_name(status.error_code()), ": ",
+          status.error_message());
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("published %s to %s in %.2f s (%lld tensors, %.1f MiB; the replica waited %.2f s "
-              "for its running requests and swapped)\n",
-              response.version().c_str(), o.to.c_str(), seconds,
-              static_cast<long long>(response.num_tensors()), bytes_sent / 1048576.0,
-              response.swap_wait_seconds());
+  std::printf(
+      "published %s to %s in %.2f s (%lld tensors, %.1f MiB; the replica waited %.2f s "
+      "for its running requests and swapped)\n",
+      response.version().c_str(), o.to.c_str(), seconds,
+      static_cast<long long>(response.num_tensors()), bytes_sent / 1048576.0,
+      response.swap_wait_seconds());
   return 0;
 }
 
