@@ -437,8 +437,9 @@ bool Engine::step() {
   // blocks) until the reader catches up (RequestStream::set_backlog_limit).
   for (auto& [id, r] : requests_) r->seq.paused = r->stream->over_backlog();
   if (!scheduler_->has_runnable_work()) {
-    has_work_ = false;  // nothing, or only paused requests: wake() when a reader catches up
-    return false;
+    // Nothing, or only paused requests: wake() when a reader catches up.
+    refresh_has_work();
+    return has_work_;
   }
   const std::vector<ScheduledSequence> plan = scheduler_->schedule();
   int64_t prompt_rows = 0, generated = 0;
@@ -457,7 +458,7 @@ bool Engine::step() {
         return false;
       }
       fail_all(message, FinishReason::kError);
-      has_work_ = scheduler_->has_runnable_work();
+      refresh_has_work();
       return has_work_;
     }
     scheduler_->commit(plan);
@@ -540,7 +541,7 @@ bool Engine::step() {
       }
     }
   }
-  has_work_ = scheduler_->has_runnable_work();
+  refresh_has_work();
   if (config_.min_step_ms > 0.0 && !plan.empty()) {
     // The test hook: the step holds the lock as long as a model step of that length would.
     std::this_thread::sleep_until(
@@ -567,6 +568,19 @@ void Engine::refresh_weights() {
   model_.refresh_inference();
   blocks_->drop_prefix_cache();
   refresh_stats();
+}
+
+void Engine::refresh_has_work() {
+  // Cleared first, then set if work remains: a reader that caught up on a paused request during
+  // this step called wake() either before the clear (then its stream is below the limit now and
+  // is seen here) or after it (then its wake() stands). Never a lost wake-up.
+  has_work_ = false;
+  bool remains = scheduler_->has_runnable_work();
+  for (const auto& [id, r] : requests_) {
+    if (remains) break;
+    remains = r->seq.paused && !r->stream->over_backlog();
+  }
+  if (remains) has_work_ = true;
 }
 
 void Engine::wake() {

@@ -267,7 +267,8 @@ class Engine {
   void fail_all(const std::string& message, FinishReason reason);
   void refresh_stats();  // step lock held
   void loop();
-  void wake();       // the loop thread looks for work again (a paused request's reader caught up)
+  void refresh_has_work();  // step lock held: runnable work, or a paused request to resume
+  void wake();  // the loop thread looks for work again (a paused request's reader caught up)
   void idle_tick();  // on_idle, on the loop thread
 
   Transformer& model_;

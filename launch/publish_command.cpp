@@ -24,8 +24,8 @@ int run_publish_command(const PublishCommandOptions& o, const std::atomic<int>& 
   std::string version = o.version;
   if (version.empty()) {
     const fs::path dir = fs::path(o.model_dir).lexically_normal();
-    version = dir.filename().empty() ? dir.parent_path().filename().string()
-                                     : dir.filename().string();
+    version =
+        dir.filename().empty() ? dir.parent_path().filename().string() : dir.filename().string();
   }
   require(!version.empty(), "publish: give --version (the checkpoint path names none)");
   const std::string token = read_auth_token(o.update_token_file);

@@ -96,7 +96,7 @@ PushResult push_weights(const std::string& target, const std::string& token,
   }
   const grpc::Status status = writer->Finish();
   if (cancel != nullptr && cancel->load() != 0) return {};
-  require(status.ok(), target, " refused the update: ", status_code_name(status.error_code()),
+  require(status.ok(), target, " did not take the update: ", status_code_name(status.error_code()),
           ": ", status.error_message());
   result.version = response.version();
   result.num_tensors = response.num_tensors();

@@ -115,9 +115,9 @@ class Staging {
       try {
         buffer_.resize(static_cast<size_t>(layout_.total_numel()));
       } catch (const std::bad_alloc&) {
-        return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                            cat("no host memory to stage ", layout_.total_numel(),
-                                " parameters for the update"));
+        return grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            cat("no host memory to stage ", layout_.total_numel(), " parameters for the update"));
       }
       bytes_gauge_ = static_cast<int64_t>(buffer_.size() * sizeof(float));
     }
@@ -151,9 +151,9 @@ class Staging {
     }
     if (missing_tensors == 0) return grpc::Status::OK;
     return invalid(cat("the update is incomplete: ", first,
-                       missing_tensors > 1 ? cat(" (and ", missing_tensors - 1,
-                                                 " more tensors are incomplete)")
-                                           : std::string()));
+                       missing_tensors > 1
+                           ? cat(" (and ", missing_tensors - 1, " more tensors are incomplete)")
+                           : std::string()));
   }
 
   const float* data() const { return buffer_.data(); }
@@ -183,8 +183,8 @@ grpc::Status WeightUpdater::update(grpc::ServerContext& context,
                                    grpc::ServerReaderInterface<pb::UpdateWeightsRequest>& reader,
                                    pb::UpdateWeightsResponse& response) {
   if (grpc::Status s = check_bearer_token(context, options_.token); !s.ok()) {
-    return grpc::Status(s.error_code(), cat("UpdateWeights needs the update token: ",
-                                            s.error_message()));
+    return grpc::Status(s.error_code(),
+                        cat("UpdateWeights needs the update token: ", s.error_message()));
   }
   std::unique_lock<std::mutex> busy(busy_mu_, std::try_to_lock);
   if (!busy.owns_lock()) {
@@ -236,16 +236,15 @@ grpc::Status WeightUpdater::receive_and_swap(
   if (checksum.digest() != commit.xxh3_64()) {
     return grpc::Status(grpc::StatusCode::DATA_LOSS,
                         cat("checksum mismatch: the chunks received hash to ",
-                            hex(checksum.digest()), " but the commit says ",
-                            hex(commit.xxh3_64()), " (a chunk was corrupted); nothing changed"));
+                            hex(checksum.digest()), " but the commit says ", hex(commit.xxh3_64()),
+                            " (a chunk was corrupted); nothing changed"));
   }
   const auto t0 = std::chrono::steady_clock::now();
-  const auto timeout =
-      std::chrono::milliseconds(static_cast<int64_t>(options_.timeout_s * 1e3));
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(options_.timeout_s * 1e3));
   bool swapped = false;
   try {
-    swapped = engine_.swap_weights(
-        [&] { model_.scatter_full(staging.data(), model_.params()); }, commit.version(), timeout);
+    swapped = engine_.swap_weights([&] { model_.scatter_full(staging.data(), model_.params()); },
+                                   commit.version(), timeout);
   } catch (const std::exception& e) {
     return grpc::Status(grpc::StatusCode::INTERNAL, cat("the weight swap failed: ", e.what()));
   }

@@ -57,9 +57,10 @@ class WeightUpdater {
   int64_t staging_bytes() const { return staging_bytes_.load(); }  // 0 between updates
 
  private:
-  grpc::Status receive_and_swap(grpc::ServerContext& context,
-                                grpc::ServerReaderInterface<tandem::v1::UpdateWeightsRequest>& reader,
-                                tandem::v1::UpdateWeightsResponse& response);
+  grpc::Status receive_and_swap(
+      grpc::ServerContext& context,
+      grpc::ServerReaderInterface<tandem::v1::UpdateWeightsRequest>& reader,
+      tandem::v1::UpdateWeightsResponse& response);
   Engine& engine_;
   Transformer& model_;
   WeightUpdateOptions options_;

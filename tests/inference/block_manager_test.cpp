@@ -30,6 +30,29 @@ void compute_all(BlockManager& bm, Sequence& s) {
   bm.register_full_blocks(s);
 }
 
+TEST(BlockManager, DroppingThePrefixCacheFreesCachedBlocksAndForgetsHeldOnes) {
+  BlockManager bm(10, 4, true);
+  Sequence a = make_seq(1, iota_tokens(10));
+  bm.allocate_cached_prefix(a);
+  compute_all(bm, a);
+  Sequence held = make_seq(2, iota_tokens(9, 50));
+  bm.allocate_cached_prefix(held);
+  compute_all(bm, held);
+  bm.free(a);  // a's two full blocks stay cached, unreferenced
+  EXPECT_EQ(bm.num_cached_blocks(), 4);
+  bm.drop_prefix_cache();
+  EXPECT_EQ(bm.num_cached_blocks(), 0);
+  EXPECT_EQ(bm.num_used_blocks(), 3) << "only the held sequence's blocks are in use";
+  EXPECT_EQ(bm.num_free_blocks(), 7);
+  Sequence again = make_seq(3, iota_tokens(10));
+  EXPECT_EQ(bm.allocate_cached_prefix(again), 0) << "a dropped prefix is not found";
+  Sequence held_again = make_seq(4, iota_tokens(9, 50));
+  EXPECT_EQ(bm.allocate_cached_prefix(held_again), 0) << "nor one a sequence still holds";
+  bm.free(held);
+  EXPECT_EQ(bm.num_used_blocks(), 0);
+  EXPECT_EQ(bm.num_free_blocks(), 10);
+}
+
 TEST(BlockManager, SharedPrefixBlocksAreReusedAndCountedOnce) {
   BlockManager bm(10, 4, true);
   Sequence a = make_seq(1, iota_tokens(10));  // blocks: [0..3] [4..7] [8, 9]

@@ -43,8 +43,9 @@ class ServingE2EWeightUpdates : public ::testing::Test {
   // so a long request is still running while the test acts.
   std::unique_ptr<ServerProcess> serve(std::vector<std::string> extra, const std::string& name,
                                        bool slow = false) {
-    std::vector<std::string> args = {"serve",   "--model", old_dir_, "--metrics-port", "0",
-                                     "--threads", "1",     "--drain-grace", "10"};
+    std::vector<std::string> args = {"serve", "--model",   old_dir_, "--metrics-port",
+                                     "0",     "--threads", "1",      "--drain-grace",
+                                     "10"};
     args.insert(args.end(), extra.begin(), extra.end());
     if (slow) ::setenv("TANDEM_TEST_MIN_STEP_MS", "5", 1);
     auto server = std::make_unique<ServerProcess>(args, log(name));
@@ -167,7 +168,8 @@ std::string series_version(const std::string& version) {
   return "tandem_weights_version_info{version=\"" + version + "\"}";
 }
 
-TEST_F(ServingE2EWeightUpdates, PublishedWeightsServeLikeTheCheckpointAndARunningStreamKeepsTheOld) {
+TEST_F(ServingE2EWeightUpdates,
+       PublishedWeightsServeLikeTheCheckpointAndARunningStreamKeepsTheOld) {
   auto server = serve({"--update-token-file", update_token_}, "serve.log", /*slow=*/true);
   auto stub = connect(server->address());
   EXPECT_EQ(weights_version(*stub), "model");
@@ -181,7 +183,8 @@ TEST_F(ServingE2EWeightUpdates, PublishedWeightsServeLikeTheCheckpointAndARunnin
 
   const std::vector<std::string> prompts = {"The quick brown fox", "In the beginning"};
   std::vector<std::vector<int32_t>> before;
-  for (const std::string& prompt : prompts) before.push_back(generate(*stub, greedy(prompt, 20)).tokens);
+  for (const std::string& prompt : prompts)
+    before.push_back(generate(*stub, greedy(prompt, 20)).tokens);
 
   // The same request running while the new weights are published.
   std::atomic<bool> started{false};
@@ -209,9 +212,8 @@ TEST_F(ServingE2EWeightUpdates, PublishedWeightsServeLikeTheCheckpointAndARunnin
   for (size_t i = 0; i < prompts.size(); ++i) {
     const std::string& prompt = prompts[i];
     const std::string generated = log("generate.out");
-    const std::string command = tandem_binary() + " generate --model " + new_dir_ +
-                                " --prompt '" + prompt +
-                                "' --max-new-tokens 20 --temperature 0 --ignore-eos > " +
+    const std::string command = tandem_binary() + " generate --model " + new_dir_ + " --prompt '" +
+                                prompt + "' --max-new-tokens 20 --temperature 0 --ignore-eos > " +
                                 generated + " 2> " + log("generate.err");
     ASSERT_EQ(std::system(command.c_str()), 0) << read_text(log("generate.err"));
     const Answer now = generate(*stub, greedy(prompt, 20));
@@ -271,12 +273,10 @@ TEST_F(ServingE2EWeightUpdates, RefusedUpdatesLeaveTheOldWeightsServingAndFreeTh
                  "transformer.h.0.no_such.weight", "a wrong name");
   bad = good;
   bad[0].mutable_chunk()->set_shape(0, bad[0].chunk().shape(0) + 1);
-  expect_refused(push(*stub, upd, bad), grpc::StatusCode::INVALID_ARGUMENT, first,
-                 "a wrong shape");
+  expect_refused(push(*stub, upd, bad), grpc::StatusCode::INVALID_ARGUMENT, first, "a wrong shape");
   bad = good;
   bad[0].mutable_chunk()->set_dtype("BF16");
-  expect_refused(push(*stub, upd, bad), grpc::StatusCode::INVALID_ARGUMENT, first,
-                 "a wrong dtype");
+  expect_refused(push(*stub, upd, bad), grpc::StatusCode::INVALID_ARGUMENT, first, "a wrong dtype");
   bad = good;
   bad[0].mutable_chunk()->set_offset(1LL << 40);
   expect_refused(push(*stub, upd, bad), grpc::StatusCode::INVALID_ARGUMENT, "outside",
@@ -295,8 +295,7 @@ TEST_F(ServingE2EWeightUpdates, RefusedUpdatesLeaveTheOldWeightsServingAndFreeTh
                  "no commit");
   bad = good;
   (*bad[5].mutable_chunk()->mutable_data())[0] ^= 0x40;  // corrupted on the way
-  expect_refused(push(*stub, upd, bad), grpc::StatusCode::DATA_LOSS, "checksum",
-                 "a corrupt chunk");
+  expect_refused(push(*stub, upd, bad), grpc::StatusCode::DATA_LOSS, "checksum", "a corrupt chunk");
   // A client that goes away mid-push.
   push(*stub, upd, good, static_cast<int>(good.size() / 2));
   expect_unchanged("a client that disconnects");
