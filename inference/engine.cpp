@@ -307,6 +307,7 @@ std::shared_ptr<RequestStream> Engine::add_request(GenerationRequest request) {
   r->seq.id = id;
   r->seq.tokens = request.prompt;
   r->seq.prompt_len = n;
+  r->seq.score_only = r->max_new_tokens == 0;
   if (request.prompt_logprobs_start > 0) {
     r->seq.prompt_logits_from = request.prompt_logprobs_start - 1;
     r->prompt_logprobs.assign(n - request.prompt_logprobs_start, 0.0f);
@@ -479,12 +480,12 @@ bool Engine::step() {
             log_softmax_at(row, V, s.seq->tokens[p + 1]);
       }
       if (!s.sample) continue;
-      if (r.max_new_tokens == 0) {
-        finished_prompts.push_back(&r);
-      } else {
-        sampled.push_back(&r);
-        sampled_rows.push_back(row);
+      if (s.seq->score_only) {
+        finished_prompts.push_back(&r);  // its prompt is scored; no row was asked to sample
+        continue;
       }
+      sampled.push_back(&r);
+      sampled_rows.push_back(row);
       row += V;
     }
     for (Request* r : finished_prompts) finish(*r, FinishReason::kLength);

@@ -29,7 +29,9 @@ const float* ModelRunner::run(const std::vector<ScheduledSequence>& plan) {
     // Rows scoring prompt tokens first, then the row to sample from.
     const auto [first, last] = seq.prompt_logit_span(plan[i].start, plan[i].num_tokens);
     for (int p = first; p < last; ++p) logit_rows_.push_back(first_row + p - plan[i].start);
-    if (plan[i].sample) logit_rows_.push_back(static_cast<int32_t>(tokens_.size()) - 1);
+    if (plan[i].sample && !seq.score_only) {
+      logit_rows_.push_back(static_cast<int32_t>(tokens_.size()) - 1);
+    }
   }
   AttentionContext ctx;
   ctx.num_rows = static_cast<int>(tokens_.size());

@@ -20,7 +20,8 @@ class ModelRunner {
               std::function<void(const AttentionContext&)> before_forward = {})
       : model_(model), cache_(cache), before_forward_(std::move(before_forward)) {}
   // Logits on the host, valid until the next call: for each plan entry in order, the rows that
-  // score prompt tokens (Sequence::prompt_logit_span), then its sampled row (sample == true).
+  // score prompt tokens (Sequence::prompt_logit_span), then its sampled row (sample == true, unless the
+  // sequence only scores its prompt).
   const float* run(const std::vector<ScheduledSequence>& plan);
 
  private:

@@ -25,6 +25,7 @@ struct Sequence {
   // Prompt log-probabilities: the first position whose logits are wanted (they score the token
   // after it), up to prompt_len - 1; -1: none. The prefix cache serves only blocks before it.
   int prompt_logits_from = -1;
+  bool score_only = false;  // max_tokens 0: nothing is sampled after the prompt
   SequenceStatus status = SequenceStatus::kWaiting;
 
   int num_tokens() const { return static_cast<int>(tokens.size()); }

@@ -36,15 +36,25 @@ struct ChoicePrompt {
   int start = 0;  // tokens[start..] are the choice's
 };
 
-ChoicePrompt encode_choice(const BpeTokenizer& tok, const std::string& context,
-                           const std::string& choice, int max_seq_len) {
+// The context without its trailing whitespace, and its encoding (once per question).
+struct EncodedContext {
+  std::string text, trailing;
+  std::vector<int32_t> tokens;
+};
+
+EncodedContext encode_context(const BpeTokenizer& tok, const std::string& context) {
   size_t cut = context.size();
   while (cut > 0 && is_space(context[cut - 1])) --cut;
-  const std::string ctx = context.substr(0, cut);
-  const std::string continuation = context.substr(cut) + choice;
+  EncodedContext c{context.substr(0, cut), context.substr(cut), {}};
+  c.tokens = tok.encode(c.text);
+  return c;
+}
+
+ChoicePrompt encode_choice(const BpeTokenizer& tok, const EncodedContext& context,
+                           const std::string& choice, int max_seq_len) {
   ChoicePrompt p;
-  std::vector<int32_t> ctx_enc = tok.encode(ctx);
-  p.tokens = tok.encode(ctx + continuation);
+  std::vector<int32_t> ctx_enc = context.tokens;
+  p.tokens = tok.encode(context.text + context.trailing + choice);
   if (ctx_enc.empty()) {
     // An empty context: the choice is scored after the end-of-text token.
     require(tok.eot_id() >= 0, "evaluation: an empty context needs an end-of-text token");
@@ -220,11 +230,12 @@ McResult score_mc_task(Engine& engine, const BpeTokenizer& tokenizer,
       std::vector<int> slots;
       for (int q = w; q < w_end; ++q) {
         const McQuestion& question = questions[q];
+        const EncodedContext context = encode_context(tokenizer, question.context);
         const int k_begin = phase == 0 ? 0 : 1;
         const int k_end = phase == 0 ? 1 : static_cast<int>(question.choices.size());
         for (int k = k_begin; k < k_end; ++k) {
           const ChoicePrompt p =
-              encode_choice(tokenizer, question.context, question.choices[k], max_seq_len);
+              encode_choice(tokenizer, context, question.choices[k], max_seq_len);
           if (p.start >= static_cast<int>(p.tokens.size())) continue;  // no token of its own
           GenerationRequest r;
           r.prompt = p.tokens;
