@@ -566,9 +566,13 @@ void Engine::refresh_weights() {
   admit_incoming();
   require(requests_.empty(), "engine: refresh_weights with ", requests_.size(),
           " request(s) live; the weights may change only between uses");
-  model_.refresh_inference();
-  blocks_->drop_prefix_cache();
+  reload_weights();
   refresh_stats();
+}
+
+void Engine::reload_weights() {
+  model_.refresh_inference();  // the inference copies rebuilt in place: no second set of them
+  blocks_->drop_prefix_cache();  // its K/V came from the old weights
 }
 
 void Engine::refresh_has_work() {
@@ -707,8 +711,7 @@ bool Engine::swap_weights(const std::function<void()>& swap, const std::string& 
   std::unique_lock<std::mutex> lock(step_mu_);
   if (!requests_ended_cv_.wait_until(lock, deadline, none_left)) return false;
   swap();
-  model_.refresh_inference();  // the inference copies rebuilt in place: no second set of them
-  blocks_->drop_prefix_cache();
+  reload_weights();
   {
     std::lock_guard<std::mutex> stats_lock(stats_mu_);
     weights_version_ = version;

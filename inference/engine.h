@@ -270,6 +270,9 @@ class Engine {
   void refresh_has_work();  // step lock held: runnable work, or a paused request to resume
   void wake();  // the loop thread looks for work again (a paused request's reader caught up)
   void idle_tick();  // on_idle, on the loop thread
+  // Step lock held, no request running: the model's weights changed; rebuild its inference
+  // copies in place and drop the prefix cache (refresh_weights, swap_weights).
+  void reload_weights();
 
   Transformer& model_;
   EngineConfig config_;

@@ -115,54 +115,55 @@ void check_tensors(const ModelConfig& config, const ParamLayout& full, const Saf
 }  // namespace
 
 namespace {
-// load_pretrained's checks before any model memory: config.json present, its layer count that of
-// the file (the parameter table grows with it), every tensor's name, dtype and shape.
-ModelConfig check_checkpoint(const std::string& dir, const SafetensorsFile& file) {
+// A checkpoint directory checked before any model memory: config.json present, the layer count
+// the file's tensor names imply equal to the config's (the parameter table grows with it), then
+// every tensor's name, dtype and shape. A config.json that describes a larger model than its
+// weights (n_layer: 10000000 beside a 2-layer file) fails here in one line.
+struct CheckedCheckpoint {
+  ModelConfig config;
+  SafetensorsFile file;
+  std::unordered_map<std::string, std::string> file_name_of;
+};
+
+CheckedCheckpoint open_checked_checkpoint(const std::string& dir) {
   const std::string config_path = (fs::path(dir) / "config.json").string();
   require(fs::exists(config_path), "model directory ", dir, " has no config.json");
-  const ModelConfig config = load_config(config_path);
+  ModelConfig config = load_config(config_path);
+  SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
   long long layers = 0;
   for (const SafetensorsEntry& e : file.entries()) layers = std::max(layers, layer_of(e.name) + 1);
   require(layers == config.n_layer, config_path, ": ",
           config.is_llama() ? "num_hidden_layers" : "n_layer", " = ", config.n_layer, " but ",
           file.path(), " holds ", layers, " layers");
-  check_tensors(config, Transformer::hf_layout(config), file,
-                names_in_file(file, !config.is_llama()));
-  return config;
+  auto file_name_of = names_in_file(file, !config.is_llama());
+  check_tensors(config, Transformer::hf_layout(config), file, file_name_of);
+  return {config, std::move(file), std::move(file_name_of)};
 }
-}  // namespace
 
-Tensor load_full_weights(const std::string& dir, ModelConfig& config) {
-  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
-  config = check_checkpoint(dir, file);
-  const ParamLayout layout = Transformer::hf_layout(config);
-  const auto file_name_of = names_in_file(file, !config.is_llama());
+// The whole tensors of `layout` from a checked file, as F32 in one host buffer.
+Tensor read_full(const ParamLayout& layout, const SafetensorsFile& file,
+                 const std::unordered_map<std::string, std::string>& file_name_of) {
   Tensor host = Tensor::empty({layout.total_numel()});
   for (const ParamSpec& s : layout.specs()) {
     file.read_f32(file_name_of.at(s.name), s.shape, host.data<float>() + s.offset);
   }
   return host;
 }
+}  // namespace
+
+Tensor load_full_weights(const std::string& dir, ModelConfig& config) {
+  const CheckedCheckpoint c = open_checked_checkpoint(dir);
+  config = c.config;
+  return read_full(Transformer::hf_layout(config), c.file, c.file_name_of);
+}
 
 std::unique_ptr<Transformer> load_pretrained(const std::string& dir, Device device,
                                              Communicator* tp) {
-  const std::string config_path = (fs::path(dir) / "config.json").string();
-  require(fs::exists(config_path), "model directory ", dir, " has no config.json");
-  const ModelConfig config = load_config(config_path);
-  const SafetensorsFile file =
-      SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
-  // Before any model memory is allocated: a config.json that describes a larger model than its
-  // weights (n_layer: 10000000 beside a 2-layer file) fails here in one line. The layer count
-  // first (the parameter table grows with it), then every tensor's name, dtype and shape.
-  long long layers = 0;
-  for (const SafetensorsEntry& e : file.entries()) layers = std::max(layers, layer_of(e.name) + 1);
-  require(layers == config.n_layer, config_path, ": ",
-          config.is_llama() ? "num_hidden_layers" : "n_layer", " = ", config.n_layer, " but ",
-          file.path(), " holds ", layers, " layers");
-  check_tensors(config, Transformer::hf_layout(config), file,
-                names_in_file(file, !config.is_llama()));
-  auto model = std::make_unique<Transformer>(config, device, tp);
-  load_weights(*model, file);
+  const CheckedCheckpoint c = open_checked_checkpoint(dir);
+  auto model = std::make_unique<Transformer>(c.config, device, tp);
+  // The whole tensors; a tensor-parallel rank then keeps its slice.
+  const Tensor host = read_full(model->full_layout(), c.file, c.file_name_of);
+  model->scatter_full(host.data<float>(), model->params());
   return model;
 }
 
@@ -174,12 +175,8 @@ void load_weights(Transformer& model, const SafetensorsFile& file) {
   const auto file_name_of = names_in_file(file, !model.config().is_llama());
   check_tensors(model.config(), model.full_layout(), file, file_name_of);
   // The whole tensors; a tensor-parallel rank then keeps its slice.
-  Tensor host = Tensor::empty({model.full_layout().total_numel()});
-  float* p = host.data<float>();
-  for (const ParamSpec& s : model.full_layout().specs()) {
-    file.read_f32(file_name_of.at(s.name), s.shape, p + s.offset);
-  }
-  model.scatter_full(p, model.params());
+  const Tensor host = read_full(model.full_layout(), file, file_name_of);
+  model.scatter_full(host.data<float>(), model.params());
 }
 
 }  // namespace tandem

@@ -65,6 +65,9 @@ struct ServerOptions {
 // Checks "authorization: Bearer <token>" against `token` (constant-time); an empty token means
 // no check. Shared by the replica and the router.
 grpc::Status check_bearer_token(const grpc::ServerContext& context, const std::string& token);
+// "UNAVAILABLE", "DATA_LOSS", ...: a status code's name for a one-line message ("error" for the
+// codes Tandem does not answer with).
+const char* status_code_name(grpc::StatusCode code);
 
 // Metrics every Generation server exports (replica and router share the request ones).
 struct RequestMetrics {

@@ -95,25 +95,6 @@ uint64_t stable_hash(std::string_view bytes, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-const char* grpc_code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::UNAUTHENTICATED:
-      return "UNAUTHENTICATED (the replicas reject this router's bearer token)";
-    case grpc::StatusCode::PERMISSION_DENIED:
-      return "PERMISSION_DENIED";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::UNIMPLEMENTED:
-      return "UNIMPLEMENTED";
-    default:
-      return "error";
-  }
-}
-
 // A failure that says the replica, not the request, is at fault: worth another replica.
 bool retryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
@@ -229,7 +210,11 @@ void Router::poll_once() {
     {
       std::lock_guard<std::mutex> lock(r.mu);
       r.last_error = p.status.ok() ? (ok ? "" : "draining")
-                                   : cat(grpc_code_name(p.status.error_code()), ": ",
+                                   : cat(status_code_name(p.status.error_code()),
+                                         p.status.error_code() == grpc::StatusCode::UNAUTHENTICATED
+                                             ? " (the replicas reject this router's bearer token)"
+                                             : "",
+                                         ": ",
                                          p.status.error_message());
     }
     if (p.status.ok()) {

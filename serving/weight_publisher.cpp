@@ -7,6 +7,7 @@
 
 #include "proto/tandem.grpc.pb.h"
 #include "runtime/error.h"
+#include "serving/generation_service.h"
 #include "serving/weight_update.h"
 
 namespace tandem::serving {
@@ -14,33 +15,6 @@ namespace tandem::serving {
 namespace pb = tandem::v1;
 
 namespace {
-
-const char* status_code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::PERMISSION_DENIED:
-      return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-      return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::ABORTED:
-      return "ABORTED";
-    case grpc::StatusCode::UNIMPLEMENTED:
-      return "UNIMPLEMENTED";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS:
-      return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED:
-      return "UNAUTHENTICATED";
-    default:
-      return "error";
-  }
-}
 
 // The bytes of one message besides the data (name, shape, dtype, framing): a chunk's data is
 // chunk_mb MiB less this, so a whole message stays within the replica's --max-message-mb.

@@ -53,15 +53,14 @@ EncodedContext encode_context(const BpeTokenizer& tok, const std::string& contex
 ChoicePrompt encode_choice(const BpeTokenizer& tok, const EncodedContext& context,
                            const std::string& choice, int max_seq_len) {
   ChoicePrompt p;
-  std::vector<int32_t> ctx_enc = context.tokens;
   p.tokens = tok.encode(context.text + context.trailing + choice);
-  if (ctx_enc.empty()) {
+  p.start = static_cast<int>(context.tokens.size());
+  if (context.tokens.empty()) {
     // An empty context: the choice is scored after the end-of-text token.
     require(tok.eot_id() >= 0, "evaluation: an empty context needs an end-of-text token");
     p.tokens.insert(p.tokens.begin(), tok.eot_id());
-    ctx_enc = {tok.eot_id()};
+    p.start = 1;
   }
-  p.start = static_cast<int>(ctx_enc.size());
   // Longer than the context window: keep the end, as the harness does.
   const int keep = max_seq_len - 1;
   if (static_cast<int>(p.tokens.size()) > keep) {
